@@ -1,0 +1,53 @@
+"""Build of torch_swiftep.
+
+Pure Python unless a CUDA build of torch is importable at build time (install with
+`pip install --no-build-isolation -e .` on a GPU machine): then the CUDA extension
+torch_swiftep._C is compiled from csrc/ for sm_90a. SWIFTEP_SKIP_CUDA=1 forces pure Python.
+The contracts in ops/ are installed as the subpackage torch_swiftep.ops.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+PACKAGES = [
+    "torch_swiftep",
+    "torch_swiftep.backends",
+    "torch_swiftep.bench",
+    "torch_swiftep.integrations",
+    "torch_swiftep.ops",
+]
+
+
+def cuda_extension():
+    if os.environ.get("SWIFTEP_SKIP_CUDA") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:  # isolated build env without torch: pure Python
+        return [], {}
+    if torch.version.cuda is None:
+        return [], {}
+    arch = os.environ.get("SWIFTEP_CUDA_ARCH", "90a")
+    sources = sorted(glob.glob("csrc/launchers/*.cu")) + sorted(glob.glob("csrc/binding/*.cpp"))
+    ext = CUDAExtension(
+        name="torch_swiftep._C",
+        sources=sources,
+        include_dirs=[os.path.abspath("csrc/include")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                     "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
+setup(
+    packages=PACKAGES,
+    package_dir={"torch_swiftep.ops": "ops"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,33 @@
+"""torch_swiftep: expert-parallel dispatch/combine for Mixture-of-Experts in PyTorch.
+
+    comm = torch_swiftep.Communicator(group, torch_swiftep.CommConfig(
+        num_experts=256, hidden=7168, num_topk=8, max_tokens_per_rank=4096))
+    handle = comm.dispatch(x, topk_idx, topk_weights)        # expert-major rows, no host sync
+    out = experts(handle.recv_x, handle.expert_offsets)      # e.g. torch._grouped_mm(offs=)
+    y = comm.combine(out, handle)                            # weighted, float32 accumulation
+
+The ops are torch.ops.swiftep.* (schemas in ops/, docs/ops.md); torch_swiftep.reference is the
+pure-torch reference every backend is tested against.
+"""
+from . import _library, reference
+from ._library import CUDA_EXTENSION_ERROR, registered_ops
+from .communicator import Communicator, DispatchResult, LowLatencyDispatchResult
+from .fp8 import dequantize_fp8, quantize_fp8
+from .plan import CommConfig, Plan
+from .status import SwiftepError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CUDA_EXTENSION_ERROR",
+    "CommConfig",
+    "Communicator",
+    "DispatchResult",
+    "LowLatencyDispatchResult",
+    "Plan",
+    "SwiftepError",
+    "dequantize_fp8",
+    "quantize_fp8",
+    "reference",
+    "registered_ops",
+]

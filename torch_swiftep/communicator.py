@@ -1,0 +1,307 @@
+"""The user-facing object: one per rank, built once from a process group, outside any graph."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checks
+from .fp8 import quantize_fp8
+from .plan import FP8_DTYPE, CommConfig, Plan, ctrl_region, typed_region
+from .status import raise_if_error
+
+
+class DispatchResult(NamedTuple):
+    """What dispatch returns; pass it whole to combine. L = local experts, C = capacity.
+
+    recv_x: [C, hidden], x's dtype: expert-major rows; expert j owns rows
+        [expert_offsets[j], expert_offsets[j+1]); rows past expert_offsets[-1] are undefined.
+        A view of this rank's window: valid until the next dispatch.
+    recv_scales: [C, hidden / 128] float32 for FP8 dispatch, else None.
+    recv_src: [C, 2] int32: (source rank, source token) of each row.
+    recv_weights: [C] float32: the token's weight for this row's expert.
+    expert_offsets: [L + 1] int32 on the device; expert_offsets[1:] is grouped_mm's `offs`.
+    token_rows: [num_tokens, K] int32: row of each (token, slot) on its owner, -1 for none.
+    topk_idx, topk_weights: the routing, kept for combine.
+    """
+
+    recv_x: torch.Tensor
+    recv_scales: Optional[torch.Tensor]
+    recv_src: torch.Tensor
+    recv_weights: torch.Tensor
+    expert_offsets: torch.Tensor
+    token_rows: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+class LowLatencyDispatchResult(NamedTuple):
+    """Static shapes for CUDA graphs. L = local experts, S = world_size * ll_max_tokens_per_rank.
+
+    recv_x: [L, S, hidden]: expert j's rows packed in [0, recv_counts[j]).
+    recv_scales: [L, S, hidden / 128] float32 for FP8, else None.
+    recv_src: [L, S, 2] int32; recv_weights: [L, S] float32.
+    recv_counts: [L] int32 on the device.
+    token_rows: [num_tokens, K] int32: flat row j * S + slot on the owner, -1 for none.
+    """
+
+    recv_x: torch.Tensor
+    recv_scales: Optional[torch.Tensor]
+    recv_src: torch.Tensor
+    recv_weights: torch.Tensor
+    recv_counts: torch.Tensor
+    token_rows: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+class Communicator:
+    """Expert-parallel dispatch/combine over one process group.
+
+    Rank r owns experts [r * E / W, (r + 1) * E / W). Build it once per (group, shape config),
+    before compiling or capturing; every method is a thin wrapper over torch.ops.swiftep.*.
+
+    group: the process group (None: a world of one). On CUDA the workspace is allocated from
+        torch.distributed._symmetric_memory and rendezvoused over the group; on CPU the ops run
+        the gloo implementation.
+    config: CommConfig (shapes, capacity, SM budget, timeout).
+    device: where the workspace lives (default: the current CUDA device if CUDA is available
+        and the group's backend is not gloo-only, else CPU).
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup], config: CommConfig,
+                 device: Optional[torch.device] = None):
+        if group is None:
+            rank, world, group_name = 0, 1, ""
+        else:
+            rank, world, group_name = group.rank(), group.size(), group.group_name
+        device = torch.device(device) if device is not None else _default_device(group)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        plan = Plan.build(config, rank, world)
+        host_status = None
+        if device.type == "cuda" and world > 1:
+            workspace, peer_ptrs = _symmetric_workspace(plan, group, device)
+        else:
+            workspace = torch.zeros(plan.workspace_bytes, dtype=torch.uint8, device=device)
+            peer_ptrs = torch.tensor([workspace.data_ptr()] if device.type == "cuda" else [],
+                                     dtype=torch.int64, device=device)
+        if device.type == "cuda":
+            host_status = _attach_host_status(workspace, plan)
+            if world > 1:
+                dist.barrier(group)  # every rank's ctrl region is zeroed before anyone writes
+        self._init(config, plan, workspace, peer_ptrs, group_name, host_status)
+
+    @classmethod
+    def emulated_world(cls, config: CommConfig, world_size: int,
+                       device: torch.device) -> list["Communicator"]:
+        """W communicators inside one process on one GPU, each with its own workspace and a
+        hand-built peer table (for benchmarks: run each rank on its own stream, with SM
+        budgets that fit side by side)."""
+        plans = [Plan.build(config, r, world_size) for r in range(world_size)]
+        workspaces = [torch.zeros(p.workspace_bytes, dtype=torch.uint8, device=device)
+                      for p in plans]
+        peer_ptrs = torch.tensor([w.data_ptr() for w in workspaces], dtype=torch.int64,
+                                 device=device)
+        comms = []
+        for plan, workspace in zip(plans, workspaces):
+            comm = cls.__new__(cls)
+            host_status = _attach_host_status(workspace, plan) if device.type == "cuda" else None
+            comm._init(config, plan, workspace, peer_ptrs, "", host_status)
+            comms.append(comm)
+        return comms
+
+    def _init(self, config, plan, workspace, peer_ptrs, group_name, host_status):
+        self.config = config
+        self.plan = plan
+        self.rank, self.world_size = plan.rank, plan.world_size
+        self.num_local_experts = plan.num_local_experts
+        self.device = workspace.device
+        self.workspace = workspace
+        self.peer_ptrs = peer_ptrs
+        self.group_name = group_name
+        self._plan_list = plan.as_list()
+        self._host_status = host_status
+
+    # ------------------------------------------------------------------ throughput path
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                 x_scales: Optional[torch.Tensor] = None, quantize_fp8: bool = False,
+                 num_sms: Optional[int] = None) -> DispatchResult:
+        """Send every token to the ranks owning its top-k experts (throughput schedule).
+
+        x: [num_tokens, hidden] bf16/fp16/fp32, or float8_e4m3fn with x_scales
+            [num_tokens, hidden / 128] float32. num_tokens <= max_tokens_per_rank, may be 0.
+        topk_idx: [num_tokens, K] int64/int32, -1 = no expert. topk_weights: [num_tokens, K]
+            float32.
+        quantize_fp8: quantize a bf16/fp16/fp32 x to FP8 e4m3 (per-token per-128-channel
+            scales) before sending: half the bytes on the wire.
+        """
+        x, x_scales = self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights,
+                                    low_latency=False)
+        offsets, token_rows = torch.ops.swiftep.dispatch(
+            x, x_scales, topk_idx, topk_weights, self.workspace, self.peer_ptrs,
+            self.group_name, self._plan_list, self._sms(num_sms))
+        cap, hidden = self.plan.capacity, self.config.hidden
+        p = self._plan_list
+        return DispatchResult(
+            recv_x=typed_region(self.workspace, p, "off_recv_x", x.dtype, (cap, hidden)),
+            recv_scales=None if x_scales is None else typed_region(
+                self.workspace, p, "off_recv_scales", torch.float32, (cap, x_scales.size(1))),
+            recv_src=typed_region(self.workspace, p, "off_recv_src", torch.int32, (cap, 2)),
+            recv_weights=typed_region(self.workspace, p, "off_recv_weights", torch.float32,
+                                      (cap,)),
+            expert_offsets=offsets,
+            token_rows=token_rows,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+        )
+
+    def combine_buffer(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """[capacity, hidden] view of this rank's combine window. Experts that write their
+        outputs here (row i for dispatch row i) make combine zero-copy."""
+        return typed_region(self.workspace, self._plan_list, "off_combine_x",
+                            dtype or self.config.dtype, (self.plan.capacity, self.config.hidden))
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchResult, *,
+                topk_weights: Optional[torch.Tensor] = None,
+                num_sms: Optional[int] = None) -> torch.Tensor:
+        """y[n] = sum_k w[n, k] * expert_out_owner[row(n, k)] (float32 accumulation), in
+        expert_out's dtype. expert_out: [capacity, hidden], row i the output of dispatch row i
+        (use combine_buffer() to skip a copy); topk_weights defaults to the dispatch's."""
+        self._check_status()
+        weights = handle.topk_weights if topk_weights is None else topk_weights
+        checks.check_combine_inputs(expert_out, handle.topk_idx, weights, handle.token_rows,
+                                    self._plan_list, min_rows=self.plan.capacity,
+                                    device=self.device)
+        return torch.ops.swiftep.combine(
+            expert_out, handle.topk_idx, weights, handle.token_rows, handle.expert_offsets,
+            self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
+            self._sms(num_sms))
+
+    # ---------------------------------------------------------------- low-latency path
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                             topk_weights: torch.Tensor, *,
+                             x_scales: Optional[torch.Tensor] = None, quantize_fp8: bool = False,
+                             num_sms: Optional[int] = None) -> LowLatencyDispatchResult:
+        """Decode schedule: static output shapes, one pass, CUDA-graph capturable.
+        Arguments as dispatch(); num_tokens <= ll_max_tokens_per_rank."""
+        self._require_low_latency()
+        x, x_scales = self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights,
+                                    low_latency=True)
+        counts, token_rows = torch.ops.swiftep.low_latency_dispatch(
+            x, x_scales, topk_idx, topk_weights, self.workspace, self.peer_ptrs,
+            self.group_name, self._plan_list, self._sms(num_sms))
+        local, rows, hidden = self.num_local_experts, self.plan.ll_rows_per_expert, \
+            self.config.hidden
+        p = self._plan_list
+        return LowLatencyDispatchResult(
+            recv_x=typed_region(self.workspace, p, "off_ll_recv_x", x.dtype,
+                                (local, rows, hidden)),
+            recv_scales=None if x_scales is None else typed_region(
+                self.workspace, p, "off_ll_recv_scales", torch.float32,
+                (local, rows, x_scales.size(1))),
+            recv_src=typed_region(self.workspace, p, "off_ll_recv_src", torch.int32,
+                                  (local, rows, 2)),
+            recv_weights=typed_region(self.workspace, p, "off_ll_recv_weights", torch.float32,
+                                      (local, rows)),
+            recv_counts=counts,
+            token_rows=token_rows,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+        )
+
+    def low_latency_combine_buffer(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """[L, world_size * ll_max_tokens_per_rank, hidden] view of the low-latency combine
+        window (zero-copy combine when experts write here)."""
+        self._require_low_latency()
+        return typed_region(self.workspace, self._plan_list, "off_ll_combine_x",
+                            dtype or self.config.dtype,
+                            (self.num_local_experts, self.plan.ll_rows_per_expert,
+                             self.config.hidden))
+
+    def low_latency_combine(self, expert_out: torch.Tensor, handle: LowLatencyDispatchResult,
+                            *, topk_weights: Optional[torch.Tensor] = None,
+                            num_sms: Optional[int] = None) -> torch.Tensor:
+        """Weighted combine of the low-latency layout; expert_out: [L, S, hidden]."""
+        self._require_low_latency()
+        self._check_status()
+        weights = handle.topk_weights if topk_weights is None else topk_weights
+        checks.check_combine_inputs(
+            expert_out, handle.topk_idx, weights, handle.token_rows, self._plan_list,
+            min_rows=self.num_local_experts * self.plan.ll_rows_per_expert, device=self.device,
+            dim=3)
+        return torch.ops.swiftep.low_latency_combine(
+            expert_out, handle.topk_idx, weights, handle.token_rows, handle.recv_counts,
+            self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
+            self._sms(num_sms))
+
+    # ------------------------------------------------------------------------- helpers
+    def check(self) -> None:
+        """Wait for this rank's queued work and raise SwiftepError if a kernel reported one
+        (capacity overflow, index out of range, a rank that never arrived)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._check_status()
+
+    def epochs(self) -> tuple[int, int]:
+        """(throughput calls, low-latency calls) this workspace has seen. Syncs."""
+        e = ctrl_region(self.workspace, self._plan_list, "epoch", torch.int64, (4,))
+        return int(e[0]), int(e[1])
+
+    def _check_status(self) -> None:
+        if self._host_status is not None and not torch.compiler.is_compiling():
+            raise_if_error(self._host_status, self.rank)
+
+    def _prepare(self, x, x_scales, quantize, topk_idx, topk_weights, low_latency):
+        self._check_status()
+        if quantize:
+            if x_scales is not None or x.dtype == FP8_DTYPE:
+                raise ValueError("quantize_fp8=True takes a bf16/fp16/fp32 x and no x_scales")
+            checks.check_tensor("x", x, dim=2, dtypes=(x.dtype,), device=self.device)
+            x, x_scales = quantize_fp8(x)
+        max_tokens = (self.config.ll_max_tokens_per_rank if low_latency
+                      else self.config.max_tokens_per_rank)
+        checks.check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, self._plan_list,
+                                     max_tokens=max_tokens, device=self.device)
+        return x, x_scales
+
+    def _sms(self, num_sms: Optional[int]) -> int:
+        value = self.config.num_sms if num_sms is None else num_sms
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"num_sms must be a positive int, got {value!r}")
+        return value
+
+    def _require_low_latency(self) -> None:
+        if self.config.ll_max_tokens_per_rank <= 0:
+            raise ValueError("this Communicator has no low-latency windows: build it with "
+                             "CommConfig(ll_max_tokens_per_rank=T) with T > 0")
+
+
+def _default_device(group) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if group is not None and "nccl" not in str(dist.get_backend(group)) and \
+            "cuda" not in str(dist.get_backend(group)):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _symmetric_workspace(plan: Plan, group, device):
+    import torch.distributed._symmetric_memory as symm_mem
+
+    workspace = symm_mem.empty(plan.workspace_bytes, dtype=torch.uint8, device=device)
+    workspace.zero_()
+    handle = symm_mem.rendezvous(workspace, group.group_name)
+    peer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+    torch.cuda.synchronize(device)
+    return workspace, peer_ptrs
+
+
+def _attach_host_status(workspace: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """A pinned host mirror of ctrl.status, its address stored in ctrl.host_status_ptr so
+    kernels can report errors the host reads without a sync."""
+    host_status = torch.zeros(4, dtype=torch.int64).pin_memory()
+    ptr = ctrl_region(workspace, plan.as_list(), "host_status_ptr", torch.int64, (1,))
+    ptr.fill_(host_status.data_ptr())
+    return host_status
