@@ -1,0 +1,110 @@
+"""Run a function on every rank of a fresh process group, with bounded waits.
+
+    results = run_world(4, my_fn, arg1, arg2, backend="gloo", timeout_s=120)
+
+`my_fn(rank, world_size, *args)` must be importable (a module-level function). Each rank runs in
+its own process (start method spawn); the return values come back in rank order. A rank that
+raises, dies or outlives timeout_s makes run_world raise WorldError naming it, after the other
+ranks are killed: a broken rank fails the caller instead of hanging it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+
+class WorldError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, backend, group_timeout_s, env, fn, args, results):
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    try:
+        kwargs = {}
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=group_timeout_s), **kwargs)
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including SystemExit from a test helper
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run_world(world_size: int, fn, *args, backend: str = "gloo", timeout_s: float = 180.0,
+              env: dict | None = None, group_timeout_s: float | None = None) -> list:
+    """Run fn(rank, world_size, *args) on world_size spawned ranks; return their results."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    group_timeout_s = group_timeout_s or timeout_s
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, group_timeout_s,
+                                          dict(env or {}), fn, args, results), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    got: dict[int, tuple[bool, object]] = {}
+    failure = None
+    while len(got) < world_size and failure is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(got))
+            failure = f"ranks {missing} did not finish within timeout_s={timeout_s}"
+            break
+        try:
+            rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            got[rank] = (ok, value)
+            if not ok:
+                failure = f"rank {rank} raised:\n{value}"
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs)
+                    if r not in got and p.exitcode is not None]
+            if dead:
+                time.sleep(0.5)  # its result may still be in flight
+                try:
+                    while True:
+                        rank, ok, value = results.get_nowait()
+                        got[rank] = (ok, value)
+                except queue.Empty:
+                    pass
+                dead = [r for r in dead if r not in got]
+                if dead:
+                    failure = (f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} "
+                               "before reporting")
+    for p in procs:
+        p.join(timeout=5 if failure is None else 0.1)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+    if failure is not None:
+        raise WorldError(failure)
+    return [got[r][1] for r in range(world_size)]
