@@ -76,7 +76,9 @@ def fake_expert(recv_x: torch.Tensor, expert_offsets: torch.Tensor, out_dtype: t
     rows = recv_x.size(0)
     x = recv_x.float()
     if recv_scales is not None:
-        x = (x.view(rows, -1, 128) * recv_scales.float().unsqueeze(-1)).view(rows, -1)
+        hidden = x.size(1)
+        x = (x.view(rows, hidden // 128, 128) * recv_scales.float().unsqueeze(-1)).view(
+            rows, hidden)
     offs = expert_offsets.long().to(recv_x.device)
     row_ids = torch.arange(rows, device=recv_x.device)
     expert = torch.bucketize(row_ids, offs[1:], right=True)
