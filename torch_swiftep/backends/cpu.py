@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from .. import checks
-from ..plan import FP8_DTYPE, ctrl_region, plan_value, typed_region
+from ..plan import ctrl_region, plan_value, typed_region
+from ..status import SwiftepError
 
 
 def _group(group_name: str, world_size: int):
@@ -79,7 +80,7 @@ class _Route:
             worst = int(totals.max()) if totals.numel() else 0
             if worst > per_expert:
                 e = int(totals.argmax())
-                raise RuntimeError(
+                raise SwiftepError(
                     f"low-latency window overflow: expert {e} (rank {e // local}) receives "
                     f"{worst} rows, more than world_size * ll_max_tokens_per_rank = {per_expert}")
             expert_base = (torch.arange(experts_total) % local) * per_expert
@@ -89,7 +90,7 @@ class _Route:
             rows_needed = per_owner.sum(1)
             if bool((rows_needed > capacity).any()):
                 d = int(rows_needed.argmax())
-                raise RuntimeError(
+                raise SwiftepError(
                     f"capacity overflow: rank {d} receives {int(rows_needed[d])} rows, more than "
                     f"capacity={capacity}; build the Communicator with a larger capacity")
             expert_base = (per_owner.cumsum(1) - per_owner).flatten()

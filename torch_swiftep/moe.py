@@ -1,0 +1,80 @@
+"""A small expert-parallel MoE layer built on a Communicator: the example the compile tests,
+CUDA-graph tests and the benchmark use. Router -> top-k -> dispatch -> grouped expert MLP on
+the expert-major rows -> combine."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .communicator import Communicator
+
+
+class ExpertParallelMoE(nn.Module):
+    """Rank r's shard of a top-k MoE layer with E experts (SwiGLU MLPs of width ffn).
+
+    x: [num_tokens, hidden] -> [num_tokens, hidden]. The router is replicated; each rank keeps
+    the weights of its E / W local experts only.
+    low_latency: use the decode schedule (static [L, W*T, hidden] windows, CUDA-graph friendly).
+    """
+
+    def __init__(self, comm: Communicator, ffn: int, *, low_latency: bool = False,
+                 seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        cfg = comm.config
+        self.comm, self.low_latency, self.top_k = comm, low_latency, cfg.num_topk
+        gen = torch.Generator().manual_seed(seed)
+        experts, hidden, local = cfg.num_experts, cfg.hidden, comm.num_local_experts
+        first = comm.rank * local
+
+        def draw(*shape, scale):
+            return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+        router = draw(experts, hidden, scale=hidden ** -0.5)
+        # every rank draws every expert (same generator), then keeps its own: the layer equals
+        # the unsharded one for any world size
+        w_gate_up = draw(experts, hidden, 2 * ffn, scale=hidden ** -0.5)[first:first + local]
+        w_down = draw(experts, ffn, hidden, scale=ffn ** -0.5)[first:first + local]
+        device = comm.device
+        self.router = nn.Parameter(router.to(device), requires_grad=False)
+        self.w_gate_up = nn.Parameter(w_gate_up.contiguous().to(device), requires_grad=False)
+        self.w_down = nn.Parameter(w_down.contiguous().to(device), requires_grad=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = (x @ self.router.t()).float().softmax(dim=-1)
+        weights, idx = scores.topk(self.top_k, dim=-1)
+        return idx, weights / weights.sum(dim=-1, keepdim=True)
+
+    def experts(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Grouped SwiGLU MLP over expert-major rows; offs: [L] int32 end offsets."""
+        gate_up = torch._grouped_mm(rows, self.w_gate_up, offs=offs)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, self.w_down, offs=offs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, weights = self.route(x)
+        if self.low_latency:
+            handle = self.comm.low_latency_dispatch(x, idx, weights)
+            # bmm over the static [L, S, hidden] window: rows >= recv_counts[j] are ignored
+            gate_up = torch.bmm(handle.recv_x, self.w_gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = torch.bmm(F.silu(gate) * up, self.w_down)
+            return self.comm.low_latency_combine(out, handle)
+        handle = self.comm.dispatch(x, idx, weights)
+        out = self.experts(handle.recv_x, handle.expert_offsets[1:])
+        return self.comm.combine(out, handle)
+
+
+def dense_reference(layers: list[ExpertParallelMoE], x: torch.Tensor) -> torch.Tensor:
+    """The unsharded layer computed token by token from every rank's shard (tests)."""
+    first = layers[0]
+    idx, weights = first.route(x)
+    w_gate_up = torch.cat([layer.w_gate_up for layer in layers]).float()
+    w_down = torch.cat([layer.w_down for layer in layers]).float()
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for n in range(x.size(0)):
+        for k in range(idx.size(1)):
+            e = int(idx[n, k])
+            gate, up = (x[n].float() @ w_gate_up[e]).chunk(2)
+            y[n] += weights[n, k] * ((F.silu(gate) * up) @ w_down[e])
+    return y.to(x.dtype)
