@@ -98,3 +98,45 @@ def test_cpu_backend_matches_reference(world):
     results = run_world(world, _all_cases, timeout_s=240)
     errors = [e for per_rank in results for e in per_rank]
     assert not errors, "\n".join(errors[:20])
+
+
+def test_dispatch_layout_counts():
+    inp = testing.world_inputs(5, [23], 8, 16, 3, torch.float32, "holes")
+    idx = inp.topk_idx[0]
+    per_rank, per_expert, in_rank = torch.ops.swiftep.dispatch_layout(idx, 16, 4)
+    for e in range(16):
+        assert per_expert[e] == int((idx == e).sum())
+    owner = torch.where(idx >= 0, idx // 4, -1)
+    for r in range(4):
+        expect = (owner == r).any(1)
+        assert torch.equal(in_rank[:, r], expect)
+        assert per_rank[r] == int(expect.sum())
+
+
+def test_plain_torch_baseline_matches_reference():
+    """The benchmark's plain-torch path computes the same function (else its timing means
+    nothing)."""
+    from torch_swiftep.bench.torch_baseline import torch_combine, torch_dispatch
+
+    inp = testing.world_inputs(9, [7, 0, 12], 16, 6, 2, torch.float32, "holes")
+    recvs, plan = torch_dispatch(inp.xs, inp.topk_idx, 6)
+    ref, ref_rows = reference.dispatch(inp.xs, inp.topk_idx, inp.topk_weights, 6)
+    for got, want in zip(recvs, ref):
+        assert torch.equal(got, want.recv_x)
+    outs = [r * 2 for r in recvs]
+    ys = torch_combine(outs, plan, inp.topk_weights)
+    ref_y = reference.combine([r.recv_x * 2 for r in ref], inp.topk_idx, inp.topk_weights,
+                              ref_rows, 6)
+    for a, b in zip(ys, ref_y):
+        assert testing.close(a, b, torch.float32) is None
+
+
+def test_fp8_round_trip():
+    x = torch.randn(9, 256) * torch.logspace(-3, 3, 9).unsqueeze(1)
+    x[3] = 0
+    q, s = ts.quantize_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (9, 2)
+    back = ts.dequantize_fp8(q, s)
+    rel = (back - x).abs() / x.abs().amax(1, keepdim=True).clamp(min=1e-12)
+    assert rel.max() < 2 ** -3  # e4m3: 3 mantissa bits
+    assert torch.equal(back[3], torch.zeros(256))

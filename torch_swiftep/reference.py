@@ -85,16 +85,18 @@ def combine(
     written in expert_outs' dtype; zeros for a token with no valid expert."""
     world = len(expert_outs)
     local = num_experts // world
+    hidden = expert_outs[0].size(-1)
+    outs = [e.cpu().reshape(-1, hidden) for e in expert_outs]
     ys = []
     for src in range(world):
         idx = topk_idxs[src].long().cpu()
-        rows = token_rows[src].long()
+        rows = token_rows[src].long().cpu()
         w = topk_weights[src].cpu().float()
-        hidden = expert_outs[0].size(-1)
         y = torch.zeros(idx.size(0), hidden, dtype=torch.float32)
-        for n, k in zip(*(idx >= 0).nonzero(as_tuple=True)):
-            owner = int(idx[n, k]) // local
-            y[n] += w[n, k] * expert_outs[owner].cpu()[rows[n, k]].float()
+        for k in range(idx.size(1)):  # slot by slot, so the sum runs in slot order
+            for owner in range(world):
+                mask = (idx[:, k] >= 0) & (idx[:, k] // local == owner)
+                y[mask] += w[mask, k, None] * outs[owner][rows[mask, k]].float()
         ys.append(y.to(expert_outs[0].dtype))
     return ys
 

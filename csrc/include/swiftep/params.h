@@ -1,0 +1,94 @@
+// Plain parameter structs the launchers and kernels take (raw pointers, no torch).
+// Filled by the binding from the op arguments and the plan (torch_swiftep/plan.py).
+#pragma once
+
+#include <cstdint>
+
+namespace swiftep {
+
+// Element type of expert outputs / combine results.
+enum class DType : int32_t { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
+
+// The communicator state every communication op shares: this rank's workspace, the peer table
+// and the decoded plan. Region and ctrl offsets are byte offsets from a workspace base; every
+// rank's workspace has the same layout, so peer_base + offset addresses a peer's region.
+struct CommParams {
+  uint8_t* workspace;         // this rank's workspace base (device)
+  const int64_t* peer_ptrs;   // [world_size] on the device: every rank's workspace base (own too)
+  int32_t rank;
+  int32_t world_size;
+  int32_t num_experts;
+  int32_t num_local_experts;  // L = num_experts / world_size
+  int64_t capacity;           // rows of the throughput windows
+  int64_t ll_rows_per_expert; // S = world_size * ll_max_tokens_per_rank (0: no ll windows)
+  int64_t timeout_ms;         // bound of every wait for a peer
+
+  int64_t off_recv_x, off_recv_scales, off_recv_src, off_recv_weights, off_combine_x;
+  int64_t off_ll_recv_x, off_ll_recv_scales, off_ll_recv_src, off_ll_recv_weights,
+      off_ll_combine_x;
+  int64_t off_counts, off_count_flags, off_data_flags, off_combine_flags;
+  int64_t off_ll_counts, off_ll_count_flags, off_ll_data_flags, off_ll_combine_flags;
+  int64_t off_epoch, off_blocks_done, off_status, off_host_status_ptr;
+};
+
+// dispatch and low_latency_dispatch.
+struct DispatchParams {
+  CommParams comm;
+  const void* x;             // [num_tokens, hidden], x_row_bytes per row
+  const float* x_scales;     // [num_tokens, scale_cols] (FP8 only, else nullptr)
+  const void* topk_idx;      // [num_tokens, num_topk], int64 or int32
+  bool topk_idx_is_int64;
+  const float* topk_weights; // [num_tokens, num_topk]
+  int32_t num_tokens;        // may be 0
+  int32_t num_topk;          // K of the tensors (<= the plan's num_topk)
+  int64_t x_row_bytes;       // hidden * element size: also the window pitch of this call
+  int32_t scale_cols;        // hidden / 128 for FP8, else 0
+  int32_t* expert_offsets;   // dispatch: [L + 1] out
+  int32_t* recv_counts;      // low_latency_dispatch: [L] out
+  int32_t* token_rows;       // [num_tokens, num_topk] out
+  int32_t num_sms;           // most blocks a kernel of this op may use
+};
+
+// combine and low_latency_combine.
+struct CombineParams {
+  CommParams comm;
+  const void* topk_idx;      // [num_tokens, num_topk], int64 or int32
+  bool topk_idx_is_int64;
+  const float* topk_weights; // [num_tokens, num_topk]
+  const int32_t* token_rows; // [num_tokens, num_topk]: row on the owner, -1 = none
+  int32_t num_tokens;
+  int32_t num_topk;
+  int32_t hidden;
+  DType dtype;               // of expert_out and y
+  int64_t out_row_bytes;     // hidden * element size: pitch of the combine window this call
+  void* y;                   // [num_tokens, hidden] out
+  int32_t num_sms;
+};
+
+// Stages expert_out into the combine window when it is not already there: the valid rows of
+// each group (expert) only. Group g's rows start at g * group_rows; counts[g] rows are valid
+// (throughput: one group, counts = &expert_offsets[L]; low latency: L groups of S rows).
+struct CopyRowsParams {
+  uint8_t* dst;
+  const uint8_t* src;
+  int64_t row_bytes;
+  int64_t group_rows;
+  int32_t num_groups;
+  const int32_t* counts;  // [num_groups] on the device, clamped to group_rows
+  int32_t num_sms;
+};
+
+// dispatch_layout (local; no workspace).
+struct LayoutParams {
+  const void* topk_idx;      // [num_tokens, num_topk], int64 or int32
+  bool topk_idx_is_int64;
+  int32_t num_tokens;
+  int32_t num_topk;
+  int32_t num_experts;
+  int32_t world_size;
+  int32_t* num_tokens_per_rank;    // [world_size], zeroed by the caller
+  int32_t* num_tokens_per_expert;  // [num_experts], zeroed by the caller
+  bool* is_token_in_rank;          // [num_tokens, world_size], zeroed by the caller
+};
+
+}  // namespace swiftep
