@@ -1,0 +1,271 @@
+// Pull combine (both paths) and the row-staging copy.
+//
+// Block 0 releases combine_flags[rank] = epoch into every peer: stream order guarantees the
+// kernels that filled this rank's combine window (experts, or the staging copy) have finished.
+// Every block then waits (bounded) for every owner's flag, and each warp takes (token, hidden
+// chunk) items: lane 0 bulk-loads the chunk of the token's K rows from the owners' combine
+// windows into a shared stage; the warp reduces them in float32 with the top-k weights and
+// writes y in expert_out's dtype. A token with no valid row gets zeros.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "swiftep/params.h"
+
+namespace swiftep {
+
+// Warps of a combine block; each has kCombineStages stages of K chunks in shared memory.
+constexpr int kCombineWarps = 8;
+constexpr int kCombineThreads = kCombineWarps * kWarpSize;
+// Two stages: the loads of the next item overlap the reduction of the current one.
+constexpr int kCombineStages = 2;
+// Cap of one row chunk: 4 KiB = 8 16-byte vectors per lane per row, enough work per item.
+constexpr int64_t kMaxCombineChunkBytes = 4096;
+// Threads of the staging copy kernel.
+constexpr int kCopyThreads = 512;
+
+// The path a combine kernel serves.
+struct CombineWindow {
+  int64_t off_x;        // combine window region (throughput or low latency)
+  int64_t off_flags;    // combine_flags or ll_combine_flags
+  int32_t epoch_slot;   // kEpochThroughput or kEpochLowLatency
+  int32_t wait_what;    // kWaitCombine or kWaitLlCombine
+  int64_t window_rows;  // rows of the window: a token_rows entry past it is ignored
+};
+
+// ------------------------------------------------------------------ element conversions
+template <typename T>
+struct ElemOps;
+
+template <>
+struct ElemOps<__nv_bfloat16> {
+  __device__ static float load_cg(const __nv_bfloat16* p) {
+    return __bfloat162float(__ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p))));
+  }
+  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  __device__ static float2 pair_to_float2(uint32_t bits) {
+    __nv_bfloat162 h;
+    memcpy(&h, &bits, sizeof(bits));
+    return __bfloat1622float2(h);
+  }
+  __device__ static uint32_t float2_to_pair(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    uint32_t bits;
+    memcpy(&bits, &h, sizeof(bits));
+    return bits;
+  }
+};
+
+template <>
+struct ElemOps<__half> {
+  __device__ static float load_cg(const __half* p) {
+    return __half2float(__ushort_as_half(__ldcg(reinterpret_cast<const unsigned short*>(p))));
+  }
+  __device__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ static float2 pair_to_float2(uint32_t bits) {
+    __half2 h;
+    memcpy(&h, &bits, sizeof(bits));
+    return __half22float2(h);
+  }
+  __device__ static uint32_t float2_to_pair(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    uint32_t bits;
+    memcpy(&bits, &h, sizeof(bits));
+    return bits;
+  }
+};
+
+template <>
+struct ElemOps<float> {
+  __device__ static float load_cg(const float* p) { return __ldcg(p); }
+  __device__ static float from_float(float v) { return v; }
+};
+
+// acc[0, 16 / sizeof(T)) += w * (the 16 bytes in raw, as T).
+template <typename T>
+__device__ __forceinline__ void accumulate_vec16(float* acc, uint4 raw, float w) {
+  if constexpr (sizeof(T) == 4) {
+    acc[0] += w * __uint_as_float(raw.x);
+    acc[1] += w * __uint_as_float(raw.y);
+    acc[2] += w * __uint_as_float(raw.z);
+    acc[3] += w * __uint_as_float(raw.w);
+  } else {
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = ElemOps<T>::pair_to_float2(words[i]);
+      acc[2 * i] += w * f.x;
+      acc[2 * i + 1] += w * f.y;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack_vec16(const float* acc) {
+  if constexpr (sizeof(T) == 4) {
+    return make_uint4(__float_as_uint(acc[0]), __float_as_uint(acc[1]), __float_as_uint(acc[2]),
+                      __float_as_uint(acc[3]));
+  } else {
+    return make_uint4(ElemOps<T>::float2_to_pair(acc[0], acc[1]),
+                      ElemOps<T>::float2_to_pair(acc[2], acc[3]),
+                      ElemOps<T>::float2_to_pair(acc[4], acc[5]),
+                      ElemOps<T>::float2_to_pair(acc[6], acc[7]));
+  }
+}
+
+// ------------------------------------------------------------------------- item sources
+// Lane k's source row of token n (slot k) in its owner's combine window, or nullptr.
+template <typename IdxT>
+__device__ __forceinline__ const uint8_t* combine_source(const CombineParams& p,
+                                                         const CombineWindow& win, int64_t n,
+                                                         int k, bool peers_ready) {
+  if (!peers_ready || k >= p.num_topk) return nullptr;
+  const int32_t row = p.token_rows[n * p.num_topk + k];
+  const int64_t e = load_index<IdxT>(p.topk_idx, n * p.num_topk + k);
+  if (row < 0 || row >= win.window_rows || !is_expert(e, p.comm.num_experts)) return nullptr;
+  const int peer = static_cast<int>(e / p.comm.num_local_experts);
+  return at_offset<uint8_t>(peer_base(p.comm, peer), win.off_x) + row * p.out_row_bytes;
+}
+
+// --------------------------------------------------------------------------- the kernel
+template <typename T, typename IdxT>
+__global__ void __launch_bounds__(kCombineThreads)
+    combine_kernel(const __grid_constant__ CombineParams p, CombineWindow win,
+                   int64_t chunk_bytes, bool use_tma) {
+  __shared__ __align__(8) uint64_t bars[kCombineWarps][kCombineStages];
+  __shared__ float weights[kCombineWarps][kMaxTopk];
+  __shared__ const uint8_t* sources[kCombineWarps][kMaxTopk];
+  const CommParams& c = p.comm;
+  const int warp = warp_id();
+  const int lane = lane_id();
+  const int64_t epoch = ctrl_epoch(c)[win.epoch_slot];  // the matching dispatch's epoch
+
+  if (blockIdx.x == 0) {
+    __threadfence_system();
+    __syncthreads();
+    block_release_to_all_peers(c, win.off_flags, epoch);
+  }
+  const bool peers_ready =
+      block_wait_all_peers(c, at_offset<int64_t>(c.workspace, win.off_flags), epoch,
+                           win.wait_what);  // on timeout: no remote reads, y = 0
+
+  const int64_t row_bytes = p.out_row_bytes;
+  const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
+  const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kCombineWarps + warp;
+  uint8_t* y = static_cast<uint8_t*>(p.y);
+
+  if (!use_tma) {  // rows not 16-byte aligned: element loads straight from the owners
+    const int hidden = p.hidden;
+    for (int64_t n = global_warp; n < p.num_tokens; n += num_warps_total) {
+      const uint8_t* src = combine_source<IdxT>(p, win, n, lane, peers_ready);
+      if (lane < p.num_topk) {
+        sources[warp][lane] = src;
+        weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
+      }
+      __syncwarp();
+      T* out = reinterpret_cast<T*>(y + n * row_bytes);
+      for (int i = lane; i < hidden; i += kWarpSize) {
+        float acc = 0.f;
+        for (int k = 0; k < p.num_topk; ++k) {
+          const T* row = reinterpret_cast<const T*>(sources[warp][k]);
+          if (row != nullptr) acc += weights[warp][k] * ElemOps<T>::load_cg(row + i);
+        }
+        out[i] = ElemOps<T>::from_float(acc);
+      }
+      __syncwarp();  // sources/weights are rewritten by the next token
+    }
+    return;
+  }
+
+  uint64_t* my_bars = bars[warp];
+  init_warp_barriers_combine:
+  if (lane == 0) {
+    for (int s = 0; s < kCombineStages; ++s) mbarrier_init(my_bars + s, 1);
+    fence_mbarrier_init();
+  }
+  __syncwarp();
+  const int64_t stage_bytes = chunk_bytes * p.num_topk;
+  uint8_t* stages = dynamic_smem() + warp * kCombineStages * stage_bytes;
+  const int64_t chunks = ceil_div(row_bytes, chunk_bytes);
+  const int64_t num_mine =
+      global_warp < p.num_tokens ? ceil_div(p.num_tokens - global_warp, num_warps_total) : 0;
+  const int64_t num_items = num_mine * chunks;  // item i: token i / chunks, chunk i % chunks
+
+  // Whole warp (shuffles); lane 0 issues the bulk loads of item's valid rows on its stage.
+  auto issue_loads = [&](int64_t item) {
+    const int stage = static_cast<int>(item % kCombineStages);
+    const int64_t n = global_warp + (item / chunks) * num_warps_total;
+    const int64_t offset = (item % chunks) * chunk_bytes;
+    const uint32_t bytes = static_cast<uint32_t>(min(chunk_bytes, row_bytes - offset));
+    const uint8_t* mine = combine_source<IdxT>(p, win, n, lane, peers_ready);
+    const uint32_t valid = __ballot_sync(kFullMask, mine != nullptr);
+    uint8_t* stage_base = stages + stage * stage_bytes;
+    if (lane == 0) mbarrier_arrive_expect_tx(my_bars + stage, __popc(valid) * bytes);
+    for (int k = 0; k < p.num_topk; ++k) {
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(
+          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(mine), k));
+      if (lane == 0 && src != nullptr)
+        tma_load_1d(stage_base + k * chunk_bytes, src + offset, bytes, my_bars + stage);
+    }
+  };
+
+  for (int64_t item = 0; item < num_items && item < kCombineStages; ++item) issue_loads(item);
+  constexpr int kElemsPerVec = 16 / sizeof(T);
+  for (int64_t item = 0; item < num_items; ++item) {
+    const int stage = static_cast<int>(item % kCombineStages);
+    const uint32_t parity = static_cast<uint32_t>((item / kCombineStages) & 1);
+    const int64_t n = global_warp + (item / chunks) * num_warps_total;
+    const int64_t offset = (item % chunks) * chunk_bytes;
+    const int64_t bytes = min(chunk_bytes, row_bytes - offset);
+    const uint8_t* mine = combine_source<IdxT>(p, win, n, lane, peers_ready);
+    const uint32_t valid = __ballot_sync(kFullMask, mine != nullptr);
+    if (lane < p.num_topk) weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
+    mbarrier_wait_parity(my_bars + stage, parity);  // every lane: the TMA bytes are visible
+    __syncwarp();                                   // and so are the weights
+    const uint8_t* stage_base = stages + stage * stage_bytes;
+    uint8_t* out = y + n * row_bytes + offset;
+    for (int64_t v = lane; v < bytes / 16; v += kWarpSize) {
+      float acc[kElemsPerVec];
+#pragma unroll
+      for (int i = 0; i < kElemsPerVec; ++i) acc[i] = 0.f;
+      for (int k = 0; k < p.num_topk; ++k) {
+        if ((valid >> k) & 1u) {
+          const uint4 raw = reinterpret_cast<const uint4*>(stage_base + k * chunk_bytes)[v];
+          accumulate_vec16<T>(acc, raw, weights[warp][k]);
+        }
+      }
+      reinterpret_cast<uint4*>(out)[v] = pack_vec16<T>(acc);
+    }
+    __syncwarp();  // every lane is done with this stage (and the weights) before the refill
+    if (item + kCombineStages < num_items) issue_loads(item + kCombineStages);
+  }
+}
+
+// ------------------------------------------------------------------ staging copy kernel
+// Copies the valid rows of each group from expert_out into the combine window (same pitch).
+__global__ void __launch_bounds__(kCopyThreads)
+    copy_rows_kernel(const __grid_constant__ CopyRowsParams p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int g = 0; g < p.num_groups; ++g) {
+    const int64_t rows = max(0, min(static_cast<int64_t>(p.counts[g]), p.group_rows));
+    const int64_t begin = g * p.group_rows * p.row_bytes;
+    const int64_t bytes = rows * p.row_bytes;
+    uint8_t* dst = p.dst + begin;
+    const uint8_t* src = p.src + begin;
+    const uint64_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                          static_cast<uint64_t>(bytes);
+    if ((bits & 15) == 0) {
+      for (int64_t i = thread; i < bytes / 16; i += stride)
+        reinterpret_cast<int4*>(dst)[i] = reinterpret_cast<const int4*>(src)[i];
+    } else {
+      for (int64_t i = thread; i < bytes; i += stride) dst[i] = src[i];
+    }
+  }
+}
+
+}  // namespace swiftep
