@@ -123,6 +123,11 @@ class Communicator:
         self.group_name = group_name
         self._plan_list = plan.as_list()
         self._host_status = host_status
+        if workspace.is_cuda:
+            # The workspace never moves: compiled graphs (and CUDA graph trees under
+            # mode="reduce-overhead") may keep its address instead of copying it in.
+            torch._dynamo.mark_static_address(workspace)
+            torch._dynamo.mark_static_address(peer_ptrs)
 
     # ------------------------------------------------------------------ throughput path
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,

@@ -182,12 +182,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
 
   uint64_t* my_bars = bars[warp];
-  init_warp_barriers_combine:
-  if (lane == 0) {
-    for (int s = 0; s < kCombineStages; ++s) mbarrier_init(my_bars + s, 1);
-    fence_mbarrier_init();
-  }
-  __syncwarp();
+  init_warp_barriers(my_bars, kCombineStages);
   const int64_t stage_bytes = chunk_bytes * p.num_topk;
   uint8_t* stages = dynamic_smem() + warp * kCombineStages * stage_bytes;
   const int64_t chunks = ceil_div(row_bytes, chunk_bytes);
@@ -252,7 +247,7 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int g = 0; g < p.num_groups; ++g) {
-    const int64_t rows = max(0, min(static_cast<int64_t>(p.counts[g]), p.group_rows));
+    const int64_t rows = max(int64_t{0}, min(static_cast<int64_t>(p.counts[g]), p.group_rows));
     const int64_t begin = g * p.group_rows * p.row_bytes;
     const int64_t bytes = rows * p.row_bytes;
     uint8_t* dst = p.dst + begin;

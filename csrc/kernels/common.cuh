@@ -104,6 +104,16 @@ __device__ __forceinline__ void warp_copy_bytes(uint8_t* dst, const uint8_t* src
   }
 }
 
+// Lane 0 of every warp initialises its warp's mbarriers (one arrival
+// per phase: lane 0's arrive_expect_tx). Whole warp.
+__device__ __forceinline__ void init_warp_barriers(uint64_t* bars, int count) {
+  if (lane_id() == 0) {
+    for (int s = 0; s < count; ++s) mbarrier_init(bars + s, 1);
+    fence_mbarrier_init();
+  }
+  __syncwarp();
+}
+
 // The last-block-done pattern. Every thread fences its writes (own and peers' memory) at system
 // scope, the block counts itself done, and the last block to arrive (the counter returns
 // grid - 1) resets the counter for the next launch and returns true to all of its threads.

@@ -150,15 +150,6 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, int6
   }
 }
 
-// Lane 0 of every warp initialises its warp's mbarriers. Whole warp.
-__device__ __forceinline__ void init_warp_barriers(uint64_t* bars, int count) {
-  if (lane_id() == 0) {
-    for (int s = 0; s < count; ++s) mbarrier_init(bars + s, 1);
-    fence_mbarrier_init();
-  }
-  __syncwarp();
-}
-
 // Lane 0's bulk stores are complete and ordered before the generic-proxy fences that follow.
 __device__ __forceinline__ void finish_bulk_stores() {
   if (lane_id() == 0) {

@@ -1,0 +1,89 @@
+// Host helpers shared by the launchers: per-(kernel, device) shared-memory limits and the
+// one-time raise of a kernel's dynamic shared-memory attribute.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "swiftep/launchers.h"
+
+namespace swiftep {
+
+// Kernels launch with at most 48 KiB of dynamic shared memory unless the attribute is raised.
+struct KernelSmem {
+  int64_t max_dynamic;  // opt-in limit of the device minus the kernel's static shared memory
+  int64_t configured;   // largest cudaFuncAttributeMaxDynamicSharedMemorySize set so far
+};
+
+inline std::mutex& kernel_smem_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+inline std::map<std::pair<const void*, int>, KernelSmem>& kernel_smem_table() {
+  static std::map<std::pair<const void*, int>, KernelSmem> table;
+  return table;
+}
+
+// Looks up (and caches) the limits of `kernel` on the current device.
+inline cudaError_t kernel_smem(const void* kernel, KernelSmem* out) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(kernel_smem_mutex());
+  auto key = std::make_pair(kernel, device);
+  auto it = kernel_smem_table().find(key);
+  if (it == kernel_smem_table().end()) {
+    int optin = 0;
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return err;
+    cudaFuncAttributes attr{};
+    err = cudaFuncGetAttributes(&attr, kernel);
+    if (err != cudaSuccess) return err;
+    KernelSmem info{static_cast<int64_t>(optin) - static_cast<int64_t>(attr.sharedSizeBytes),
+                    static_cast<int64_t>(attr.maxDynamicSharedSizeBytes)};
+    it = kernel_smem_table().emplace(key, info).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
+// Raises the kernel's dynamic shared-memory limit to at least `bytes` (once per device).
+inline cudaError_t ensure_dynamic_smem(const void* kernel, int64_t bytes) {
+  KernelSmem info{};
+  cudaError_t err = kernel_smem(kernel, &info);
+  if (err != cudaSuccess) return err;
+  if (bytes <= info.configured) return cudaSuccess;
+  if (bytes > info.max_dynamic) return cudaErrorInvalidValue;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  int device = 0;
+  cudaGetDevice(&device);
+  std::lock_guard<std::mutex> lock(kernel_smem_mutex());
+  KernelSmem& entry = kernel_smem_table()[std::make_pair(kernel, device)];
+  if (bytes > entry.configured) entry.configured = bytes;
+  return cudaSuccess;
+}
+
+// Splits a row of row_bytes into equal chunks of at most cap bytes (16-byte multiples).
+// Returns the chunk size, or 0 when cap < 16. row_bytes must be a multiple of 16.
+inline int64_t even_chunk_bytes(int64_t row_bytes, int64_t cap) {
+  cap = cap / 16 * 16;
+  if (cap < 16) return 0;
+  if (row_bytes <= 0) return 16;
+  const int64_t num_chunks = (row_bytes + cap - 1) / cap;
+  const int64_t chunk = (row_bytes + num_chunks - 1) / num_chunks;
+  return (chunk + 15) / 16 * 16;
+}
+
+inline int64_t clamp_blocks(int64_t wanted, int32_t num_sms) {
+  if (wanted > num_sms) wanted = num_sms;
+  return wanted < 1 ? 1 : wanted;
+}
+
+}  // namespace swiftep

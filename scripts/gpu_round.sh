@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One whole GPU round: build the extension, run the GPU tests, the sanitizers on a small case
+# and the benchmark. Logs and results go under OUT_DIR (default: gpu_round_out).
+#
+#   bash scripts/gpu_round.sh OUT_DIR            # everything
+#   STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
+#   PYTEST_ARGS="-k missing_rank" STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
+#
+# Steps: build, tests, sanitize, bench, bench_quick. NVLink multicast stays off (some shared
+# hosts must never use it).
+set -uo pipefail
+OUT=${1:-gpu_round_out}
+STEPS=${STEPS:-build,tests,sanitize,bench}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+cd "$(dirname "$0")/.."
+status=0
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, never stop the round
+  local name=$1; shift
+  echo "=== $name: $*" | tee -a "$OUT/summary.log"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/summary.log"
+  tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+
+{ nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.version.cuda)'; } \
+  > "$OUT/summary.log" 2>&1
+if has build; then
+  run build python3 -m pip install --no-build-isolation --no-deps -v -e . || exit 1
+  python3 -c 'import torch_swiftep as t; assert t.CUDA_EXTENSION_ERROR is None, t.CUDA_EXTENSION_ERROR; print("extension loaded")' \
+    2>&1 | tee -a "$OUT/summary.log" || exit 1
+fi
+if has tests; then
+  run tests python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ${PYTEST_ARGS:-}
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    SWIFTEP_GPU_SMALL_CASE=1 run "sanitize_$tool" compute-sanitizer --tool "$tool" \
+      --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+      -k small_case_for_sanitizers
+  done
+fi
+if has bench; then
+  run bench python3 -m torch_swiftep.bench --out "$OUT"
+fi
+if has bench_quick; then
+  run bench_quick python3 -m torch_swiftep.bench --quick --out "$OUT"
+fi
+exit $status

@@ -1,0 +1,281 @@
+"""CUDA backend tests. Ranks are processes sharing one GPU through torch symmetric memory
+(TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1; they take turns on the GPU, so this proves
+correctness, not speed), or with one process per GPU where there are several GPUs. Skipped
+without a GPU and the compiled extension."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_swiftep as ts
+from torch_swiftep import reference, testing
+from torch_swiftep.launch import run_world
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(ts.CUDA_EXTENSION_ERROR is not None,
+                       reason=f"CUDA extension not built: {ts.CUDA_EXTENSION_ERROR}"),
+]
+
+ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+       "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1"}
+TOKENS = [37, 0, 128, 5, 64, 1, 99, 20]
+
+
+def _device(rank):
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def _cases(world):
+    cases, seed = [], 1000 * world
+    for dtype, hidden, k, routing, fp8 in (
+        (torch.bfloat16, 200, 1, "uniform", False),   # 400-byte rows: odd multiple of 16
+        (torch.bfloat16, 7168, 8, "uniform", False),  # the DeepSeek-V3 row
+        (torch.bfloat16, 1024, 2, "skewed", False),
+        (torch.bfloat16, 520, 8, "holes", False),
+        (torch.float32, 132, 2, "one_rank", False),
+        (torch.float16, 264, 8, "holes", False),
+        (torch.bfloat16, 1024, 8, "holes", True),
+        (torch.bfloat16, 384, 2, "skewed", True),
+    ):
+        seed += 1
+        cases.append(dict(seed=seed, dtype=dtype, hidden=hidden, topk=k, routing=routing,
+                          fp8=fp8, experts=4 * world if k < 8 else 8 * world))
+    return cases
+
+
+def _check_case(rank, world, comm_cache, case, device):
+    tokens = [TOKENS[(r + case["seed"]) % len(TOKENS)] for r in range(world)]
+    inp = testing.world_inputs(case["seed"], tokens, case["hidden"], case["experts"],
+                               case["topk"], case["dtype"], case["routing"], case["fp8"])
+    key = (case["hidden"], case["experts"], case["topk"], case["dtype"])
+    if key not in comm_cache:
+        cfg = ts.CommConfig(num_experts=case["experts"], hidden=case["hidden"],
+                            num_topk=case["topk"], max_tokens_per_rank=max(TOKENS),
+                            dtype=case["dtype"], ll_max_tokens_per_rank=max(TOKENS),
+                            num_sms=3, timeout_s=60)
+        comm_cache[key] = ts.Communicator(dist.group.WORLD, cfg, device=device)
+    comm = comm_cache[key]
+    x = inp.xs[rank].to(device)
+    idx, w = inp.topk_idx[rank].to(device), inp.topk_weights[rank].to(device)
+    scales = inp.x_scales[rank].to(device) if case["fp8"] else None
+    out_dtype = torch.bfloat16 if case["fp8"] else case["dtype"]
+    errors = []
+
+    ref, ref_rows = reference.dispatch(inp.xs, inp.topk_idx, inp.topk_weights, case["experts"],
+                                       inp.x_scales)
+    handle = comm.dispatch(x, idx, w, x_scales=scales)
+    mine = testing.fake_expert(handle.recv_x, handle.expert_offsets, out_dtype,
+                               handle.recv_scales)
+    zero_copy = case["seed"] % 2 == 1
+    expert_out = comm.combine_buffer(out_dtype) if zero_copy else torch.empty_like(mine)
+    expert_out.copy_(mine)
+    y = comm.combine(expert_out, handle)
+    comm.check()
+    errors += testing.compare_dispatch(rank, handle, ref[rank], ref_rows[rank])
+    ref_outs = [testing.fake_expert(r.recv_x, r.expert_offsets, out_dtype, r.recv_scales)
+                for r in ref]
+    ref_y = reference.combine(ref_outs, inp.topk_idx, inp.topk_weights, ref_rows,
+                              case["experts"])
+    msg = testing.close(y, ref_y[rank], out_dtype)
+    if msg:
+        errors.append(f"rank {rank}: combine {msg}")
+
+    ll_ref, ll_rows = reference.low_latency_dispatch(
+        inp.xs, inp.topk_idx, inp.topk_weights, case["experts"], max(TOKENS), inp.x_scales)
+    ll = comm.low_latency_dispatch(x, idx, w, x_scales=scales)
+    local, hidden = comm.num_local_experts, case["hidden"]
+    flat = ll.recv_x.reshape(-1, hidden)
+    offsets = torch.arange(local + 1, dtype=torch.int32) * comm.plan.ll_rows_per_expert
+    sc = ll.recv_scales.reshape(flat.size(0), -1) if ll.recv_scales is not None else None
+    ll_out = testing.fake_expert(flat, offsets, out_dtype, sc).view(local, -1, hidden)
+    target = comm.low_latency_combine_buffer(out_dtype) if zero_copy else ll_out.clone()
+    target.copy_(ll_out)
+    y_ll = comm.low_latency_combine(target, ll)
+    comm.check()
+    errors += testing.compare_low_latency(rank, ll, ll_ref[rank], ll_rows[rank])
+    msg = testing.close(y_ll, ref_y[rank], out_dtype)
+    if msg:
+        errors.append(f"rank {rank}: low_latency_combine {msg}")
+    return [f"{case}: {e}" for e in errors]
+
+
+def _all_cases(rank, world):
+    device = _device(rank)
+    cache, errors = {}, []
+    for case in _cases(world):
+        errors += _check_case(rank, world, cache, case, device)
+    # consecutive calls reuse the windows with no barrier in between
+    for case in _cases(world)[:3]:
+        errors += _check_case(rank, world, cache, dict(case, seed=case["seed"] + 50), device)
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_cuda_matches_reference(world):
+    errors = run_world(world, _all_cases, env=ENV, timeout_s=600)
+    flat = [e for per_rank in errors for e in per_rank]
+    assert not flat, "\n".join(flat[:20])
+
+
+def _missing_rank(rank, world):
+    device = _device(rank)
+    cfg = ts.CommConfig(num_experts=8, hidden=256, num_topk=2, max_tokens_per_rank=16,
+                        timeout_s=2.0)
+    comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
+    if rank == 1:
+        import time
+
+        time.sleep(cfg.timeout_s + 5)  # alive (its workspace mapped) but never calls dispatch
+        return "absent"
+    x = torch.randn(16, 256, device=device).bfloat16()
+    idx = torch.randint(0, 8, (16, 2), device=device)
+    w = torch.rand(16, 2, device=device)
+    comm.dispatch(x, idx, w)
+    try:
+        comm.check()
+    except ts.SwiftepError as e:
+        return str(e)
+    return "no error"
+
+
+def test_missing_rank_times_out_with_its_name():
+    results = run_world(2, _missing_rank, env=ENV, timeout_s=120)
+    assert results[1] == "absent"
+    assert "timed out waiting for rank 1" in results[0], results[0]
+
+
+def _overflow(rank, world):
+    device = _device(rank)
+    cfg = ts.CommConfig(num_experts=4, hidden=256, num_topk=2, max_tokens_per_rank=64,
+                        capacity=40, timeout_s=30)
+    comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
+    x = torch.randn(64, 256, device=device).bfloat16()
+    idx = torch.tensor([[0, 1]] * 64, device=device)  # 128 rows for rank 0 from each source
+    w = torch.rand(64, 2, device=device)
+    comm.dispatch(x, idx, w)
+    try:
+        comm.check()
+    except ts.SwiftepError as e:
+        return str(e)
+    return "no error"
+
+
+def test_capacity_overflow_is_reported_on_every_rank():
+    results = run_world(2, _overflow, env=ENV, timeout_s=120)
+    for r in results:
+        assert "capacity overflow: rank 0 would receive 256 rows, more than capacity=40" in r, r
+
+
+def _bad_index(rank, world):
+    device = _device(rank)
+    cfg = ts.CommConfig(num_experts=4, hidden=256, num_topk=2, max_tokens_per_rank=8)
+    comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
+    x = torch.randn(8, 256, device=device).bfloat16()
+    idx = torch.zeros(8, 2, dtype=torch.long, device=device)
+    idx[3, 1] = 17
+    comm.dispatch(x, idx, torch.rand(8, 2, device=device))
+    try:
+        comm.check()
+    except ts.SwiftepError as e:
+        return str(e)
+    return "no error"
+
+
+def test_out_of_range_index_is_reported():
+    results = run_world(2, _bad_index, env=ENV, timeout_s=120)
+    for r in results:
+        assert "topk_idx[3, 1] = 17 is out of range" in r, r
+
+
+def _graph_replay(rank, world):
+    """A decode step captured once, replayed with new routing every time."""
+    from torch_swiftep.moe import ExpertParallelMoE, dense_reference
+
+    device = _device(rank)
+    cfg = ts.CommConfig(num_experts=4 * world, hidden=256, num_topk=4, max_tokens_per_rank=32,
+                        ll_max_tokens_per_rank=32, timeout_s=60)
+    comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
+    layer = ExpertParallelMoE(comm, 128, low_latency=True)
+    static_x = torch.zeros(24, 256, device=device, dtype=torch.bfloat16)
+    layer(static_x)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+    errors = []
+    for step in range(4):
+        # all ranks draw every rank's inputs, so each can build the unsharded reference
+        xs = [torch.randn(24, 256, generator=torch.Generator().manual_seed(100 * step + r))
+              .bfloat16() for r in range(world)]
+        static_x.copy_(xs[rank].to(device))
+        if step == 2:
+            static_x[5] = 0  # a token the router still routes: zeros in, zeros out
+        graph.replay()
+        torch.cuda.synchronize()
+        comm.check()
+        want = dense_reference(_all_layers(comm, world, layer), static_x)
+        msg = testing.close(static_y, want, torch.bfloat16)
+        if msg:
+            errors.append(f"rank {rank} replay {step}: {msg}")
+    from torch._dynamo.utils import counters
+
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        x = torch.randn(24, 256, device=device).bfloat16()
+        got = compiled(x).clone()
+        msg = testing.close(got, layer(x), torch.bfloat16)
+        if msg:
+            errors.append(f"rank {rank} reduce-overhead call {step}: {msg}")
+    skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    if skips:
+        errors.append(f"rank {rank}: inductor skipped CUDA graphs {skips} time(s)")
+    return errors
+
+
+def _all_layers(comm, world, layer):
+    """Every rank's shard rebuilt locally (same seeds) for the dense reference."""
+    from torch_swiftep.moe import ExpertParallelMoE
+
+    class _Shard:
+        def __init__(self, r):
+            self.rank, self.world_size, self.config = r, world, comm.config
+            self.num_local_experts, self.device = comm.num_local_experts, comm.device
+
+    return [layer if r == comm.rank else ExpertParallelMoE(_Shard(r), 128, low_latency=True)
+            for r in range(world)]
+
+
+def test_cuda_graph_replay_and_reduce_overhead():
+    results = run_world(2, _graph_replay, env=ENV, timeout_s=600)
+    flat = [e for r in results for e in r]
+    assert not flat, "\n".join(flat)
+
+
+def test_emulated_world_in_one_process():
+    """All ranks in one process, on their own streams, as the benchmark runs them."""
+    from torch_swiftep.bench.gpu_world import EmulatedWorld, graph_ms
+
+    w = EmulatedWorld(4, 300, 7168, 8, 64, torch.bfloat16, torch.device("cuda"), seed=3,
+                      routing="holes")
+    _, pairs = graph_ms(w.dispatch_combine_step(4), iters=3)
+    torch.cuda.synchronize()
+    errors = w.check([h for h, _ in pairs], range(4)) + w.check_combine(pairs, range(4))
+    assert not errors, "\n".join(errors[:10])
+
+
+if os.environ.get("SWIFTEP_GPU_SMALL_CASE"):
+    # compute-sanitizer entry point: scripts/gpu_round.sh runs this file's small case alone
+    def test_small_case_for_sanitizers():
+        from torch_swiftep.bench.gpu_world import EmulatedWorld, graph_ms
+
+        w = EmulatedWorld(2, 16, 256, 2, 8, torch.bfloat16, torch.device("cuda"), seed=1)
+        step = w.dispatch_combine_step(2)
+        pairs = step()
+        torch.cuda.synchronize()
+        assert not w.check([h for h, _ in pairs], range(2))
+        del graph_ms

@@ -1,0 +1,626 @@
+"""Serve a HuggingFace Transformers MoE checkpoint expert-parallel through swiftep.
+
+    import torch_swiftep.integrations.transformers as swiftep_hf   # registers "swiftep"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, **swiftep_hf.expert_parallel_kwargs(path))            # under torchrun
+    model.generate(...)
+
+Importing this module registers an implementation named "swiftep" with Transformers' public
+registries; nothing in a model class is patched:
+
+- transformers >= 5.23 (``EPImplementationInterface`` exists): an ``EPImplementation``, selected
+  with ``DistributedConfig(ep_size=W, ep_implementation="swiftep", ...)``. Transformers shards
+  the experts itself (its ``grouped_gemm`` parameter style, expert dimension, at load time) and
+  hands every ``ep_dispatch_experts`` module's call to ``SwiftepEP``.
+- transformers 5.17 - 5.22 (no EP registry): an experts implementation in ``ExpertsInterface``
+  (``from_pretrained(..., experts_implementation="swiftep")``), with the expert parameters
+  sharded at load time by Transformers' own ``grouped_gemm`` style in the TP plan, and the
+  experts module marked with the style ``"swiftep_experts"`` (registered in
+  ``ALL_PARALLEL_STYLES``) so no other TP style wraps it.
+
+``expert_parallel_kwargs`` builds the right ``from_pretrained`` keyword arguments for the
+installed version. In both cases a MoE layer runs: router (the model's own, replicated, global
+expert ids) -> ``Communicator.dispatch`` -> this rank's experts on the expert-major rows (written
+straight into the combine window) -> ``Communicator.combine`` (weighted sum, float32).
+Shared experts (DeepSeek-V3 and others) are ordinary modules outside the experts module: they
+stay replicated and untouched. The expert math is the experts module's own: gate/up fused or
+not (``has_gate``), stored transposed or not (``is_transposed``), biases (``has_bias``), its
+``_apply_gate`` (e.g. GPT-OSS's clamped SwiGLU) or ``act_fn``, and ``post_expert_norm``.
+
+Inference only: the dispatch/combine ops have no autograd formula, so a forward that needs
+gradients through the experts raises.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import warnings
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+try:
+    import transformers
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "torch_swiftep.integrations.transformers needs the `transformers` package "
+        "(pip install 'torch_swiftep[transformers]')"
+    ) from exc
+
+from packaging.version import Version
+
+from ..communicator import Communicator, DispatchResult
+from ..plan import CommConfig
+
+__all__ = [
+    "DEFAULT_NAME",
+    "MIN_TRANSFORMERS",
+    "SwiftepMoEConfig",
+    "clear_communicators",
+    "expert_parallel_kwargs",
+    "expert_parameter_bytes",
+    "has_ep_registry",
+    "is_fused_experts",
+    "register",
+    "swiftep_experts_forward",
+]
+
+DEFAULT_NAME = "swiftep"
+# 5.17 is the oldest release with everything the experts-implementation path needs
+# (ExpertsInterface + use_experts_implementation attributes, DistributedConfig(tp_plan=...) and
+# the "grouped_gemm" expert-dimension parameter style) that this integration was tested on.
+MIN_TRANSFORMERS = "5.17"
+# Name of the (no-op) parallel style that marks an experts module on the 5.17 - 5.22 path.
+MARKER_STYLE = "swiftep_experts"
+# Parameters of a fused experts module that carry the expert dimension first.
+EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj",
+                 "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+_TRANSFORMERS_VERSION = Version(transformers.__version__)
+if _TRANSFORMERS_VERSION < Version(MIN_TRANSFORMERS):
+    warnings.warn(f"torch_swiftep's Transformers integration is tested with transformers >= "
+                  f"{MIN_TRANSFORMERS}; found {transformers.__version__}", stacklevel=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwiftepMoEConfig:
+    """How the MoE layers of a model use swiftep (one set per registered name).
+
+    max_tokens_per_rank: most tokens one rank dispatches in one layer call: the whole batch
+        (batch * sequence length at prefill) divided by the number of ranks sharing it when the
+        ranks share one batch (tensor-parallel dense layers), the rank's own batch otherwise.
+        A forward that exceeds it raises ValueError; the communication windows are sized from it.
+    capacity: rows of each rank's receive window (None: the worst case, see CommConfig).
+    num_sms: SMs for the communication kernels (None: CommConfig's default).
+    timeout_s: bound of every wait for another rank.
+    experts_compute: "auto" (grouped_mm on CUDA bf16/fp16, else a per-expert loop), "loop" or
+        "grouped_mm" (torch's grouped GEMM on any device/dtype that supports it).
+    """
+
+    max_tokens_per_rank: int = 4096
+    capacity: Optional[int] = None
+    num_sms: Optional[int] = None
+    timeout_s: float = 60.0
+    experts_compute: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens_per_rank, int) or self.max_tokens_per_rank <= 0:
+            raise ValueError(f"max_tokens_per_rank must be a positive int, got "
+                             f"{self.max_tokens_per_rank!r}")
+        if self.experts_compute not in ("auto", "loop", "grouped_mm"):
+            raise ValueError(f"experts_compute must be 'auto', 'loop' or 'grouped_mm', got "
+                             f"{self.experts_compute!r}")
+
+
+# ----------------------------------------------------------------------- version probing
+def _ep_registry():
+    """(EPImplementation, EPImplementationInterface) on transformers >= 5.23, else None."""
+    try:
+        from transformers.distributed.expert_parallel import (EPImplementation,
+                                                              EPImplementationInterface)
+    except ImportError:
+        return None
+    return EPImplementation, EPImplementationInterface
+
+
+def has_ep_registry() -> bool:
+    """Whether the installed transformers selects EP implementations through DistributedConfig."""
+    return _ep_registry() is not None
+
+
+def _experts_interface():
+    from transformers.integrations.moe import ExpertsInterface
+
+    return ExpertsInterface
+
+
+def _parallel_styles():
+    """(ALL_PARALLEL_STYLES, TensorParallelLayer) or (None, None) without torch.distributed."""
+    try:
+        from transformers.distributed.tensor_parallel import (ALL_PARALLEL_STYLES,
+                                                              TensorParallelLayer)
+    except ImportError:
+        return None, None
+    return ALL_PARALLEL_STYLES, TensorParallelLayer
+
+
+# ------------------------------------------------------------------------ fused experts
+def is_fused_experts(module: torch.nn.Module) -> bool:
+    """A Transformers experts module decorated with ``use_experts_implementation`` (3-D expert
+    weights, called as ``experts(hidden_states, top_k_index, top_k_weights)``)."""
+    return (hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+            and "down_proj" in module._parameters
+            and ("gate_up_proj" in module._parameters or "up_proj" in module._parameters))
+
+
+def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is not None and hasattr(t, "to_local") and hasattr(t, "device_mesh"):
+        return t.to_local()
+    return t
+
+
+def _expert_param_names(module: torch.nn.Module) -> list[str]:
+    return [n for n in EXPERT_PARAMS if module._parameters.get(n) is not None]
+
+
+@dataclasses.dataclass
+class _LocalExperts:
+    w_in: torch.Tensor  # [L, 2I or I, H] or transposed [L, H, 2I or I]
+    b_in: Optional[torch.Tensor]
+    w_out: torch.Tensor  # [L, H, I] or transposed [L, I, H]
+    b_out: Optional[torch.Tensor]
+    transposed: bool
+
+
+def _local_experts(module: torch.nn.Module) -> _LocalExperts:
+    has_gate = getattr(module, "has_gate", True)
+    has_bias = getattr(module, "has_bias", False)
+    first = "gate_up_proj" if has_gate else "up_proj"
+    return _LocalExperts(
+        w_in=_local(getattr(module, first)),
+        b_in=_local(getattr(module, first + "_bias")) if has_bias else None,
+        w_out=_local(module.down_proj),
+        b_out=_local(module.down_proj_bias) if has_bias else None,
+        transposed=bool(getattr(module, "is_transposed", False)),
+    )
+
+
+def _activation(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if getattr(module, "has_gate", True):
+        return module._apply_gate(h)  # the family's own gating (default: act(gate) * up)
+    return module.act_fn(h)
+
+
+def _grouped_mm_fn():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _use_grouped_mm(compute: str, x: torch.Tensor) -> bool:
+    if compute == "loop":
+        return False
+    if compute == "grouped_mm":
+        if _grouped_mm_fn() is None:
+            raise RuntimeError("experts_compute='grouped_mm' but this torch has no grouped_mm")
+        return True
+    # auto: the grouped GEMM where it is the fast path (CUDA, 16-bit, sm80+)
+    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+            and _grouped_mm_fn() is not None
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def run_local_experts(module: torch.nn.Module, recv_x: torch.Tensor,
+                      expert_offsets: torch.Tensor, rows: int, out: torch.Tensor,
+                      compute: str = "auto") -> None:
+    """This rank's experts on the expert-major rows ``recv_x[:rows]`` (local expert j owns
+    ``[expert_offsets[j], expert_offsets[j+1])``); writes ``out[:rows]`` (unweighted: combine
+    applies the routing weights)."""
+    if rows == 0:
+        return
+    w = _local_experts(module)
+    num_local = w.w_in.size(0)
+    if expert_offsets.numel() != num_local + 1:
+        raise RuntimeError(f"the communicator has {expert_offsets.numel() - 1} local experts but "
+                           f"{type(module).__name__} holds {num_local}")
+    post_norm = getattr(module, "post_expert_norm", None) \
+        if getattr(module, "has_post_expert_norm", False) else None
+    x = recv_x[:rows]
+    if _use_grouped_mm(compute, x):
+        mm = _grouped_mm_fn()
+        offs = expert_offsets[1:].to(torch.int32)
+        counts = expert_offsets.diff().long()
+        row_expert = torch.repeat_interleave(
+            torch.arange(num_local, device=x.device), counts, output_size=rows)
+        w_in = w.w_in if w.transposed else w.w_in.transpose(-2, -1)
+        w_out = w.w_out if w.transposed else w.w_out.transpose(-2, -1)
+        h = mm(x.to(w_in.dtype), w_in, offs=offs)
+        if w.b_in is not None:
+            h = h + w.b_in[row_expert]
+        h = _activation(module, h)
+        h = mm(h.to(w_out.dtype), w_out, offs=offs)
+        if w.b_out is not None:
+            h = h + w.b_out[row_expert]
+        if post_norm is not None:
+            h = post_norm(h)
+        out[:rows].copy_(h)
+        return
+    bounds = expert_offsets.tolist()  # one host sync for the whole loop
+    for j in range(num_local):
+        start, end = bounds[j], bounds[j + 1]
+        if start == end:
+            continue
+        h = x[start:end]
+        h = h @ w.w_in[j] if w.transposed else F.linear(h, w.w_in[j])
+        if w.b_in is not None:
+            h = h + w.b_in[j]
+        h = _activation(module, h)
+        h = h @ w.w_out[j] if w.transposed else F.linear(h, w.w_out[j])
+        if w.b_out is not None:
+            h = h + w.b_out[j]
+        if post_norm is not None:
+            h = post_norm(h)
+        out[start:end].copy_(h)
+
+
+# ------------------------------------------------------------------------- communicators
+_COMMS: dict[tuple, tuple[Any, Communicator]] = {}
+_COMMS_LOCK = threading.Lock()
+
+
+def _communicator(group, *, hidden: int, num_experts: int, top_k: int, dtype: torch.dtype,
+                  device: torch.device, settings: SwiftepMoEConfig) -> Communicator:
+    """One Communicator per (group, hidden, num_experts, top_k, dtype, sizes), shared by every
+    MoE layer of every model on that group: the layers run one after the other."""
+    group_key = (id(group), group.group_name) if group is not None else (0, "")
+    key = (group_key, hidden, num_experts, top_k, dtype, str(device),
+           settings.max_tokens_per_rank, settings.capacity, settings.num_sms, settings.timeout_s)
+    with _COMMS_LOCK:
+        hit = _COMMS.get(key)
+        if hit is None:
+            extra = {} if settings.num_sms is None else {"num_sms": settings.num_sms}
+            config = CommConfig(num_experts=num_experts, hidden=hidden, num_topk=top_k,
+                                max_tokens_per_rank=settings.max_tokens_per_rank, dtype=dtype,
+                                capacity=settings.capacity, timeout_s=settings.timeout_s,
+                                **extra)
+            comm_device = device if device.type == "cuda" else None
+            # the group is kept alive with its communicator, so its id is never reused under us
+            hit = (group, Communicator(group, config, device=comm_device))
+            _COMMS[key] = hit
+    return hit[1]
+
+
+def clear_communicators() -> None:
+    """Drop the cached communicators (and their workspaces); call before destroying the
+    process group they were built on."""
+    with _COMMS_LOCK:
+        _COMMS.clear()
+
+
+# --------------------------------------------------------------------- the MoE layer call
+@dataclasses.dataclass
+class _EPGroup:
+    """How one experts module talks to the others."""
+
+    group: Any  # the EP process group (None: a world of one)
+    rank: int
+    world: int
+    num_local: int
+    # Ranks holding the same batch (the TP group): each dispatches only its slice of the batch
+    # and the slices' outputs are all-gathered back. None when every rank has its own batch.
+    batch_group: Any
+    batch_rank: int
+    batch_world: int
+    settings: SwiftepMoEConfig
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_local * self.world
+
+
+def _check_inference(hidden_states, top_k_weights):
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad):
+        raise RuntimeError(
+            "swiftep expert parallelism is inference-only (dispatch/combine have no autograd "
+            "formula): run the model under torch.no_grad() or torch.inference_mode() "
+            "(model.generate already does)")
+
+
+def _slice_bounds(num_tokens: int, rank: int, world: int) -> tuple[int, int, int]:
+    chunk = -(-num_tokens // world)
+    start = min(num_tokens, rank * chunk)
+    return start, min(num_tokens, start + chunk), chunk
+
+
+def _moe_forward(ep: _EPGroup, module: torch.nn.Module, hidden_states: torch.Tensor,
+                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    hidden_states, top_k_weights = _local(hidden_states), _local(top_k_weights)
+    top_k_index = _local(top_k_index)
+    _check_inference(hidden_states, top_k_weights)
+    hidden = hidden_states.size(-1)
+    x = hidden_states.reshape(-1, hidden)
+    idx = top_k_index.reshape(x.size(0), -1)
+    weights = top_k_weights.reshape(x.size(0), -1)
+    num_tokens = x.size(0)
+    sliced = ep.batch_group is not None and ep.batch_world > 1
+    if sliced:
+        start, end, chunk = _slice_bounds(num_tokens, ep.batch_rank, ep.batch_world)
+        x, idx, weights = x[start:end], idx[start:end], weights[start:end]
+    mine = x.size(0)
+    limit = ep.settings.max_tokens_per_rank
+    if mine > limit:
+        shared = (f" ({num_tokens} tokens shared by {ep.batch_world} ranks)" if sliced else "")
+        raise ValueError(
+            f"this MoE layer call dispatches {mine} tokens from rank {ep.rank}{shared}, more "
+            f"than max_tokens_per_rank={limit}; register the implementation with a larger "
+            f"value, e.g. torch_swiftep.integrations.transformers.register("
+            f"max_tokens_per_rank={max(mine, 2 * limit)}), or feed smaller batches")
+    comm = _communicator(ep.group, hidden=hidden, num_experts=ep.num_experts,
+                         top_k=idx.size(1), dtype=x.dtype, device=x.device, settings=ep.settings)
+    handle: DispatchResult = comm.dispatch(
+        x.contiguous(), idx.contiguous(), weights.to(torch.float32).contiguous())
+    out = comm.combine_buffer(x.dtype)
+    rows = int(handle.expert_offsets[-1])  # one host sync per layer: run only the live rows
+    run_local_experts(module, handle.recv_x, handle.expert_offsets, rows, out,
+                      ep.settings.experts_compute)
+    y = comm.combine(out, handle)
+    if sliced:
+        padded = y.new_zeros(chunk, hidden)
+        padded[:mine] = y
+        gathered = y.new_empty(chunk * ep.batch_world, hidden)
+        dist.all_gather_into_tensor(gathered, padded, group=ep.batch_group)
+        y = gathered[:num_tokens]
+    return y.reshape(*hidden_states.shape[:-1], hidden).to(hidden_states.dtype)
+
+
+# ------------------------------------------------------------ transformers >= 5.23: EP registry
+_SETTINGS: dict[str, SwiftepMoEConfig] = {}
+_EXPERTS_FORWARDS: dict[str, Any] = {}
+
+
+def _make_ep_implementation(name: str, settings: SwiftepMoEConfig):
+    EPImplementation, _ = _ep_registry()
+
+    class SwiftepEP(EPImplementation):
+        """Transformers ``EPImplementation`` running an ``ep_dispatch_experts`` module through
+        swiftep dispatch/combine. Built once per experts module by Transformers; the
+        Communicator is shared by all of them."""
+
+        implementation_name = name
+        config = settings
+
+        def __init__(self, experts, ep_mesh, tp_mesh):
+            super().__init__(experts, ep_mesh, tp_mesh)
+            if not is_fused_experts(experts):
+                raise TypeError(f"{type(experts).__name__} is not a fused experts module "
+                                "(use_experts_implementation): swiftep cannot run it")
+            self.experts = experts
+            group = ep_mesh.get_group()
+            if group.rank() != ep_mesh.get_local_rank():
+                raise RuntimeError("the EP mesh's local rank differs from its group rank")
+            batch_group = tp_mesh.get_group() if tp_mesh.size() > 1 else None
+            self.ep = _EPGroup(group=group, rank=ep_mesh.get_local_rank(), world=ep_mesh.size(),
+                               num_local=self.num_local_experts, batch_group=batch_group,
+                               batch_rank=tp_mesh.get_local_rank(), batch_world=tp_mesh.size(),
+                               settings=settings)
+
+        def __call__(self, hidden_states, top_k_index, top_k_weights):
+            return _moe_forward(self.ep, self.experts, hidden_states, top_k_index, top_k_weights)
+
+    SwiftepEP.__name__ = SwiftepEP.__qualname__ = f"SwiftepEP_{name}"
+    return SwiftepEP
+
+
+# ------------------------------------------------- transformers 5.17 - 5.22: experts interface
+_MODULE_EP: "weakref.WeakKeyDictionary[torch.nn.Module, _EPGroup]" = weakref.WeakKeyDictionary()
+
+
+def _make_marker_style():
+    _, TensorParallelLayer = _parallel_styles()
+    base = TensorParallelLayer if TensorParallelLayer is not None else object
+
+    class SwiftepExpertsStyle(base):
+        """Marks an experts module as routed by a swiftep experts implementation: it takes the
+        module's TP rule (so no other style wraps it) and leaves its forward alone; the
+        expert parameters are sharded by their own "grouped_gemm" rules and the experts
+        implementation does the dispatch/combine."""
+
+        def should_use_local_tensors(self, module):
+            return False
+
+        def validate_param(self, module, param, mesh, parameter_name=None):
+            pass
+
+        def shard_param(self, module, param, mesh):
+            pass
+
+        def install_forward(self, module, mesh, *args, **kwargs):
+            return module
+
+    return SwiftepExpertsStyle()
+
+
+def _ep_group_from_module(module: torch.nn.Module, settings: SwiftepMoEConfig) -> _EPGroup:
+    params = [module._parameters[n] for n in _expert_param_names(module)]
+    sharded = [p for p in params if hasattr(p, "device_mesh") and hasattr(p, "to_local")]
+    if not sharded:
+        # Whole experts on this rank (loaded without a distributed config): a world of one.
+        num_local = params[0].size(0)
+        return _EPGroup(None, 0, 1, num_local, None, 0, 1, settings)
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1:
+        raise RuntimeError(f"expected the expert parameters sharded over a 1-D mesh, got "
+                           f"{mesh}")
+    for p in sharded:
+        placement = p.placements[0]
+        if not (placement.is_shard() and placement.dim == 0):
+            raise RuntimeError(
+                f"expert parameters of {type(module).__name__} must be sharded on the expert "
+                f"dimension (the 'grouped_gemm' style), got placements {p.placements}")
+    if len(sharded) != len(params):
+        raise RuntimeError(f"some expert parameters of {type(module).__name__} are sharded and "
+                           "some are not: shard them all with the 'grouped_gemm' style")
+    group, world = mesh.get_group(), mesh.size()
+    global_experts = sharded[0].shape[0]
+    if global_experts % world:
+        raise ValueError(f"{global_experts} experts do not split over {world} ranks")
+    # The TP mesh's ranks share one batch (5.17 - 5.22 have no data-parallel EP here).
+    return _EPGroup(group, mesh.get_local_rank(), world, global_experts // world,
+                    group, mesh.get_local_rank(), world, settings)
+
+
+def _make_experts_forward(name: str, settings: SwiftepMoEConfig):
+    def swiftep_experts_forward(self, hidden_states, top_k_index, top_k_weights, *args,
+                                **kwargs):
+        """``experts_implementation="swiftep"``: dispatch -> local experts -> combine."""
+        ep = _MODULE_EP.get(self)
+        if ep is None:
+            ep = _ep_group_from_module(self, settings)
+            _MODULE_EP[self] = ep
+        return _moe_forward(ep, self, hidden_states, top_k_index, top_k_weights)
+
+    swiftep_experts_forward.__name__ = f"swiftep_experts_forward_{name}"
+    return swiftep_experts_forward
+
+
+# ----------------------------------------------------------------------------- registration
+def register(name: str = DEFAULT_NAME, **settings) -> SwiftepMoEConfig:
+    """Register (or re-register) the implementation ``name`` with ``SwiftepMoEConfig(**settings)``
+    in every registry the installed transformers has. Importing this module registers
+    ``"swiftep"`` with the defaults. Register the same settings on every rank, before
+    ``from_pretrained``."""
+    config = SwiftepMoEConfig(**settings)
+    _SETTINGS[name] = config
+    _EXPERTS_FORWARDS[name] = _make_experts_forward(name, config)
+    _experts_interface().register(name, _EXPERTS_FORWARDS[name])
+    if (registry := _ep_registry()) is not None:
+        registry[1].register(name, _make_ep_implementation(name, config))
+    styles, _ = _parallel_styles()
+    if styles is not None and MARKER_STYLE not in styles:
+        type(styles).register(MARKER_STYLE, _make_marker_style())
+    return config
+
+
+# ------------------------------------------------------------------ from_pretrained helpers
+def _world_size(world_size: Optional[int]) -> int:
+    if world_size is not None:
+        return int(world_size)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    raise ValueError("world_size is not given and torch.distributed is not initialized")
+
+
+def _skeleton(config, model_class):
+    """The model on the meta device: its module names, plans and experts modules, no memory."""
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config"):
+            return model_class.from_config(config)
+        return model_class(config)
+
+
+def _wildcard(name: str) -> str:
+    import re
+
+    return re.sub(r"\.\d+(\.|$)", lambda m: ".*" + m.group(1), name)
+
+
+def _experts_plan(skeleton) -> tuple[list[str], dict[str, str]]:
+    """(experts module patterns, {expert parameter pattern: "grouped_gemm"})."""
+    modules, params = [], {}
+    for mod_name, module in skeleton.named_modules():
+        if not is_fused_experts(module):
+            continue
+        pattern = _wildcard(mod_name)
+        if pattern not in modules:
+            modules.append(pattern)
+        for p in _expert_param_names(module):
+            params[f"{pattern}.{p}"] = "grouped_gemm"
+    return modules, params
+
+
+def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
+                           implementation: str = DEFAULT_NAME, mechanism: str = "auto",
+                           model_class=None, **distributed_config) -> dict:
+    """Keyword arguments for ``from_pretrained`` that load ``model`` (a path, hub id or config)
+    with its experts sharded over ``world_size`` ranks (default: the initialized process group)
+    and routed through the swiftep implementation ``implementation``.
+
+    mechanism: "ep_registry" (transformers >= 5.23: ``DistributedConfig(tp_size=W, ep_size=W,
+        ep_implementation=implementation)``, dense layers tensor-parallel by the model's own TP
+        plan), "experts_implementation" (any supported version: ``experts_implementation=
+        implementation`` with the expert parameters sharded by a ``grouped_gemm`` TP plan; dense
+        layers replicated on 5.17 - 5.18, tensor-parallel by the model's TP plan on later
+        releases), or "auto" (the registry where it exists).
+    model_class: the class ``from_pretrained`` is called on (default AutoModelForCausalLM); only
+        its module names are used, to spell the plan.
+    distributed_config: extra ``DistributedConfig`` fields (e.g. ``tp_size=1, fsdp_size=W`` for
+        ranks that each serve their own batch on >= 5.23).
+    """
+    if implementation not in _SETTINGS:
+        raise KeyError(f"no swiftep implementation named {implementation!r} is registered; call "
+                       f"register({implementation!r}, ...) first")
+    from transformers import AutoConfig
+    from transformers.distributed import DistributedConfig
+
+    world = _world_size(world_size)
+    config = model if isinstance(model, transformers.PretrainedConfig) else \
+        AutoConfig.from_pretrained(model)
+    skeleton = _skeleton(config, model_class)
+    modules, param_plan = _experts_plan(skeleton)
+    if not modules:
+        raise ValueError(f"{type(skeleton).__name__} has no fused experts module "
+                         "(use_experts_implementation): nothing to run expert-parallel")
+    num_experts = {m.down_proj.size(0) for m in skeleton.modules() if is_fused_experts(m)}
+    if any(e % world for e in num_experts):
+        raise ValueError(f"the experts ({sorted(num_experts)}) do not split evenly over "
+                         f"{world} ranks")
+    if mechanism == "auto":
+        mechanism = "ep_registry" if has_ep_registry() else "experts_implementation"
+    if mechanism == "ep_registry":
+        if not has_ep_registry():
+            raise RuntimeError(f"transformers {transformers.__version__} has no EP "
+                               "implementation registry (added in 5.23): use "
+                               "mechanism='experts_implementation'")
+        fields = dict(tp_size=world, ep_size=world, ep_implementation=implementation)
+        ep_plan = dict(getattr(skeleton, "ep_plan", None) or {})
+        if any(ep_plan.get(m) != "ep_dispatch_experts" for m in modules):
+            # the model ships no token-dispatch EP plan: spell one
+            fields["ep_plan"] = {**param_plan, **dict.fromkeys(modules, "ep_dispatch_experts")}
+        fields.update(distributed_config)
+        return {"distributed_config": DistributedConfig(**fields)}
+    if mechanism == "experts_implementation":
+        plan = {**param_plan, **dict.fromkeys(modules, MARKER_STYLE)}
+        fields = dict(tp_size=world, tp_plan=plan)
+        fields.update(distributed_config)
+        return {"distributed_config": DistributedConfig(**fields),
+                "experts_implementation": implementation}
+    raise ValueError(f"mechanism must be 'auto', 'ep_registry' or 'experts_implementation', "
+                     f"got {mechanism!r}")
+
+
+def expert_parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of expert parameters this rank holds, bytes of the whole model's experts)."""
+    local = total = 0
+    for module in model.modules():
+        if not is_fused_experts(module):
+            continue
+        for name in _expert_param_names(module):
+            p = module._parameters[name]
+            lp = _local(p)
+            local += lp.numel() * lp.element_size()
+            total += math.prod(p.shape) * p.element_size()
+    return local, total
+
+
+register(DEFAULT_NAME)
+# The experts function registered as "swiftep" (ExpertsInterface signature).
+swiftep_experts_forward = _EXPERTS_FORWARDS[DEFAULT_NAME]
