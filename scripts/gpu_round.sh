@@ -39,12 +39,16 @@ fi
 if has tests; then
   run tests python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ${PYTEST_ARGS:-}
 fi
-if has sanitize; then
+sanitize() {
   for tool in memcheck racecheck; do
-    SWIFTEP_GPU_SMALL_CASE=1 run "sanitize_$tool" compute-sanitizer --tool "$tool" \
-      --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-      -k small_case_for_sanitizers
+    echo "--- compute-sanitizer --tool $tool"
+    SWIFTEP_GPU_SMALL_CASE=1 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k small_case_for_sanitizers \
+      || return 1
   done
+}
+if has sanitize; then
+  run sanitize sanitize
 fi
 if has bench; then
   run bench python3 -m torch_swiftep.bench --out "$OUT"
