@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Compiles the CUDA side without a GPU (what CI runs):
+#  1. every csrc/launchers/*.cu with plain nvcc for sm_90a (kernels + launchers, no torch),
+#     keeping the `-Xptxas -v` report (registers, shared memory, spills, stack frames);
+#  2. a g++ syntax check of csrc/binding/*.cpp against torch's headers (skipped, with a message,
+#     when torch is not importable).
+# Exits non-zero on any failure, or when ptxas reports spills. Usage: scripts/check_cuda_compile.sh
+# Env: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), CXX (default g++),
+#      CUDA_HOME (default /usr/local/cuda: its include/ serves the binding check),
+#      SWIFTEP_PTXAS_LOG_DIR (default build/ptxas): where the ptxas reports are written.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
+cxx_bin="${CXX:-g++}"
+if [ -n "${CUDA_HOME:-}" ]; then
+  cuda_home="$CUDA_HOME"
+elif [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+  cuda_home=/usr/local/cuda
+else
+  cuda_home="$(cd "$(dirname "$(readlink -f "$nvcc_bin")")/.." && pwd)"
+fi
+log_dir="${SWIFTEP_PTXAS_LOG_DIR:-build/ptxas}"
+obj_dir="$(mktemp -d)"
+trap 'rm -rf "$obj_dir"' EXIT
+mkdir -p "$log_dir"
+
+nvcc_flags=(-gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr
+            -Icsrc/include -Xptxas -v -Werror all-warnings)
+
+status=0
+pids=()
+sources=(csrc/launchers/*.cu)
+for src in "${sources[@]}"; do
+  name="$(basename "$src" .cu)"
+  ( "$nvcc_bin" "${nvcc_flags[@]}" -c "$src" -o "$obj_dir/$name.o" > "$log_dir/$name.log" 2>&1 ) &
+  pids+=("$!")
+done
+for i in "${!sources[@]}"; do
+  name="$(basename "${sources[$i]}" .cu)"
+  if wait "${pids[$i]}"; then
+    echo "ok    nvcc ${sources[$i]}"
+  else
+    echo "FAIL  nvcc ${sources[$i]}"
+    cat "$log_dir/$name.log"
+    status=1
+  fi
+done
+
+# Spills are a regression worth failing on; the only stack expected is printf's argument
+# buffer in the bounded wait's slow path.
+if grep -H "bytes spill stores" "$log_dir"/*.log | grep -v " 0 bytes spill stores" ; then
+  echo "FAIL  ptxas reports register spills (see $log_dir)"
+  status=1
+fi
+
+echo "ptxas summary (registers / static smem per kernel):"
+for log in "$log_dir"/*.log; do
+  awk -v file="$(basename "$log" .log)" '
+    /Compiling entry function/ { fn = $0; sub(/^[^\x27]*\x27/, "", fn); sub(/\x27.*$/, "", fn) }
+    /Used [0-9]+ registers/ && fn != "" { sub(/^ptxas info *: */, ""); printf "  %-12s %s: %s\n", file, fn, $0; fn = "" }
+  ' "$log"
+done | (command -v c++filt > /dev/null && c++filt || cat)
+
+python_bin="${PYTHON:-python}"
+if torch_includes="$("$python_bin" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))' 2>/dev/null)"; then
+  python_include="$("$python_bin" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  # Third-party headers as system headers: their warnings are not ours.
+  inc=(-Icsrc/include -isystem "$cuda_home/include" -isystem "$python_include")
+  for dir in $torch_includes; do inc+=(-isystem "$dir"); done
+  # A CPU build of torch ships c10/cuda headers without the build-generated
+  # c10/cuda/impl/cuda_cmake_macros.h: stand in an empty one (syntax check only).
+  torch_root="${torch_includes%% *}"
+  if [ ! -f "$torch_root/c10/cuda/impl/cuda_cmake_macros.h" ]; then
+    mkdir -p "$obj_dir/stub/c10/cuda/impl"
+    echo "#pragma once" > "$obj_dir/stub/c10/cuda/impl/cuda_cmake_macros.h"
+    inc+=(-isystem "$obj_dir/stub")
+  fi
+  for src in csrc/binding/*.cpp; do
+    if "$cxx_bin" -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter "${inc[@]}" "$src"; then
+      echo "ok    $cxx_bin -fsyntax-only $src"
+    else
+      echo "FAIL  $cxx_bin -fsyntax-only $src"
+      status=1
+    fi
+  done
+else
+  echo "skip  binding syntax check: torch is not importable with $python_bin"
+fi
+
+exit "$status"
