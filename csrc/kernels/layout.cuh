@@ -123,7 +123,7 @@ __host__ __device__ __forceinline__ int64_t dispatch_counts_smem_ints(int num_wa
 // count matrix (which is also the barrier that makes window reuse safe), then computes
 // expert_offsets and every own pair's destination row (-1 when none or past capacity).
 template <typename IdxT>
-__global__ void dispatch_counts_kernel(const __grid_constant__ DispatchParams p) {
+__global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize) dispatch_counts_kernel(const __grid_constant__ DispatchParams p) {
   __shared__ int scan_scratch[kMaxWarpsPerBlock];
   __shared__ int64_t shared_epoch;
   const CommParams& c = p.comm;
