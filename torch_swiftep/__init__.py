@@ -9,12 +9,16 @@
 The ops are torch.ops.swiftep.* (schemas in ops/, docs/ops.md); torch_swiftep.reference is the
 pure-torch reference every backend is tested against.
 """
-from . import _library, reference
-from ._library import CUDA_EXTENSION_ERROR, registered_ops
-from .communicator import Communicator, DispatchResult, LowLatencyDispatchResult
-from .fp8 import dequantize_fp8, quantize_fp8
-from .plan import CommConfig, Plan
-from .status import SwiftepError
+from ._source_checkout import mount_ops_contracts
+
+mount_ops_contracts()
+
+from . import _library, reference  # noqa: E402
+from ._library import CUDA_EXTENSION_ERROR, registered_ops  # noqa: E402
+from .communicator import Communicator, DispatchResult, LowLatencyDispatchResult  # noqa: E402
+from .fp8 import dequantize_fp8, quantize_fp8  # noqa: E402
+from .plan import CommConfig, Plan  # noqa: E402
+from .status import SwiftepError  # noqa: E402
 
 __version__ = "0.1.0"
 
