@@ -47,11 +47,19 @@ def _experts_modules(model):
     return [(n, m) for n, m in model.named_modules() if swiftep_hf.is_fused_experts(m)]
 
 
+def _dispatches() -> int:
+    return sum(comm.epochs()[0] for comm in swiftep_hf.communicators())
+
+
 def _compare(rank, world, ep, ref, prompt) -> dict:
     """What the parent asserts on, computed on this rank."""
+    before = _dispatches()
     with torch.no_grad():
         diff = (ep(prompt).logits - ref(prompt).logits).abs().max().item()
         same_tokens = torch.equal(_generate(ep, prompt), _generate(ref, prompt))
+    # every MoE layer of the 1 + NEW_TOKENS forwards went through swiftep dispatch
+    moe_layers = len(_experts_modules(ep))
+    dispatched = _dispatches() - before >= moe_layers * (1 + NEW_TOKENS)
     local, total = swiftep_hf.expert_parameter_bytes(ep)
     ref_local, ref_total = swiftep_hf.expert_parameter_bytes(ref)
     # the right experts: this rank's slice of every expert parameter of the whole model
@@ -72,7 +80,8 @@ def _compare(rank, world, ep, ref, prompt) -> dict:
     ref_shared = dict(ref.named_parameters())
     shared_whole = all(not hasattr(p, "to_local") and torch.equal(p, ref_shared[n])
                        for n, p in shared.items())
-    return dict(diff=diff, same_tokens=same_tokens, local=local, total=total,
+    return dict(diff=diff, same_tokens=same_tokens, dispatched=dispatched, local=local,
+                total=total,
                 ref_total=ref_total, ref_local=ref_local, right_experts=right_experts,
                 shared=len(shared), shared_whole=shared_whole)
 
@@ -92,8 +101,14 @@ def _serve_all(rank, world, checkpoints, mechanisms):
             kwargs = swiftep_hf.expert_parallel_kwargs(path, world_size=world,
                                                        mechanism=mechanism)
             ep = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-            results[(family, mechanism, "shared_batch")] = _compare(rank, world, ep, ref,
-                                                                    _prompt(7))
+            results[(family, mechanism, "replicated")] = _compare(rank, world, ep, ref,
+                                                                  _prompt(7))
+        if family in ("deepseek_v3", "olmoe", "mixtral"):
+            # dense layers (attention, shared experts, dense MLPs) tensor-parallel as well
+            kwargs = swiftep_hf.expert_parallel_kwargs(path, world_size=world, dense="tp")
+            ep = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+            results[(family, mechanisms[0], "dense_tp")] = _compare(rank, world, ep, ref,
+                                                                    _prompt(8))
         del ref
     if "ep_registry" in mechanisms:
         # every rank serves its own batch (dense layers FSDP-sharded): tokens really cross ranks
@@ -139,6 +154,8 @@ def test_families_expert_parallel(world, checkpoints):
                 problems.append(f"{tag}: max logit diff {r['diff']:.3g}")
             if not r["same_tokens"]:
                 problems.append(f"{tag}: greedy tokens differ")
+            if not r["dispatched"]:
+                problems.append(f"{tag}: the MoE layers did not go through swiftep dispatch")
             if r["ref_local"] != r["ref_total"] or r["total"] != r["ref_total"]:
                 problems.append(f"{tag}: expert bytes {r['total']} vs whole {r['ref_total']}")
             if r["local"] * world != r["ref_total"]:
@@ -146,9 +163,10 @@ def test_families_expert_parallel(world, checkpoints):
                                 f"{r['ref_total']}, world {world}")
             if not r["right_experts"]:
                 problems.append(f"{tag}: local expert weights are not this rank's slice")
-            if family == "deepseek_v3" and not (r["shared"] and r["shared_whole"]):
+            if family == "deepseek_v3" and batch == "replicated" and \
+                    not (r["shared"] and r["shared_whole"]):
                 problems.append(f"{tag}: shared experts not kept whole ({r['shared']})")
-        expected = {(f, m, "shared_batch") for f in FAMILIES for m in mechanisms}
+        expected = {(f, m, "replicated") for f in FAMILIES for m in mechanisms}
         missing = expected - set(results)
         if missing:
             problems.append(f"rank {rank}: cases not run: {sorted(missing)}")

@@ -64,6 +64,7 @@ __all__ = [
     "MIN_TRANSFORMERS",
     "SwiftepMoEConfig",
     "clear_communicators",
+    "communicators",
     "expert_parallel_kwargs",
     "expert_parameter_bytes",
     "has_ep_registry",
@@ -77,8 +78,11 @@ DEFAULT_NAME = "swiftep"
 # (ExpertsInterface + use_experts_implementation attributes, DistributedConfig(tp_plan=...) and
 # the "grouped_gemm" expert-dimension parameter style) that this integration was tested on.
 MIN_TRANSFORMERS = "5.17"
-# Name of the (no-op) parallel style that marks an experts module on the 5.17 - 5.22 path.
+# Names of the no-op parallel styles registered in ALL_PARALLEL_STYLES: one marks an experts
+# module on the experts-implementation path (so no TP style wraps it), the other keeps a dense
+# module whole on every rank (expert_parallel_kwargs(dense="replicated")).
 MARKER_STYLE = "swiftep_experts"
+REPLICATED_STYLE = "swiftep_replicated"
 # Parameters of a fused experts module that carry the expert dimension first.
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj",
                  "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
@@ -295,6 +299,12 @@ def _communicator(group, *, hidden: int, num_experts: int, top_k: int, dtype: to
     return hit[1]
 
 
+def communicators() -> list[Communicator]:
+    """The communicators the MoE layers of this process use (one per group and shape)."""
+    with _COMMS_LOCK:
+        return [comm for _, comm in _COMMS.values()]
+
+
 def clear_communicators() -> None:
     """Drop the cached communicators (and their workspaces); call before destroying the
     process group they were built on."""
@@ -329,6 +339,12 @@ def _check_inference(hidden_states, top_k_weights):
             "swiftep expert parallelism is inference-only (dispatch/combine have no autograd "
             "formula): run the model under torch.no_grad() or torch.inference_mode() "
             "(model.generate already does)")
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    # all_gather_single is the newer name of all_gather_into_tensor (deprecated in torch 2.13)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
 
 
 def _slice_bounds(num_tokens: int, rank: int, world: int) -> tuple[int, int, int]:
@@ -373,7 +389,7 @@ def _moe_forward(ep: _EPGroup, module: torch.nn.Module, hidden_states: torch.Ten
         padded = y.new_zeros(chunk, hidden)
         padded[:mine] = y
         gathered = y.new_empty(chunk * ep.batch_world, hidden)
-        dist.all_gather_into_tensor(gathered, padded, group=ep.batch_group)
+        _all_gather(gathered, padded, ep.batch_group)
         y = gathered[:num_tokens]
     return y.reshape(*hidden_states.shape[:-1], hidden).to(hidden_states.dtype)
 
@@ -420,15 +436,16 @@ def _make_ep_implementation(name: str, settings: SwiftepMoEConfig):
 _MODULE_EP: "weakref.WeakKeyDictionary[torch.nn.Module, _EPGroup]" = weakref.WeakKeyDictionary()
 
 
-def _make_marker_style():
+def _make_noop_style():
     _, TensorParallelLayer = _parallel_styles()
     base = TensorParallelLayer if TensorParallelLayer is not None else object
 
-    class SwiftepExpertsStyle(base):
-        """Marks an experts module as routed by a swiftep experts implementation: it takes the
-        module's TP rule (so no other style wraps it) and leaves its forward alone; the
-        expert parameters are sharded by their own "grouped_gemm" rules and the experts
-        implementation does the dispatch/combine."""
+    class SwiftepKeepStyle(base):
+        """A parallel style that does nothing: the module or parameter it names stays whole on
+        every rank and its forward is left alone. As "swiftep_experts" it takes an experts
+        module's TP rule, so no other style wraps it (its parameters are sharded by their own
+        "grouped_gemm" rules, its experts implementation does the dispatch/combine); as
+        "swiftep_replicated" it keeps a dense module replicated."""
 
         def should_use_local_tensors(self, module):
             return False
@@ -442,7 +459,7 @@ def _make_marker_style():
         def install_forward(self, module, mesh, *args, **kwargs):
             return module
 
-    return SwiftepExpertsStyle()
+    return SwiftepKeepStyle()
 
 
 def _ep_group_from_module(module: torch.nn.Module, settings: SwiftepMoEConfig) -> _EPGroup:
@@ -501,8 +518,10 @@ def register(name: str = DEFAULT_NAME, **settings) -> SwiftepMoEConfig:
     if (registry := _ep_registry()) is not None:
         registry[1].register(name, _make_ep_implementation(name, config))
     styles, _ = _parallel_styles()
-    if styles is not None and MARKER_STYLE not in styles:
-        type(styles).register(MARKER_STYLE, _make_marker_style())
+    if styles is not None:
+        for style in (MARKER_STYLE, REPLICATED_STYLE):
+            if style not in styles:
+                type(styles).register(style, _make_noop_style())
     return config
 
 
@@ -547,27 +566,37 @@ def _experts_plan(skeleton) -> tuple[list[str], dict[str, str]]:
     return modules, params
 
 
+def _is_under(name: str, modules: list[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
                            implementation: str = DEFAULT_NAME, mechanism: str = "auto",
-                           model_class=None, **distributed_config) -> dict:
+                           dense: str = "replicated", model_class=None,
+                           **distributed_config) -> dict:
     """Keyword arguments for ``from_pretrained`` that load ``model`` (a path, hub id or config)
-    with its experts sharded over ``world_size`` ranks (default: the initialized process group)
-    and routed through the swiftep implementation ``implementation``.
+    with its routed experts sharded over ``world_size`` ranks (default: the initialized process
+    group's size) and every MoE layer routed through the swiftep implementation
+    ``implementation`` (see ``register``).
 
     mechanism: "ep_registry" (transformers >= 5.23: ``DistributedConfig(tp_size=W, ep_size=W,
-        ep_implementation=implementation)``, dense layers tensor-parallel by the model's own TP
-        plan), "experts_implementation" (any supported version: ``experts_implementation=
-        implementation`` with the expert parameters sharded by a ``grouped_gemm`` TP plan; dense
-        layers replicated on 5.17 - 5.18, tensor-parallel by the model's TP plan on later
-        releases), or "auto" (the registry where it exists).
+        ep_implementation=implementation)``), "experts_implementation" (every supported version:
+        ``experts_implementation=implementation``, expert parameters sharded by "grouped_gemm"
+        rules of the TP plan), or "auto" (the registry where it exists).
+    dense: "replicated" (default): everything but the routed experts (attention, dense MLPs,
+        shared experts, embeddings, head) stays whole on every rank: the model's TP rules are
+        overridden with the no-op style "swiftep_replicated". "tp": the model's own TP plan
+        shards the dense layers over the same ranks.
     model_class: the class ``from_pretrained`` is called on (default AutoModelForCausalLM); only
-        its module names are used, to spell the plan.
-    distributed_config: extra ``DistributedConfig`` fields (e.g. ``tp_size=1, fsdp_size=W`` for
-        ranks that each serve their own batch on >= 5.23).
+        its module names are used, to spell the plan (built on the meta device).
+    distributed_config: extra ``DistributedConfig`` fields, e.g. ``tp_size=1, fsdp_size=W`` on
+        >= 5.23 for ranks that each serve their own batch (dense layers then FSDP-sharded).
     """
     if implementation not in _SETTINGS:
         raise KeyError(f"no swiftep implementation named {implementation!r} is registered; call "
                        f"register({implementation!r}, ...) first")
+    if dense not in ("replicated", "tp"):
+        raise ValueError(f"dense must be 'replicated' or 'tp', got {dense!r}")
     from transformers import AutoConfig
     from transformers.distributed import DistributedConfig
 
@@ -583,6 +612,12 @@ def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
     if any(e % world for e in num_experts):
         raise ValueError(f"the experts ({sorted(num_experts)}) do not split evenly over "
                          f"{world} ranks")
+    # The model's TP rules for everything but the routed experts, kept or neutralized. The same
+    # dict is the whole plan where an override replaces the model's plan (5.17 - 5.18) and
+    # overrides every rule where it is merged into it (5.19+).
+    dense_plan = {name: (style if dense == "tp" else REPLICATED_STYLE)
+                  for name, style in dict(getattr(skeleton, "tp_plan", None) or {}).items()
+                  if not _is_under(name, modules)}
     if mechanism == "auto":
         mechanism = "ep_registry" if has_ep_registry() else "experts_implementation"
     if mechanism == "ep_registry":
@@ -591,6 +626,8 @@ def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
                                "implementation registry (added in 5.23): use "
                                "mechanism='experts_implementation'")
         fields = dict(tp_size=world, ep_size=world, ep_implementation=implementation)
+        if dense_plan:
+            fields["tp_plan"] = dense_plan
         ep_plan = dict(getattr(skeleton, "ep_plan", None) or {})
         if any(ep_plan.get(m) != "ep_dispatch_experts" for m in modules):
             # the model ships no token-dispatch EP plan: spell one
@@ -598,7 +635,7 @@ def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
         fields.update(distributed_config)
         return {"distributed_config": DistributedConfig(**fields)}
     if mechanism == "experts_implementation":
-        plan = {**param_plan, **dict.fromkeys(modules, MARKER_STYLE)}
+        plan = {**dense_plan, **param_plan, **dict.fromkeys(modules, MARKER_STYLE)}
         fields = dict(tp_size=world, tp_plan=plan)
         fields.update(distributed_config)
         return {"distributed_config": DistributedConfig(**fields),

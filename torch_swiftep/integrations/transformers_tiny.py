@@ -13,8 +13,9 @@ FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss")
 NUM_EXPERTS = 8
 VOCAB = 128
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.05,
+# 8 query / 4 key-value heads: dense="tp" (attention tensor-parallel) works up to 4 ranks
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=4, max_position_embeddings=128, initializer_range=0.05,
                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 _FAMILY_KWARGS = {
@@ -28,7 +29,7 @@ _FAMILY_KWARGS = {
         intermediate_size=64, moe_intermediate_size=32, n_routed_experts=NUM_EXPERTS,
         num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
         first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4, routed_scaling_factor=2.5)),
+        qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=8, routed_scaling_factor=2.5)),
     "olmoe": ("OlmoeConfig", dict(
         intermediate_size=32, num_experts=NUM_EXPERTS, num_experts_per_tok=2)),
     # biases, interleaved gate/up, clamped SwiGLU: a small limit so the clamp really bites
