@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Before CUDA initializes: the one-process emulated world needs eager kernel loading
+# (Communicator.emulated_world explains why). Spawned ranks of the multi-process GPU tests set
+# their own value.
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Multi-process tests spawn fresh interpreters; keep each to one thread so a 2-core CI
 # machine is not oversubscribed.

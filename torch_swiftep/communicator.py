@@ -1,6 +1,7 @@
 """The user-facing object: one per rank, built once from a process group, outside any graph."""
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -98,7 +99,16 @@ class Communicator:
                        device: torch.device) -> list["Communicator"]:
         """W communicators inside one process on one GPU, each with its own workspace and a
         hand-built peer table (for benchmarks: run each rank on its own stream, with SM
-        budgets that fit side by side)."""
+        budgets that fit side by side).
+
+        Needs CUDA_MODULE_LOADING=EAGER set before CUDA initializes in this process: ranks spin
+        on each other's flags, and loading a kernel lazily synchronizes the whole context, so a
+        first launch behind a spinning rank would stall until the timeout."""
+        if device.type == "cuda" and os.environ.get("CUDA_MODULE_LOADING") != "EAGER":
+            raise RuntimeError(
+                "Communicator.emulated_world runs several ranks in one process: set "
+                "CUDA_MODULE_LOADING=EAGER in the environment before CUDA initializes "
+                f"(found {os.environ.get('CUDA_MODULE_LOADING')!r})")
         plans = [Plan.build(config, r, world_size) for r in range(world_size)]
         workspaces = [torch.zeros(p.workspace_bytes, dtype=torch.uint8, device=device)
                       for p in plans]

@@ -7,9 +7,14 @@ emulated world of gloo processes running the CPU backend, checked against the re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import torch
+# Several ranks share this process and spin on each other's flags: lazy kernel loading would
+# synchronize the context in the middle of that and stall them (see Communicator.emulated_world).
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+
+import torch  # noqa: E402
 
 
 def main(argv=None) -> int:
