@@ -12,13 +12,12 @@ import os
 import pytest
 import torch
 
+from torch_swiftep.integrations.transformers_tiny import FAMILIES, VOCAB, save_tiny_model
+from torch_swiftep.launch import run_world
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers' distributed loading needs accelerate")
-
-import torch_swiftep.integrations.transformers as swiftep_hf  # noqa: E402
-from torch_swiftep.integrations.transformers_tiny import (FAMILIES, VOCAB,  # noqa: E402
-                                                          save_tiny_model)
-from torch_swiftep.launch import run_world  # noqa: E402
+swiftep_hf = pytest.importorskip("torch_swiftep.integrations.transformers")
 
 NEW_TOKENS = 16
 LOGIT_ATOL = 1e-4
@@ -80,10 +79,10 @@ def _compare(rank, world, ep, ref, prompt) -> dict:
     ref_shared = dict(ref.named_parameters())
     shared_whole = all(not hasattr(p, "to_local") and torch.equal(p, ref_shared[n])
                        for n, p in shared.items())
-    return dict(diff=diff, same_tokens=same_tokens, dispatched=dispatched, local=local,
-                total=total,
-                ref_total=ref_total, ref_local=ref_local, right_experts=right_experts,
-                shared=len(shared), shared_whole=shared_whole)
+    return {"diff": diff, "same_tokens": same_tokens, "dispatched": dispatched, "local": local,
+                "total": total,
+                "ref_total": ref_total, "ref_local": ref_local, "right_experts": right_experts,
+                "shared": len(shared), "shared_whole": shared_whole}
 
 
 def _serve_all(rank, world, checkpoints, mechanisms):

@@ -40,7 +40,7 @@ import os
 import threading
 import warnings
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -109,8 +109,8 @@ class SwiftepMoEConfig:
     """
 
     max_tokens_per_rank: int = 4096
-    capacity: Optional[int] = None
-    num_sms: Optional[int] = None
+    capacity: int | None = None
+    num_sms: int | None = None
     timeout_s: float = 60.0
     experts_compute: str = "auto"
 
@@ -127,8 +127,10 @@ class SwiftepMoEConfig:
 def _ep_registry():
     """(EPImplementation, EPImplementationInterface) on transformers >= 5.23, else None."""
     try:
-        from transformers.distributed.expert_parallel import (EPImplementation,
-                                                              EPImplementationInterface)
+        from transformers.distributed.expert_parallel import (
+            EPImplementation,
+            EPImplementationInterface,
+        )
     except ImportError:
         return None
     return EPImplementation, EPImplementationInterface
@@ -148,8 +150,10 @@ def _experts_interface():
 def _parallel_styles():
     """(ALL_PARALLEL_STYLES, TensorParallelLayer) or (None, None) without torch.distributed."""
     try:
-        from transformers.distributed.tensor_parallel import (ALL_PARALLEL_STYLES,
-                                                              TensorParallelLayer)
+        from transformers.distributed.tensor_parallel import (
+            ALL_PARALLEL_STYLES,
+            TensorParallelLayer,
+        )
     except ImportError:
         return None, None
     return ALL_PARALLEL_STYLES, TensorParallelLayer
@@ -164,7 +168,7 @@ def is_fused_experts(module: torch.nn.Module) -> bool:
             and ("gate_up_proj" in module._parameters or "up_proj" in module._parameters))
 
 
-def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is not None and hasattr(t, "to_local") and hasattr(t, "device_mesh"):
         return t.to_local()
     return t
@@ -177,9 +181,9 @@ def _expert_param_names(module: torch.nn.Module) -> list[str]:
 @dataclasses.dataclass
 class _LocalExperts:
     w_in: torch.Tensor  # [L, 2I or I, H] or transposed [L, H, 2I or I]
-    b_in: Optional[torch.Tensor]
+    b_in: torch.Tensor | None
     w_out: torch.Tensor  # [L, H, I] or transposed [L, I, H]
-    b_out: Optional[torch.Tensor]
+    b_out: torch.Tensor | None
     transposed: bool
 
 
@@ -399,7 +403,7 @@ _SETTINGS: dict[str, SwiftepMoEConfig] = {}
 _EXPERTS_FORWARDS: dict[str, Any] = {}
 
 
-def _make_ep_implementation(name: str, settings: SwiftepMoEConfig):
+def _make_ep_implementation(name: str, _settings: SwiftepMoEConfig):
     EPImplementation, _ = _ep_registry()
 
     class SwiftepEP(EPImplementation):
@@ -408,7 +412,7 @@ def _make_ep_implementation(name: str, settings: SwiftepMoEConfig):
         Communicator is shared by all of them."""
 
         implementation_name = name
-        config = settings
+        settings = _settings
 
         def __init__(self, experts, ep_mesh, tp_mesh):
             super().__init__(experts, ep_mesh, tp_mesh)
@@ -423,7 +427,7 @@ def _make_ep_implementation(name: str, settings: SwiftepMoEConfig):
             self.ep = _EPGroup(group=group, rank=ep_mesh.get_local_rank(), world=ep_mesh.size(),
                                num_local=self.num_local_experts, batch_group=batch_group,
                                batch_rank=tp_mesh.get_local_rank(), batch_world=tp_mesh.size(),
-                               settings=settings)
+                               settings=self.settings)
 
         def __call__(self, hidden_states, top_k_index, top_k_weights):
             return _moe_forward(self.ep, self.experts, hidden_states, top_k_index, top_k_weights)
@@ -433,7 +437,7 @@ def _make_ep_implementation(name: str, settings: SwiftepMoEConfig):
 
 
 # ------------------------------------------------- transformers 5.17 - 5.22: experts interface
-_MODULE_EP: "weakref.WeakKeyDictionary[torch.nn.Module, _EPGroup]" = weakref.WeakKeyDictionary()
+_MODULE_EP: weakref.WeakKeyDictionary[torch.nn.Module, _EPGroup] = weakref.WeakKeyDictionary()
 
 
 def _make_noop_style():
@@ -526,7 +530,7 @@ def register(name: str = DEFAULT_NAME, **settings) -> SwiftepMoEConfig:
 
 
 # ------------------------------------------------------------------ from_pretrained helpers
-def _world_size(world_size: Optional[int]) -> int:
+def _world_size(world_size: int | None) -> int:
     if world_size is not None:
         return int(world_size)
     if dist.is_available() and dist.is_initialized():
@@ -570,7 +574,7 @@ def _is_under(name: str, modules: list[str]) -> bool:
     return any(name == m or name.startswith(m + ".") for m in modules)
 
 
-def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
+def expert_parallel_kwargs(model, *, world_size: int | None = None,
                            implementation: str = DEFAULT_NAME, mechanism: str = "auto",
                            dense: str = "replicated", model_class=None,
                            **distributed_config) -> dict:
@@ -625,7 +629,7 @@ def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
             raise RuntimeError(f"transformers {transformers.__version__} has no EP "
                                "implementation registry (added in 5.23): use "
                                "mechanism='experts_implementation'")
-        fields = dict(tp_size=world, ep_size=world, ep_implementation=implementation)
+        fields = {"tp_size": world, "ep_size": world, "ep_implementation": implementation}
         if dense_plan:
             fields["tp_plan"] = dense_plan
         ep_plan = dict(getattr(skeleton, "ep_plan", None) or {})
@@ -636,7 +640,7 @@ def expert_parallel_kwargs(model, *, world_size: Optional[int] = None,
         return {"distributed_config": DistributedConfig(**fields)}
     if mechanism == "experts_implementation":
         plan = {**dense_plan, **param_plan, **dict.fromkeys(modules, MARKER_STYLE)}
-        fields = dict(tp_size=world, tp_plan=plan)
+        fields = {"tp_size": world, "tp_plan": plan}
         fields.update(distributed_config)
         return {"distributed_config": DistributedConfig(**fields),
                 "experts_implementation": implementation}

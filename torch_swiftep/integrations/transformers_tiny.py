@@ -4,6 +4,7 @@ offline (no download): for the tests and examples/serve_transformers_ep.py.
     path = save_tiny_model("gpt_oss", tmpdir)      # config -> random weights -> save_pretrained
     model = AutoModelForCausalLM.from_pretrained(path)
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,29 +15,74 @@ NUM_EXPERTS = 8
 VOCAB = 128
 
 # 8 query / 4 key-value heads: dense="tp" (attention tensor-parallel) works up to 4 ranks
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
-               num_key_value_heads=4, max_position_embeddings=128, initializer_range=0.05,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128,
+    "initializer_range": 0.05,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
 
 _FAMILY_KWARGS = {
-    "mixtral": ("MixtralConfig", dict(
-        intermediate_size=64, num_local_experts=NUM_EXPERTS, num_experts_per_tok=2)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(
-        intermediate_size=64, moe_intermediate_size=32, num_experts=NUM_EXPERTS,
-        num_experts_per_tok=2, head_dim=8, norm_topk_prob=True)),
+    "mixtral": (
+        "MixtralConfig",
+        {"intermediate_size": 64, "num_local_experts": NUM_EXPERTS, "num_experts_per_tok": 2},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {
+            "intermediate_size": 64,
+            "moe_intermediate_size": 32,
+            "num_experts": NUM_EXPERTS,
+            "num_experts_per_tok": 2,
+            "head_dim": 8,
+            "norm_topk_prob": True,
+        },
+    ),
     # group-limited routing (2 groups, 1 picked), one shared expert, layer 0 dense
-    "deepseek_v3": ("DeepseekV3Config", dict(
-        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=NUM_EXPERTS,
-        num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
-        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=8, routed_scaling_factor=2.5)),
-    "olmoe": ("OlmoeConfig", dict(
-        intermediate_size=32, num_experts=NUM_EXPERTS, num_experts_per_tok=2)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        {
+            "intermediate_size": 64,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": NUM_EXPERTS,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "num_key_value_heads": 8,
+            "routed_scaling_factor": 2.5,
+        },
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        {"intermediate_size": 32, "num_experts": NUM_EXPERTS, "num_experts_per_tok": 2},
+    ),
     # biases, interleaved gate/up, clamped SwiGLU: a small limit so the clamp really bites
-    "gpt_oss": ("GptOssConfig", dict(
-        intermediate_size=32, num_local_experts=NUM_EXPERTS, num_experts_per_tok=2, head_dim=8,
-        sliding_window=8, swiglu_limit=0.25,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "gpt_oss": (
+        "GptOssConfig",
+        {
+            "intermediate_size": 32,
+            "num_local_experts": NUM_EXPERTS,
+            "num_experts_per_tok": 2,
+            "head_dim": 8,
+            "sliding_window": 8,
+            "swiglu_limit": 0.25,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    ),
 }
 
 
@@ -61,8 +107,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("_proj_bias", "e_score_correction_bias")) or \
-                    name.endswith("router.bias"):
+            if name.endswith(("_proj_bias", "e_score_correction_bias", "router.bias")):
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
     return model.eval()
 
