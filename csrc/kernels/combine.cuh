@@ -190,19 +190,30 @@ __global__ void __launch_bounds__(kCombineThreads)
       global_warp < p.num_tokens ? ceil_div(p.num_tokens - global_warp, num_warps_total) : 0;
   const int64_t num_items = num_mine * chunks;  // item i: token i / chunks, chunk i % chunks
 
+  // A token's chunks are consecutive items, so its metadata (lane k: the source row of slot k)
+  // is read from global memory once per token, not once per chunk: those dependent loads sat
+  // on every item's critical path. The load side runs kCombineStages items ahead of the
+  // reduce side, so each keeps its own copy.
+  int64_t load_token = -1;
+  const uint8_t* load_src = nullptr;
+  uint32_t load_valid = 0;
+
   // Whole warp (shuffles); lane 0 issues the bulk loads of item's valid rows on its stage.
   auto issue_loads = [&](int64_t item) {
     const int stage = static_cast<int>(item % kCombineStages);
     const int64_t n = global_warp + (item / chunks) * num_warps_total;
     const int64_t offset = (item % chunks) * chunk_bytes;
     const uint32_t bytes = static_cast<uint32_t>(min(chunk_bytes, row_bytes - offset));
-    const uint8_t* mine = combine_source<IdxT>(p, win, n, lane, peers_ready);
-    const uint32_t valid = __ballot_sync(kFullMask, mine != nullptr);
+    if (n != load_token) {  // warp-uniform
+      load_token = n;
+      load_src = combine_source<IdxT>(p, win, n, lane, peers_ready);
+      load_valid = __ballot_sync(kFullMask, load_src != nullptr);
+    }
     uint8_t* stage_base = stages + stage * stage_bytes;
-    if (lane == 0) mbarrier_arrive_expect_tx(my_bars + stage, __popc(valid) * bytes);
+    if (lane == 0) mbarrier_arrive_expect_tx(my_bars + stage, __popc(load_valid) * bytes);
     for (int k = 0; k < p.num_topk; ++k) {
       const uint8_t* src = reinterpret_cast<const uint8_t*>(
-          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(mine), k));
+          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(load_src), k));
       if (lane == 0 && src != nullptr)
         tma_load_1d(stage_base + k * chunk_bytes, src + offset, bytes, my_bars + stage);
     }
@@ -210,15 +221,20 @@ __global__ void __launch_bounds__(kCombineThreads)
 
   for (int64_t item = 0; item < num_items && item < kCombineStages; ++item) issue_loads(item);
   constexpr int kElemsPerVec = 16 / sizeof(T);
+  int64_t token = -1;  // the reduce side's token and its valid slots
+  uint32_t valid = 0;
   for (int64_t item = 0; item < num_items; ++item) {
     const int stage = static_cast<int>(item % kCombineStages);
     const uint32_t parity = static_cast<uint32_t>((item / kCombineStages) & 1);
     const int64_t n = global_warp + (item / chunks) * num_warps_total;
     const int64_t offset = (item % chunks) * chunk_bytes;
     const int64_t bytes = min(chunk_bytes, row_bytes - offset);
-    const uint8_t* mine = combine_source<IdxT>(p, win, n, lane, peers_ready);
-    const uint32_t valid = __ballot_sync(kFullMask, mine != nullptr);
-    if (lane < p.num_topk) weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
+    if (n != token) {  // warp-uniform; the previous item's trailing __syncwarp freed weights
+      token = n;
+      valid = __ballot_sync(kFullMask,
+                            combine_source<IdxT>(p, win, n, lane, peers_ready) != nullptr);
+      if (lane < p.num_topk) weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
+    }
     mbarrier_wait_parity(my_bars + stage, parity);  // every lane: the TMA bytes are visible
     __syncwarp();                                   // and so are the weights
     const uint8_t* stage_base = stages + stage * stage_bytes;

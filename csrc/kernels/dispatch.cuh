@@ -123,6 +123,7 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, int6
   if (lane == 0) {
     for (int64_t item = 0; item < num_items && item < kDispatchStages; ++item) issue_load(item);
   }
+  uint8_t* my_target = nullptr;  // lane k: slot k's destination row of the current token
   for (int64_t item = 0; item < num_items; ++item) {
     const int stage = static_cast<int>(item % kDispatchStages);
     const uint32_t parity = static_cast<uint32_t>((item / kDispatchStages) & 1);
@@ -130,9 +131,11 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, int6
     const int64_t chunk = item % chunks;
     const int64_t offset = chunk * stage_bytes;
     const uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
-    const PairDest mine = pair_dest<IdxT>(p, n, lane, rows, rows_token0);
-    if (chunk == 0) send_metadata(p, win, n, mine);
-    uint8_t* my_target = row_address(c, win, mine, row_bytes);
+    if (chunk == 0) {  // a token's destinations are read once, not once per chunk
+      const PairDest mine = pair_dest<IdxT>(p, n, lane, rows, rows_token0);
+      send_metadata(p, win, n, mine);
+      my_target = row_address(c, win, mine, row_bytes);
+    }
     if (lane == 0) mbarrier_wait_parity(bars + stage, parity);
     for (int k = 0; k < p.num_topk; ++k) {
       uint8_t* target = reinterpret_cast<uint8_t*>(
