@@ -2,7 +2,8 @@
 
 Pure Python unless a CUDA build of torch is importable at build time (install with
 `pip install --no-build-isolation -e .` on a GPU machine): then the CUDA extension
-torch_swiftep._C is compiled from csrc/ for sm_90a. SWIFTEP_SKIP_CUDA=1 forces pure Python.
+torch_swiftep._C is compiled from csrc/ for sm_90a. SWIFTEP_SKIP_CUDA=1 forces pure Python;
+SWIFTEP_CUDA_ARCH picks another arch; SWIFTEP_NVCC_FLAGS adds nvcc flags (tuning variants).
 The contracts in ops/ are installed as the subpackage torch_swiftep.ops.
 """
 import glob
@@ -38,7 +39,9 @@ def cuda_extension():
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
             "nvcc": ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                     "--expt-relaxed-constexpr", "-lineinfo"],
+                     "--expt-relaxed-constexpr", "-lineinfo"]
+            # tuning variants: SWIFTEP_NVCC_FLAGS="-DSWIFTEP_COMBINE_WARPS=4"
+            + os.environ.get("SWIFTEP_NVCC_FLAGS", "").split(),
         },
     )
     return [ext], {"build_ext": BuildExtension}

@@ -18,13 +18,25 @@
 
 namespace swiftep {
 
+// Tuning knobs, overridable at build time (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_COMBINE_WARPS=4 ...")
+// so variants can be measured side by side; docs/perf-notes.md records what was measured.
+#ifndef SWIFTEP_COMBINE_WARPS
+#define SWIFTEP_COMBINE_WARPS 8
+#endif
+#ifndef SWIFTEP_COMBINE_STAGES
+#define SWIFTEP_COMBINE_STAGES 2
+#endif
+#ifndef SWIFTEP_COMBINE_MAX_CHUNK
+#define SWIFTEP_COMBINE_MAX_CHUNK 4096
+#endif
+
 // Warps of a combine block; each has kCombineStages stages of K chunks in shared memory.
-constexpr int kCombineWarps = 8;
+constexpr int kCombineWarps = SWIFTEP_COMBINE_WARPS;
 constexpr int kCombineThreads = kCombineWarps * kWarpSize;
-// Two stages: the loads of the next item overlap the reduction of the current one.
-constexpr int kCombineStages = 2;
-// Cap of one row chunk: 4 KiB = 8 16-byte vectors per lane per row, enough work per item.
-constexpr int64_t kMaxCombineChunkBytes = 4096;
+// Stages per warp: the loads of the next items overlap the reduction of the current one.
+constexpr int kCombineStages = SWIFTEP_COMBINE_STAGES;
+// Cap of one row chunk (bytes of one bulk load); shrunk further to fit shared memory.
+constexpr int64_t kMaxCombineChunkBytes = SWIFTEP_COMBINE_MAX_CHUNK;
 // Threads of the staging copy kernel.
 constexpr int kCopyThreads = 512;
 
