@@ -139,3 +139,17 @@ def test_op_called_directly_checks_values():
     with pytest.raises(IndexError, match=r"topk_idx\[2, 1\] = 99"):
         torch.ops.swiftep.dispatch(x, None, idx, w, c.workspace, c.peer_ptrs, "",
                                    c.plan.as_list(), 4)
+
+
+def test_start_runs_and_waits_on_cpu(comm):
+    x, idx, w = inputs()
+    pending = comm.start(comm.dispatch, x, idx, w)
+    handle = pending.wait()
+    assert torch.equal(handle.token_rows, comm.dispatch(x, idx, w).token_rows)
+
+
+def test_start_takes_only_this_communicators_methods(comm):
+    other = ts.Communicator(None, comm.config)
+    x, idx, w = inputs()
+    with pytest.raises(ValueError, match="start\\(\\) takes a method of this Communicator"):
+        comm.start(other.dispatch, x, idx, w)

@@ -280,3 +280,53 @@ if os.environ.get("SWIFTEP_GPU_SMALL_CASE"):
         torch.cuda.synchronize()
         assert not w.check([h for h, _ in pairs], range(2))
         del graph_ms
+
+
+def _overlap(rank, world):
+    """Communicator.start: dispatch/combine on the side stream while the caller's stream runs
+    a GEMM; results equal the reference, eagerly and inside a captured CUDA graph."""
+    device = _device(rank)
+    experts, hidden, k, tokens = 4 * world, 512, 4, 48
+    cfg = ts.CommConfig(num_experts=experts, hidden=hidden, num_topk=k,
+                        max_tokens_per_rank=tokens, ll_max_tokens_per_rank=tokens, timeout_s=60)
+    comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
+    inp = testing.world_inputs(77, [tokens] * world, hidden, experts, k, torch.bfloat16, "holes")
+    x, idx, w = (t[rank].to(device) for t in (inp.xs, inp.topk_idx, inp.topk_weights))
+    a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16)
+    ref, ref_rows = reference.low_latency_dispatch(inp.xs, inp.topk_idx, inp.topk_weights,
+                                                   experts, tokens)
+    ref_y = reference.combine([r.recv_x for r in ref], inp.topk_idx, inp.topk_weights, ref_rows,
+                              experts)[rank]
+
+    def step():
+        pending = comm.start(comm.low_latency_dispatch, x, idx, w)
+        busy = a @ a  # the caller's stream keeps computing meanwhile
+        handle = pending.wait()
+        out = comm.low_latency_combine_buffer()
+        out.copy_(handle.recv_x)
+        y = comm.start(comm.low_latency_combine, out, handle).wait()
+        return handle, y, busy
+
+    errors = []
+    handle, y, _ = step()
+    torch.cuda.synchronize()
+    comm.check()
+    errors += testing.compare_low_latency(rank, handle, ref[rank], ref_rows[rank])
+    if (msg := testing.close(y, ref_y, torch.bfloat16)):
+        errors.append(f"rank {rank}: eager overlap combine {msg}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        handle, y, _ = step()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    comm.check()
+    if (msg := testing.close(y, ref_y, torch.bfloat16)):
+        errors.append(f"rank {rank}: graph overlap combine {msg}")
+    return errors
+
+
+def test_overlap_with_start_and_wait():
+    results = run_world(2, _overlap, env=ENV, timeout_s=300)
+    flat = [e for r in results for e in r]
+    assert not flat, "\n".join(flat)

@@ -15,7 +15,12 @@ mount_ops_contracts()
 
 from . import _library, reference  # noqa: E402
 from ._library import CUDA_EXTENSION_ERROR, registered_ops  # noqa: E402
-from .communicator import Communicator, DispatchResult, LowLatencyDispatchResult  # noqa: E402
+from .communicator import (  # noqa: E402
+    Communicator,
+    DispatchResult,
+    LowLatencyDispatchResult,
+    PendingCall,
+)
 from .fp8 import dequantize_fp8, quantize_fp8  # noqa: E402
 from .plan import CommConfig, Plan  # noqa: E402
 from .status import SwiftepError  # noqa: E402
@@ -28,6 +33,7 @@ __all__ = [
     "Communicator",
     "DispatchResult",
     "LowLatencyDispatchResult",
+    "PendingCall",
     "Plan",
     "SwiftepError",
     "dequantize_fp8",

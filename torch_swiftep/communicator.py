@@ -57,6 +57,35 @@ class LowLatencyDispatchResult(NamedTuple):
     topk_weights: torch.Tensor
 
 
+class PendingCall:
+    """A communication call issued on the communicator's side stream (Communicator.start).
+
+    wait() makes the caller's current stream wait for it and returns its result; until then
+    the caller's stream is free to run other work (the experts of the previous chunk, attention
+    of the next micro-batch) on the SMs the communication kernels leave free.
+    """
+
+    def __init__(self, result, event, inputs):
+        self._result, self._event, self._inputs = result, event, inputs
+
+    def wait(self):
+        if self._event is not None:
+            current = torch.cuda.current_stream()
+            current.wait_event(self._event)
+            # the result was allocated on the side stream; it is now used on this one
+            for t in _tensors(self._result):
+                t.record_stream(current)
+        return self._result
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 class Communicator:
     """Expert-parallel dispatch/combine over one process group.
 
@@ -250,6 +279,37 @@ class Communicator:
             expert_out, handle.topk_idx, weights, handle.token_rows, handle.recv_counts,
             self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
             self._sms(num_sms))
+
+    # ------------------------------------------------------------------------- overlap
+    def start(self, method, *args, **kwargs) -> PendingCall:
+        """Issue method(*args, **kwargs) (dispatch, combine, low_latency_dispatch or
+        low_latency_combine of this communicator) on a side stream, after the work already
+        queued on the current stream, and return at once. The caller overlaps other work and
+        then calls .wait() for the result:
+
+            pending = comm.start(comm.low_latency_dispatch, x, topk_idx, topk_weights)
+            shared = shared_expert(x)        # runs beside the dispatch
+            handle = pending.wait()
+
+        Works under CUDA graph capture (fork/join through events). On CPU the call runs
+        synchronously and wait() just returns its result."""
+        if getattr(method, "__self__", None) is not self:
+            raise ValueError("start() takes a method of this Communicator, e.g. "
+                             f"comm.low_latency_dispatch; got {method!r}")
+        if self.device.type != "cuda":
+            return PendingCall(method(*args, **kwargs), None, ())
+        if getattr(self, "_side_stream", None) is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        side, current = self._side_stream, torch.cuda.current_stream(self.device)
+        side.wait_stream(current)  # the inputs are ready
+        with torch.cuda.stream(side):
+            result = method(*args, **kwargs)
+        inputs = _tensors(list(args) + list(kwargs.values()))
+        for t in inputs:  # the caller may free its inputs before the side stream is done
+            t.record_stream(side)
+        event = torch.cuda.Event()
+        event.record(side)
+        return PendingCall(result, event, inputs)
 
     # ------------------------------------------------------------------------- helpers
     def check(self) -> None:
