@@ -11,8 +11,8 @@ SCHEMA = f"""dispatch(
     {COMM_ARGS}
 ) -> (Tensor expert_offsets, Tensor token_rows)"""
 
-DOC = f"""Throughput (prefill) dispatch: every (token, topk slot) with a valid expert becomes one row
-of the owner rank's expert window, written in place (zero copy).
+DOC = f"""Throughput (prefill) dispatch: every (token, topk slot) with a valid expert becomes one
+row of the owner rank's expert window, written in place (zero copy).
 
 x: [num_tokens, hidden], bf16/fp16/fp32, or float8_e4m3fn with x_scales.
 x_scales: [num_tokens, hidden / 128], float32, only with an FP8 x (one scale per 128 channels).

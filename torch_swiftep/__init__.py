@@ -13,7 +13,7 @@ from ._source_checkout import mount_ops_contracts
 
 mount_ops_contracts()
 
-from . import _library, reference  # noqa: E402
+from . import _library, reference  # noqa: E402, F401  (_library registers the ops)
 from ._library import CUDA_EXTENSION_ERROR, registered_ops  # noqa: E402
 from .communicator import (  # noqa: E402
     Communicator,

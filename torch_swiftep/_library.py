@@ -40,7 +40,8 @@ def _missing_cuda(name: str):
 
 if CUDA_EXTENSION_ERROR is not None:
     if torch.cuda.is_available():
-        warnings.warn(f"torch_swiftep: CUDA extension not loaded: {CUDA_EXTENSION_ERROR}")
+        warnings.warn(f"torch_swiftep: CUDA extension not loaded: {CUDA_EXTENSION_ERROR}",
+                      stacklevel=2)
     for _contract in CONTRACTS:
         _LIB.impl(_contract.name, _missing_cuda(_contract.name), "CUDA")
 

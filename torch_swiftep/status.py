@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import (STATUS_BAD_INDEX, STATUS_CAPACITY, STATUS_OK, STATUS_TIMEOUT, WAIT_NAMES)
+from .plan import STATUS_BAD_INDEX, STATUS_CAPACITY, STATUS_OK, STATUS_TIMEOUT, WAIT_NAMES
 
 
 class SwiftepError(RuntimeError):

@@ -29,7 +29,6 @@ def copy_ceiling_gbps(device) -> float:
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms = time_fn(lambda: dst.copy_(src))
-    del src, dst
     return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
 
 
