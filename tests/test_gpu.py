@@ -123,6 +123,15 @@ def test_cuda_matches_reference(world):
     assert not flat, "\n".join(flat[:20])
 
 
+def _reported_error(comm) -> str:
+    """The SwiftepError a rank's queued calls reported, as text ("no error" if none)."""
+    try:
+        comm.check()
+    except ts.SwiftepError as e:
+        return str(e)
+    return "no error"
+
+
 def _missing_rank(rank, world):
     device = _device(rank)
     cfg = ts.CommConfig(num_experts=8, hidden=256, num_topk=2, max_tokens_per_rank=16,
@@ -137,11 +146,7 @@ def _missing_rank(rank, world):
     idx = torch.randint(0, 8, (16, 2), device=device)
     w = torch.rand(16, 2, device=device)
     comm.dispatch(x, idx, w)
-    try:
-        comm.check()
-    except ts.SwiftepError as e:
-        return str(e)
-    return "no error"
+    return _reported_error(comm)
 
 
 def test_missing_rank_times_out_with_its_name():
@@ -159,11 +164,7 @@ def _overflow(rank, world):
     idx = torch.tensor([[0, 1]] * 64, device=device)  # 128 rows for rank 0 from each source
     w = torch.rand(64, 2, device=device)
     comm.dispatch(x, idx, w)
-    try:
-        comm.check()
-    except ts.SwiftepError as e:
-        return str(e)
-    return "no error"
+    return _reported_error(comm)
 
 
 def test_capacity_overflow_is_reported_on_every_rank():
@@ -180,11 +181,7 @@ def _bad_index(rank, world):
     idx = torch.zeros(8, 2, dtype=torch.long, device=device)
     idx[3, 1] = 17
     comm.dispatch(x, idx, torch.rand(8, 2, device=device))
-    try:
-        comm.check()
-    except ts.SwiftepError as e:
-        return str(e)
-    return "no error"
+    return _reported_error(comm)
 
 
 def test_out_of_range_index_is_reported():
