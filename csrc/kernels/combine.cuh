@@ -37,6 +37,10 @@ constexpr int kCombineThreads = kCombineWarps * kWarpSize;
 constexpr int kCombineStages = SWIFTEP_COMBINE_STAGES;
 // Cap of one row chunk (bytes of one bulk load); shrunk further to fit shared memory.
 constexpr int64_t kMaxCombineChunkBytes = SWIFTEP_COMBINE_MAX_CHUNK;
+// 16-byte vectors one lane reduces per item at most: the launcher never picks a chunk above
+// kMaxCombineChunkBytes (even_chunk_bytes rounds down to it), so the accumulators fit.
+constexpr int kMaxCombineVecsPerLane = static_cast<int>(kMaxCombineChunkBytes / 16 / 32);
+static_assert(kMaxCombineChunkBytes % (16 * 32) == 0, "chunk cap: whole vectors per lane");
 // Threads of the staging copy kernel.
 constexpr int kCopyThreads = 512;
 
@@ -250,18 +254,31 @@ __global__ void __launch_bounds__(kCombineThreads)
     mbarrier_wait_parity(my_bars + stage, parity);  // every lane: the TMA bytes are visible
     __syncwarp();                                   // and so are the weights
     const uint8_t* stage_base = stages + stage * stage_bytes;
-    uint8_t* out = y + n * row_bytes + offset;
-    for (int64_t v = lane; v < bytes / 16; v += kWarpSize) {
-      float acc[kElemsPerVec];
+    uint4* out = reinterpret_cast<uint4*>(y + n * row_bytes + offset);
+    // Slots outer, the lane's vectors inner, accumulators in registers: one weight load and one
+    // base address per slot, and no per-vector branch on the slot's validity (the combine was
+    // issue-bound on exactly that bookkeeping; docs/perf-notes.md, v3).
+    const int num_vecs = static_cast<int>(bytes / 16);
+    float acc[kMaxCombineVecsPerLane][kElemsPerVec];
 #pragma unroll
-      for (int i = 0; i < kElemsPerVec; ++i) acc[i] = 0.f;
-      for (int k = 0; k < p.num_topk; ++k) {
-        if ((valid >> k) & 1u) {
-          const uint4 raw = reinterpret_cast<const uint4*>(stage_base + k * chunk_bytes)[v];
-          accumulate_vec16<T>(acc, raw, weights[warp][k]);
-        }
+    for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
+#pragma unroll
+      for (int e = 0; e < kElemsPerVec; ++e) acc[i][e] = 0.f;
+    }
+    for (uint32_t rest = valid; rest != 0; rest &= rest - 1) {  // warp-uniform: valid slots
+      const int k = __ffs(rest) - 1;
+      const float w = weights[warp][k];
+      const uint4* src = reinterpret_cast<const uint4*>(stage_base + k * chunk_bytes);
+#pragma unroll
+      for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
+        const int v = lane + i * kWarpSize;
+        if (v < num_vecs) accumulate_vec16<T>(acc[i], src[v], w);
       }
-      reinterpret_cast<uint4*>(out)[v] = pack_vec16<T>(acc);
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
+      const int v = lane + i * kWarpSize;
+      if (v < num_vecs) out[v] = pack_vec16<T>(acc[i]);
     }
     __syncwarp();  // every lane is done with this stage (and the weights) before the refill
     if (item + kCombineStages < num_items) issue_loads(item + kCombineStages);
