@@ -6,11 +6,11 @@
 #   STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
 #   PYTEST_ARGS="-k missing_rank" STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
 #
-# Steps: build, tests, sanitize, bench, bench_quick. NVLink multicast stays off (some shared
+# Steps: build, tests, sanitize, transformers, bench, bench_quick. NVLink multicast stays off (some shared
 # hosts must never use it).
 set -uo pipefail
 OUT=${1:-gpu_round_out}
-STEPS=${STEPS:-build,tests,sanitize,bench}
+STEPS=${STEPS:-build,tests,sanitize,transformers,bench}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
@@ -49,6 +49,9 @@ sanitize() {
 }
 if has sanitize; then
   run sanitize sanitize
+fi
+if has transformers; then
+  run transformers python3 scripts/gpu_transformers_check.py
 fi
 if has bench; then
   run bench python3 -m torch_swiftep.bench --out "$OUT"
