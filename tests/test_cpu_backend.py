@@ -140,3 +140,42 @@ def test_fp8_round_trip():
     rel = (back - x).abs() / x.abs().amax(1, keepdim=True).clamp(min=1e-12)
     assert rel.max() < 2 ** -3  # e4m3: 3 mantissa bits
     assert torch.equal(back[3], torch.zeros(256))
+
+
+def _fuzz(rank, world):
+    """Random configurations drawn from a seed every rank shares: sizes, dtypes, routing."""
+    gen = torch.Generator().manual_seed(4242)
+    errors = []
+    for case in range(12):
+        local = int(torch.randint(1, 5, (1,), generator=gen))
+        experts = local * world
+        topk = int(torch.randint(1, min(experts, 8) + 1, (1,), generator=gen))
+        dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
+        hidden = int(torch.randint(1, 40, (1,), generator=gen)) * (16 // dtype.itemsize)
+        routing = testing.ROUTINGS[int(torch.randint(0, 4, (1,), generator=gen))]
+        tokens = [int(t) for t in torch.randint(0, 30, (world,), generator=gen)]
+        c = dict(seed=9000 + case, dtype=dtype, hidden=hidden, topk=topk, routing=routing,
+                 experts=experts, fp8=False)
+        inp = testing.world_inputs(c["seed"], tokens, hidden, experts, topk, dtype, routing)
+        comm = ts.Communicator(dist.group.WORLD, ts.CommConfig(
+            num_experts=experts, hidden=hidden, num_topk=topk,
+            max_tokens_per_rank=max(max(tokens), 1), dtype=dtype))
+        ref, ref_rows = reference.dispatch(inp.xs, inp.topk_idx, inp.topk_weights, experts)
+        got = comm.dispatch(inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank])
+        errors += [f"fuzz {c} tokens {tokens}: {e}" for e in
+                   testing.compare_dispatch(rank, got, ref[rank], ref_rows[rank])]
+        outs = [testing.fake_expert(r.recv_x, r.expert_offsets, dtype) for r in ref]
+        ref_y = reference.combine(outs, inp.topk_idx, inp.topk_weights, ref_rows, experts)
+        out = comm.combine_buffer()
+        out.copy_(testing.fake_expert(got.recv_x, got.expert_offsets, dtype))
+        msg = testing.close(comm.combine(out, got), ref_y[rank], dtype)
+        if msg:
+            errors.append(f"fuzz {c} tokens {tokens}: rank {rank}: combine {msg}")
+    return errors
+
+
+@pytest.mark.slow
+def test_cpu_backend_fuzz():
+    results = run_world(3, _fuzz, timeout_s=240)
+    errors = [e for per_rank in results for e in per_rank]
+    assert not errors, "\n".join(errors[:20])
