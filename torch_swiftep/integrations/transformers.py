@@ -37,14 +37,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import threading
 import warnings
 import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 try:
     import transformers
@@ -56,8 +54,30 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from packaging.version import Version
 
-from ..communicator import Communicator, DispatchResult
-from ..plan import CommConfig
+from ._hf_experts import (  # noqa: F401 - re-exported: tests and callers use these names
+    EXPERT_PARAMS,
+    _activation,
+    _expert_param_names,
+    _grouped_mm_fn,
+    _local,
+    _local_experts,
+    _LocalExperts,
+    _use_grouped_mm,
+    is_fused_experts,
+    run_local_experts,
+)
+from ._hf_moe import (  # noqa: F401 - re-exported: tests and callers use these names
+    _COMMS,
+    _COMMS_LOCK,
+    _all_gather,
+    _check_inference,
+    _communicator,
+    _EPGroup,
+    _moe_forward,
+    _slice_bounds,
+    clear_communicators,
+    communicators,
+)
 
 __all__ = [
     "DEFAULT_NAME",
@@ -83,9 +103,6 @@ MIN_TRANSFORMERS = "5.17"
 # module whole on every rank (expert_parallel_kwargs(dense="replicated")).
 MARKER_STYLE = "swiftep_experts"
 REPLICATED_STYLE = "swiftep_replicated"
-# Parameters of a fused experts module that carry the expert dimension first.
-EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj",
-                 "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 _TRANSFORMERS_VERSION = Version(transformers.__version__)
 if _TRANSFORMERS_VERSION < Version(MIN_TRANSFORMERS):
@@ -157,245 +174,6 @@ def _parallel_styles():
     except ImportError:
         return None, None
     return ALL_PARALLEL_STYLES, TensorParallelLayer
-
-
-# ------------------------------------------------------------------------ fused experts
-def is_fused_experts(module: torch.nn.Module) -> bool:
-    """A Transformers experts module decorated with ``use_experts_implementation`` (3-D expert
-    weights, called as ``experts(hidden_states, top_k_index, top_k_weights)``)."""
-    return (hasattr(module, "has_gate") and hasattr(module, "is_transposed")
-            and "down_proj" in module._parameters
-            and ("gate_up_proj" in module._parameters or "up_proj" in module._parameters))
-
-
-def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is not None and hasattr(t, "to_local") and hasattr(t, "device_mesh"):
-        return t.to_local()
-    return t
-
-
-def _expert_param_names(module: torch.nn.Module) -> list[str]:
-    return [n for n in EXPERT_PARAMS if module._parameters.get(n) is not None]
-
-
-@dataclasses.dataclass
-class _LocalExperts:
-    w_in: torch.Tensor  # [L, 2I or I, H] or transposed [L, H, 2I or I]
-    b_in: torch.Tensor | None
-    w_out: torch.Tensor  # [L, H, I] or transposed [L, I, H]
-    b_out: torch.Tensor | None
-    transposed: bool
-
-
-def _local_experts(module: torch.nn.Module) -> _LocalExperts:
-    has_gate = getattr(module, "has_gate", True)
-    has_bias = getattr(module, "has_bias", False)
-    first = "gate_up_proj" if has_gate else "up_proj"
-    return _LocalExperts(
-        w_in=_local(getattr(module, first)),
-        b_in=_local(getattr(module, first + "_bias")) if has_bias else None,
-        w_out=_local(module.down_proj),
-        b_out=_local(module.down_proj_bias) if has_bias else None,
-        transposed=bool(getattr(module, "is_transposed", False)),
-    )
-
-
-def _activation(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    if getattr(module, "has_gate", True):
-        return module._apply_gate(h)  # the family's own gating (default: act(gate) * up)
-    return module.act_fn(h)
-
-
-def _grouped_mm_fn():
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def _use_grouped_mm(compute: str, x: torch.Tensor) -> bool:
-    if compute == "loop":
-        return False
-    if compute == "grouped_mm":
-        if _grouped_mm_fn() is None:
-            raise RuntimeError("experts_compute='grouped_mm' but this torch has no grouped_mm")
-        return True
-    # auto: the grouped GEMM where it is the fast path (CUDA, 16-bit, sm80+)
-    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
-            and _grouped_mm_fn() is not None
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
-
-
-def run_local_experts(module: torch.nn.Module, recv_x: torch.Tensor,
-                      expert_offsets: torch.Tensor, rows: int, out: torch.Tensor,
-                      compute: str = "auto") -> None:
-    """This rank's experts on the expert-major rows ``recv_x[:rows]`` (local expert j owns
-    ``[expert_offsets[j], expert_offsets[j+1])``); writes ``out[:rows]`` (unweighted: combine
-    applies the routing weights)."""
-    if rows == 0:
-        return
-    w = _local_experts(module)
-    num_local = w.w_in.size(0)
-    if expert_offsets.numel() != num_local + 1:
-        raise RuntimeError(f"the communicator has {expert_offsets.numel() - 1} local experts but "
-                           f"{type(module).__name__} holds {num_local}")
-    post_norm = getattr(module, "post_expert_norm", None) \
-        if getattr(module, "has_post_expert_norm", False) else None
-    x = recv_x[:rows]
-    if _use_grouped_mm(compute, x):
-        mm = _grouped_mm_fn()
-        offs = expert_offsets[1:].to(torch.int32)
-        counts = expert_offsets.diff().long()
-        row_expert = torch.repeat_interleave(
-            torch.arange(num_local, device=x.device), counts, output_size=rows)
-        w_in = w.w_in if w.transposed else w.w_in.transpose(-2, -1)
-        w_out = w.w_out if w.transposed else w.w_out.transpose(-2, -1)
-        h = mm(x.to(w_in.dtype), w_in, offs=offs)
-        if w.b_in is not None:
-            h = h + w.b_in[row_expert]
-        h = _activation(module, h)
-        h = mm(h.to(w_out.dtype), w_out, offs=offs)
-        if w.b_out is not None:
-            h = h + w.b_out[row_expert]
-        if post_norm is not None:
-            h = post_norm(h)
-        out[:rows].copy_(h)
-        return
-    bounds = expert_offsets.tolist()  # one host sync for the whole loop
-    for j in range(num_local):
-        start, end = bounds[j], bounds[j + 1]
-        if start == end:
-            continue
-        h = x[start:end]
-        h = h @ w.w_in[j] if w.transposed else F.linear(h, w.w_in[j])
-        if w.b_in is not None:
-            h = h + w.b_in[j]
-        h = _activation(module, h)
-        h = h @ w.w_out[j] if w.transposed else F.linear(h, w.w_out[j])
-        if w.b_out is not None:
-            h = h + w.b_out[j]
-        if post_norm is not None:
-            h = post_norm(h)
-        out[start:end].copy_(h)
-
-
-# ------------------------------------------------------------------------- communicators
-_COMMS: dict[tuple, tuple[Any, Communicator]] = {}
-_COMMS_LOCK = threading.Lock()
-
-
-def _communicator(group, *, hidden: int, num_experts: int, top_k: int, dtype: torch.dtype,
-                  device: torch.device, settings: SwiftepMoEConfig) -> Communicator:
-    """One Communicator per (group, hidden, num_experts, top_k, dtype, sizes), shared by every
-    MoE layer of every model on that group: the layers run one after the other."""
-    group_key = (id(group), group.group_name) if group is not None else (0, "")
-    key = (group_key, hidden, num_experts, top_k, dtype, str(device),
-           settings.max_tokens_per_rank, settings.capacity, settings.num_sms, settings.timeout_s)
-    with _COMMS_LOCK:
-        hit = _COMMS.get(key)
-        if hit is None:
-            extra = {} if settings.num_sms is None else {"num_sms": settings.num_sms}
-            config = CommConfig(num_experts=num_experts, hidden=hidden, num_topk=top_k,
-                                max_tokens_per_rank=settings.max_tokens_per_rank, dtype=dtype,
-                                capacity=settings.capacity, timeout_s=settings.timeout_s,
-                                **extra)
-            comm_device = device if device.type == "cuda" else None
-            # the group is kept alive with its communicator, so its id is never reused under us
-            hit = (group, Communicator(group, config, device=comm_device))
-            _COMMS[key] = hit
-    return hit[1]
-
-
-def communicators() -> list[Communicator]:
-    """The communicators the MoE layers of this process use (one per group and shape)."""
-    with _COMMS_LOCK:
-        return [comm for _, comm in _COMMS.values()]
-
-
-def clear_communicators() -> None:
-    """Drop the cached communicators (and their workspaces); call before destroying the
-    process group they were built on."""
-    with _COMMS_LOCK:
-        _COMMS.clear()
-
-
-# --------------------------------------------------------------------- the MoE layer call
-@dataclasses.dataclass
-class _EPGroup:
-    """How one experts module talks to the others."""
-
-    group: Any  # the EP process group (None: a world of one)
-    rank: int
-    world: int
-    num_local: int
-    # Ranks holding the same batch (the TP group): each dispatches only its slice of the batch
-    # and the slices' outputs are all-gathered back. None when every rank has its own batch.
-    batch_group: Any
-    batch_rank: int
-    batch_world: int
-    settings: SwiftepMoEConfig
-
-    @property
-    def num_experts(self) -> int:
-        return self.num_local * self.world
-
-
-def _check_inference(hidden_states, top_k_weights):
-    if torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad):
-        raise RuntimeError(
-            "swiftep expert parallelism is inference-only (dispatch/combine have no autograd "
-            "formula): run the model under torch.no_grad() or torch.inference_mode() "
-            "(model.generate already does)")
-
-
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    # all_gather_single is the newer name of all_gather_into_tensor (deprecated in torch 2.13)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, inp, group=group)
-
-
-def _slice_bounds(num_tokens: int, rank: int, world: int) -> tuple[int, int, int]:
-    chunk = -(-num_tokens // world)
-    start = min(num_tokens, rank * chunk)
-    return start, min(num_tokens, start + chunk), chunk
-
-
-def _moe_forward(ep: _EPGroup, module: torch.nn.Module, hidden_states: torch.Tensor,
-                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    hidden_states, top_k_weights = _local(hidden_states), _local(top_k_weights)
-    top_k_index = _local(top_k_index)
-    _check_inference(hidden_states, top_k_weights)
-    hidden = hidden_states.size(-1)
-    x = hidden_states.reshape(-1, hidden)
-    idx = top_k_index.reshape(x.size(0), -1)
-    weights = top_k_weights.reshape(x.size(0), -1)
-    num_tokens = x.size(0)
-    sliced = ep.batch_group is not None and ep.batch_world > 1
-    if sliced:
-        start, end, chunk = _slice_bounds(num_tokens, ep.batch_rank, ep.batch_world)
-        x, idx, weights = x[start:end], idx[start:end], weights[start:end]
-    mine = x.size(0)
-    limit = ep.settings.max_tokens_per_rank
-    if mine > limit:
-        shared = (f" ({num_tokens} tokens shared by {ep.batch_world} ranks)" if sliced else "")
-        raise ValueError(
-            f"this MoE layer call dispatches {mine} tokens from rank {ep.rank}{shared}, more "
-            f"than max_tokens_per_rank={limit}; register the implementation with a larger "
-            f"value, e.g. torch_swiftep.integrations.transformers.register("
-            f"max_tokens_per_rank={max(mine, 2 * limit)}), or feed smaller batches")
-    comm = _communicator(ep.group, hidden=hidden, num_experts=ep.num_experts,
-                         top_k=idx.size(1), dtype=x.dtype, device=x.device, settings=ep.settings)
-    handle: DispatchResult = comm.dispatch(
-        x.contiguous(), idx.contiguous(), weights.to(torch.float32).contiguous())
-    out = comm.combine_buffer(x.dtype)
-    rows = int(handle.expert_offsets[-1])  # one host sync per layer: run only the live rows
-    run_local_experts(module, handle.recv_x, handle.expert_offsets, rows, out,
-                      ep.settings.experts_compute)
-    y = comm.combine(out, handle)
-    if sliced:
-        padded = y.new_zeros(chunk, hidden)
-        padded[:mine] = y
-        gathered = y.new_empty(chunk * ep.batch_world, hidden)
-        _all_gather(gathered, padded, ep.batch_group)
-        y = gathered[:num_tokens]
-    return y.reshape(*hidden_states.shape[:-1], hidden).to(hidden_states.dtype)
 
 
 # ------------------------------------------------------------ transformers >= 5.23: EP registry
