@@ -370,3 +370,16 @@ def test_low_latency_graph_replays_bit_exact():
     results = run_world(2, _ll_graph_bit_exact, env=ENV, timeout_s=300)
     flat = [e for r in results for e in r]
     assert not flat, "\n".join(flat)
+
+
+def test_dispatch_layout_matches_cpu_and_rejects_bad_indices():
+    inp = testing.world_inputs(11, [333], 8, 64, 8, torch.float32, "holes")
+    idx = inp.topk_idx[0]
+    got = torch.ops.swiftep.dispatch_layout(idx.cuda(), 64, 8)
+    want = torch.ops.swiftep.dispatch_layout(idx, 64, 8)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+    bad = idx.clone()
+    bad[5, 2] = 64
+    with pytest.raises(IndexError, match=r"topk_idx has values in \[-1, 64\]"):
+        torch.ops.swiftep.dispatch_layout(bad.cuda(), 64, 8)

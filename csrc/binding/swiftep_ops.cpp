@@ -7,6 +7,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/string_view.h>
@@ -216,6 +217,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_layout_cuda(const at::Te
   TORCH_CHECK(topk_idx.numel() <= INT_MAX, "swiftep::dispatch_layout: too many entries: ",
               topk_idx.numel());
   c10::cuda::CUDAGuard guard(device);
+  // This op has no status word to report through, so it checks the values on the host (one
+  // sync) rather than silently counting an out-of-range entry as "no expert". Skipped while a
+  // CUDA graph is being captured, where a sync is not allowed.
+  if (topk_idx.numel() > 0 &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const auto [lowest, highest] = at::aminmax(topk_idx);
+    const int64_t lo = lowest.item<int64_t>();
+    const int64_t hi = highest.item<int64_t>();
+    TORCH_CHECK_INDEX(lo >= -1 && hi < num_experts, "swiftep::dispatch_layout: topk_idx has ",
+                      "values in [", lo, ", ", hi, "]; entries must be -1 (no expert) or in ",
+                      "[0, num_experts=", num_experts, ")");
+  }
   const int64_t num_tokens = topk_idx.size(0);
   const auto int_opts = topk_idx.options().dtype(at::kInt);
   at::Tensor per_rank = at::zeros({world_size}, int_opts);
