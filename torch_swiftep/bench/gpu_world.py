@@ -32,13 +32,17 @@ def copy_ceiling_gbps(device) -> float:
     return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
 
 
-def time_fn(fn: Callable, iters: int = ITERS) -> float:
-    """Median milliseconds of fn over iters runs (after WARMUP runs), timed with events."""
+def time_fn(fn: Callable, iters: int = ITERS, before: Callable | None = None) -> float:
+    """Median milliseconds of fn over iters runs (after WARMUP runs), timed with events.
+    before(), if given, runs ahead of each timed call, outside the timed region (e.g. a barrier
+    so every rank starts together)."""
     for _ in range(WARMUP):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
+        if before is not None:
+            before()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()

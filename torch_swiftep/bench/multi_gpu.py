@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .. import CommConfig, Communicator, reference, testing
 from ..launch import run_world
+from .gpu_world import time_fn
 from .metrics import RoutingBytes, format_table
 
 SM_SWEEP = (4, 8, 12, 16, 24, 32)
@@ -48,20 +49,11 @@ def p2p_copy_gbps(nbytes: int = 1 << 30) -> float:
 
 def _timed(fn, group) -> float:
     """Median ms of fn() over ITERS calls, each started together on every rank."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(ITERS):
+    def together():
         dist.barrier(group)
         torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+
+    return time_fn(fn, ITERS, before=together)
 
 
 def _nccl_dispatch(x, idx, experts, world, group):
