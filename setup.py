@@ -37,8 +37,11 @@ def cuda_extension():
         sources=sources,
         include_dirs=[os.path.abspath("csrc/include")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            # No -std: torch's extension builder picks the standard its headers were built
+            # with (C++20 since torch 2.10); a different one here broke C++ exceptions
+            # thrown through the binding.
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                      "--expt-relaxed-constexpr", "-lineinfo"]
             # tuning variants: SWIFTEP_NVCC_FLAGS="-DSWIFTEP_COMBINE_WARPS=4"
             + os.environ.get("SWIFTEP_NVCC_FLAGS", "").split(),

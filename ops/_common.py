@@ -21,3 +21,9 @@ num_sms: SMs the kernels may use (CUDA backend)."""
 
 def num_local_experts(plan) -> int:
     return plan_value(plan, "num_experts") // plan_value(plan, "world_size")
+
+
+QUANTIZE_DOC = """quantize_fp8: x is bf16/fp16/fp32 (no x_scales); the kernel quantizes each token
+  to FP8 e4m3 with one float32 scale per 128 channels (torch_swiftep.fp8.quantize_fp8, bit for
+  bit) on its way out, so the windows receive FP8 rows and their scales as if x had been
+  quantized first, without the extra kernels and round trip through memory."""

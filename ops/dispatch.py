@@ -1,6 +1,6 @@
 import torch
 
-from ._common import COMM_ARGS, COMM_DOC, num_local_experts
+from ._common import COMM_ARGS, COMM_DOC, QUANTIZE_DOC, num_local_experts
 from ._contract import OpContract
 
 SCHEMA = f"""dispatch(
@@ -8,7 +8,8 @@ SCHEMA = f"""dispatch(
     Tensor? x_scales,
     Tensor topk_idx,
     Tensor topk_weights,
-    {COMM_ARGS}
+    {COMM_ARGS},
+    bool quantize_fp8=False
 ) -> (Tensor expert_offsets, Tensor token_rows)"""
 
 DOC = f"""Throughput (prefill) dispatch: every (token, topk slot) with a valid expert becomes one
@@ -19,6 +20,7 @@ x_scales: [num_tokens, hidden / 128], float32, only with an FP8 x (one scale per
 topk_idx: [num_tokens, num_topk], int64 or int32, -1 = no expert.
 topk_weights: [num_tokens, num_topk], float32.
 {COMM_DOC}
+{QUANTIZE_DOC}
 Writes, on every owner rank, rows [0, expert_offsets[-1]) of the workspace regions recv_x
 [capacity, hidden] (x's dtype), recv_scales [capacity, hidden / 128] (FP8 only), recv_src
 [capacity, 2] int32 (source rank, source token) and recv_weights [capacity] float32. Rows of
@@ -32,7 +34,8 @@ Returns:
 """
 
 
-def fake(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name, plan, num_sms):
+def fake(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name, plan, num_sms,
+         quantize_fp8=False):
     return (
         x.new_empty([num_local_experts(plan) + 1], dtype=torch.int32),
         x.new_empty(list(topk_idx.shape), dtype=torch.int32),

@@ -1,6 +1,6 @@
 import torch
 
-from ._common import COMM_ARGS, COMM_DOC, num_local_experts
+from ._common import COMM_ARGS, COMM_DOC, QUANTIZE_DOC, num_local_experts
 from ._contract import OpContract
 
 SCHEMA = f"""low_latency_dispatch(
@@ -8,7 +8,8 @@ SCHEMA = f"""low_latency_dispatch(
     Tensor? x_scales,
     Tensor topk_idx,
     Tensor topk_weights,
-    {COMM_ARGS}
+    {COMM_ARGS},
+    bool quantize_fp8=False
 ) -> (Tensor recv_counts, Tensor token_rows)"""
 
 DOC = f"""Low-latency (decode) dispatch with static shapes: counting and sending in one pass.
@@ -18,6 +19,7 @@ x: [num_tokens, hidden] (num_tokens <= ll_max_tokens_per_rank), bf16/fp16/fp32, 
 topk_idx: [num_tokens, num_topk], int64 or int32, -1 = no expert.
 topk_weights: [num_tokens, num_topk], float32.
 {COMM_DOC}
+{QUANTIZE_DOC}
 Writes, on every owner rank, the workspace regions ll_recv_x [num_local_experts,
 world_size * ll_max_tokens_per_rank, hidden], ll_recv_scales, ll_recv_src and ll_recv_weights:
 expert j's rows are packed in [0, recv_counts[j]) in (source rank, source token, topk slot)
@@ -29,7 +31,8 @@ Returns:
 """
 
 
-def fake(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name, plan, num_sms):
+def fake(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name, plan, num_sms,
+         quantize_fp8=False):
     return (
         x.new_empty([num_local_experts(plan)], dtype=torch.int32),
         x.new_empty(list(topk_idx.shape), dtype=torch.int32),

@@ -28,27 +28,34 @@ def _cases(world):
                       experts=experts, fp8=True))
     cases.append(dict(seed=seed + 2, dtype=torch.float16, hidden=64, topk=2, routing="uniform",
                       experts=experts, fp8=False))
+    cases.append(dict(seed=seed + 3, dtype=torch.bfloat16, hidden=256, topk=3, routing="skewed",
+                      experts=experts, fp8="fused"))  # quantize_fp8=True inside dispatch
     return cases
 
 
 def _run_case(rank, world, case):
     # rotate so that, over the cases, every rank is sometimes the empty one
     tokens = [TOKENS[(r + case["seed"]) % len(TOKENS)] for r in range(world)]
+    fused = case["fp8"] == "fused"
     inp = testing.world_inputs(case["seed"], tokens, case["hidden"], case["experts"],
-                               case["topk"], case["dtype"], case["routing"], case["fp8"])
+                               case["topk"], case["dtype"], case["routing"], case["fp8"] is True)
+    sent_xs, sent_scales = inp.xs, inp.x_scales  # what lands in the windows
+    if fused:
+        quantized = [ts.quantize_fp8(x) for x in inp.xs]
+        sent_xs, sent_scales = [q for q, _ in quantized], [s for _, s in quantized]
     config = ts.CommConfig(num_experts=case["experts"], hidden=case["hidden"],
                            num_topk=case["topk"], max_tokens_per_rank=max(max(tokens), 1),
                            dtype=case["dtype"], ll_max_tokens_per_rank=max(max(tokens), 1))
     comm = ts.Communicator(dist.group.WORLD, config)
     tag = f"case {case}"
     errors = []
-    scales = inp.x_scales[rank] if case["fp8"] else None
+    scales = inp.x_scales[rank] if case["fp8"] is True else None
 
     # throughput path
-    ref, ref_rows = reference.dispatch(inp.xs, inp.topk_idx, inp.topk_weights,
-                                       case["experts"], inp.x_scales)
+    ref, ref_rows = reference.dispatch(sent_xs, inp.topk_idx, inp.topk_weights,
+                                       case["experts"], sent_scales)
     got = comm.dispatch(inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank],
-                        x_scales=scales)
+                        x_scales=scales, quantize_fp8=fused)
     errors += testing.compare_dispatch(rank, got, ref[rank], ref_rows[rank])
     out_dtype = torch.bfloat16 if case["fp8"] else case["dtype"]
     ref_outs = [testing.fake_expert(r.recv_x, r.expert_offsets, out_dtype, r.recv_scales)
@@ -68,9 +75,10 @@ def _run_case(rank, world, case):
 
     # low-latency path
     ll_ref, ll_rows = reference.low_latency_dispatch(
-        inp.xs, inp.topk_idx, inp.topk_weights, case["experts"], max(max(tokens), 1), inp.x_scales)
+        sent_xs, inp.topk_idx, inp.topk_weights, case["experts"], max(max(tokens), 1),
+        sent_scales)
     ll = comm.low_latency_dispatch(inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank],
-                                   x_scales=scales)
+                                   x_scales=scales, quantize_fp8=fused)
     errors += testing.compare_low_latency(rank, ll, ll_ref[rank], ll_rows[rank])
     local = config.num_experts // world
     flat = ll.recv_x.reshape(-1, case["hidden"])

@@ -40,8 +40,11 @@ def _cases(world):
         (torch.bfloat16, 520, 8, "holes", False),
         (torch.float32, 132, 2, "one_rank", False),
         (torch.float16, 264, 8, "holes", False),
-        (torch.bfloat16, 1024, 8, "holes", True),
+        (torch.bfloat16, 1024, 8, "holes", True),    # FP8 x with its scales
         (torch.bfloat16, 384, 2, "skewed", True),
+        (torch.bfloat16, 7168, 8, "uniform", "fused"),  # quantize_fp8=True: in the kernel
+        (torch.float32, 384, 2, "holes", "fused"),
+        (torch.float16, 256, 4, "skewed", "fused"),
     ):
         seed += 1
         cases.append(dict(seed=seed, dtype=dtype, hidden=hidden, topk=k, routing=routing,
@@ -51,8 +54,15 @@ def _cases(world):
 
 def _check_case(rank, world, comm_cache, case, device):
     tokens = [TOKENS[(r + case["seed"]) % len(TOKENS)] for r in range(world)]
+    fused = case["fp8"] == "fused"
     inp = testing.world_inputs(case["seed"], tokens, case["hidden"], case["experts"],
-                               case["topk"], case["dtype"], case["routing"], case["fp8"])
+                               case["topk"], case["dtype"], case["routing"], case["fp8"] is True)
+    # What lands in the windows: x as given, or x quantized by the torch recipe (the kernel
+    # that quantizes must produce exactly these bytes).
+    sent_xs, sent_scales = inp.xs, inp.x_scales
+    if fused:
+        quantized = [ts.quantize_fp8(x) for x in inp.xs]
+        sent_xs, sent_scales = [q for q, _ in quantized], [s for _, s in quantized]
     key = (case["hidden"], case["experts"], case["topk"], case["dtype"])
     if key not in comm_cache:
         cfg = ts.CommConfig(num_experts=case["experts"], hidden=case["hidden"],
@@ -63,13 +73,13 @@ def _check_case(rank, world, comm_cache, case, device):
     comm = comm_cache[key]
     x = inp.xs[rank].to(device)
     idx, w = inp.topk_idx[rank].to(device), inp.topk_weights[rank].to(device)
-    scales = inp.x_scales[rank].to(device) if case["fp8"] else None
+    scales = inp.x_scales[rank].to(device) if case["fp8"] is True else None
     out_dtype = torch.bfloat16 if case["fp8"] else case["dtype"]
     errors = []
 
-    ref, ref_rows = reference.dispatch(inp.xs, inp.topk_idx, inp.topk_weights, case["experts"],
-                                       inp.x_scales)
-    handle = comm.dispatch(x, idx, w, x_scales=scales)
+    ref, ref_rows = reference.dispatch(sent_xs, inp.topk_idx, inp.topk_weights, case["experts"],
+                                       sent_scales)
+    handle = comm.dispatch(x, idx, w, x_scales=scales, quantize_fp8=fused)
     mine = testing.fake_expert(handle.recv_x, handle.expert_offsets, out_dtype,
                                handle.recv_scales)
     zero_copy = case["seed"] % 2 == 1
@@ -87,8 +97,8 @@ def _check_case(rank, world, comm_cache, case, device):
         errors.append(f"rank {rank}: combine {msg}")
 
     ll_ref, ll_rows = reference.low_latency_dispatch(
-        inp.xs, inp.topk_idx, inp.topk_weights, case["experts"], max(TOKENS), inp.x_scales)
-    ll = comm.low_latency_dispatch(x, idx, w, x_scales=scales)
+        sent_xs, inp.topk_idx, inp.topk_weights, case["experts"], max(TOKENS), sent_scales)
+    ll = comm.low_latency_dispatch(x, idx, w, x_scales=scales, quantize_fp8=fused)
     local, hidden = comm.num_local_experts, case["hidden"]
     flat = ll.recv_x.reshape(-1, hidden)
     offsets = torch.arange(local + 1, dtype=torch.int32) * comm.plan.ll_rows_per_expert
@@ -379,6 +389,8 @@ def test_dispatch_layout_matches_cpu_and_rejects_bad_indices():
     want = torch.ops.swiftep.dispatch_layout(idx, 64, 8)
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w)
+    with pytest.raises(RuntimeError, match="topk_idx must be int64 or int32"):
+        torch.ops.swiftep.dispatch_layout(idx.cuda().float(), 64, 8)  # a C++ check, raised
     bad = idx.clone()
     bad[5, 2] = 64
     with pytest.raises(IndexError, match=r"topk_idx has values in \[-1, 64\]"):

@@ -55,3 +55,13 @@ def test_fp8_dispatch_opcheck():
         inp.xs[0], inp.x_scales[0], inp.topk_idx[0], inp.topk_weights[0], comm.workspace,
         comm.peer_ptrs, "", comm.plan.as_list(), 4),
         test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("name", ["dispatch", "low_latency_dispatch"])
+def test_quantizing_dispatch_opcheck(name):
+    comm = ts.Communicator(None, ts.CommConfig(num_experts=E, hidden=256, num_topk=K,
+                                               max_tokens_per_rank=T, ll_max_tokens_per_rank=T))
+    inp = testing.world_inputs(5, [7], 256, E, K, torch.bfloat16, "holes")
+    torch.library.opcheck(getattr(torch.ops.swiftep, name).default, (
+        inp.xs[0], None, inp.topk_idx[0], inp.topk_weights[0], comm.workspace, comm.peer_ptrs,
+        "", comm.plan.as_list(), 4, True))

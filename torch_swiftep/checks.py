@@ -89,6 +89,16 @@ def check_dispatch_inputs(x, x_scales: Optional[torch.Tensor], topk_idx, topk_we
     check_routing(topk_idx, topk_weights, x.size(0), plan, device)
 
 
+def check_quantize_input(x, x_scales: Optional[torch.Tensor]) -> None:
+    """quantize_fp8=True: x is bf16/fp16/fp32 [num_tokens, hidden % 128 == 0], no x_scales."""
+    check_tensor("x", x, dim=2, dtypes=SUPPORTED_DTYPES)
+    if x_scales is not None:
+        _fail("quantize_fp8=True makes the scales: pass no x_scales (got a tensor of shape "
+              f"{tuple(x_scales.shape)})")
+    if x.size(1) % FP8_BLOCK != 0:
+        _fail(f"quantize_fp8=True needs hidden % {FP8_BLOCK} == 0, got x.shape={tuple(x.shape)}")
+
+
 def check_combine_inputs(expert_out, topk_idx, topk_weights, token_rows, plan, *,
                          min_rows: int, device=None, dim: int = 2) -> None:
     hidden = plan_value(plan, "hidden")

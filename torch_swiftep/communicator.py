@@ -8,8 +8,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .fp8 import quantize_fp8
-from .plan import FP8_DTYPE, CommConfig, Plan, ctrl_region, typed_region
+from .plan import FP8_BLOCK, FP8_DTYPE, CommConfig, Plan, ctrl_region, typed_region
 from .status import raise_if_error
 
 
@@ -179,19 +178,21 @@ class Communicator:
         topk_idx: [num_tokens, K] int64/int32, -1 = no expert. topk_weights: [num_tokens, K]
             float32.
         quantize_fp8: quantize a bf16/fp16/fp32 x to FP8 e4m3 (per-token per-128-channel
-            scales) before sending: half the bytes on the wire.
+            scales) as it is sent, inside the dispatch kernel: half the bytes on the wire and
+            no extra kernels. recv_x is then float8_e4m3fn with recv_scales.
         """
-        x, x_scales = self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights,
-                                    low_latency=False)
+        self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights, low_latency=False)
         offsets, token_rows = torch.ops.swiftep.dispatch(
             x, x_scales, topk_idx, topk_weights, self.workspace, self.peer_ptrs,
-            self.group_name, self._plan_list, self._sms(num_sms))
+            self.group_name, self._plan_list, self._sms(num_sms), quantize_fp8)
         cap, hidden = self.plan.capacity, self.config.hidden
         p = self._plan_list
+        fp8 = quantize_fp8 or x.dtype == FP8_DTYPE
         return DispatchResult(
-            recv_x=typed_region(self.workspace, p, "off_recv_x", x.dtype, (cap, hidden)),
-            recv_scales=None if x_scales is None else typed_region(
-                self.workspace, p, "off_recv_scales", torch.float32, (cap, x_scales.size(1))),
+            recv_x=typed_region(self.workspace, p, "off_recv_x", FP8_DTYPE if fp8 else x.dtype,
+                                (cap, hidden)),
+            recv_scales=None if not fp8 else typed_region(
+                self.workspace, p, "off_recv_scales", torch.float32, (cap, hidden // FP8_BLOCK)),
             recv_src=typed_region(self.workspace, p, "off_recv_src", torch.int32, (cap, 2)),
             recv_weights=typed_region(self.workspace, p, "off_recv_weights", torch.float32,
                                       (cap,)),
@@ -231,20 +232,20 @@ class Communicator:
         """Decode schedule: static output shapes, one pass, CUDA-graph capturable.
         Arguments as dispatch(); num_tokens <= ll_max_tokens_per_rank."""
         self._require_low_latency()
-        x, x_scales = self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights,
-                                    low_latency=True)
+        self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights, low_latency=True)
         counts, token_rows = torch.ops.swiftep.low_latency_dispatch(
             x, x_scales, topk_idx, topk_weights, self.workspace, self.peer_ptrs,
-            self.group_name, self._plan_list, self._sms(num_sms))
+            self.group_name, self._plan_list, self._sms(num_sms), quantize_fp8)
         local, rows, hidden = self.num_local_experts, self.plan.ll_rows_per_expert, \
             self.config.hidden
         p = self._plan_list
+        fp8 = quantize_fp8 or x.dtype == FP8_DTYPE
         return LowLatencyDispatchResult(
-            recv_x=typed_region(self.workspace, p, "off_ll_recv_x", x.dtype,
+            recv_x=typed_region(self.workspace, p, "off_ll_recv_x", FP8_DTYPE if fp8 else x.dtype,
                                 (local, rows, hidden)),
-            recv_scales=None if x_scales is None else typed_region(
+            recv_scales=None if not fp8 else typed_region(
                 self.workspace, p, "off_ll_recv_scales", torch.float32,
-                (local, rows, x_scales.size(1))),
+                (local, rows, hidden // FP8_BLOCK)),
             recv_src=typed_region(self.workspace, p, "off_ll_recv_src", torch.int32,
                                   (local, rows, 2)),
             recv_weights=typed_region(self.workspace, p, "off_ll_recv_weights", torch.float32,
@@ -328,18 +329,17 @@ class Communicator:
         if self._host_status is not None and not torch.compiler.is_compiling():
             raise_if_error(self._host_status, self.rank)
 
-    def _prepare(self, x, x_scales, quantize, topk_idx, topk_weights, low_latency):
+    def _prepare(self, x, x_scales, quantize, topk_idx, topk_weights, low_latency) -> None:
+        """Checks a dispatch's inputs (shapes, dtypes, devices: no device work)."""
         self._check_status()
-        if quantize:
-            if x_scales is not None or x.dtype == FP8_DTYPE:
-                raise ValueError("quantize_fp8=True takes a bf16/fp16/fp32 x and no x_scales")
-            checks.check_tensor("x", x, dim=2, dtypes=(x.dtype,), device=self.device)
-            x, x_scales = quantize_fp8(x)
+        if not isinstance(quantize, bool):
+            raise TypeError(f"quantize_fp8 must be a bool, got {quantize!r}")
+        if quantize:  # the op quantizes inside its kernel (CUDA) or first thing (CPU)
+            checks.check_quantize_input(x, x_scales)
         max_tokens = (self.config.ll_max_tokens_per_rank if low_latency
                       else self.config.max_tokens_per_rank)
         checks.check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, self._plan_list,
                                      max_tokens=max_tokens, device=self.device)
-        return x, x_scales
 
     def _sms(self, num_sms: Optional[int]) -> int:
         value = self.config.num_sms if num_sms is None else num_sms

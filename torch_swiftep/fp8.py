@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .plan import FP8_BLOCK, FP8_DTYPE
+from .plan import FP8_AMAX_FLOOR, FP8_BLOCK, FP8_DTYPE, FP8_MAX
 
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448 for e4m3fn
-# A block of zeros still needs a finite, non-zero scale; DeepEP uses the same floor.
-AMAX_FLOOR = 1e-4
+assert FP8_MAX == torch.finfo(FP8_DTYPE).max
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +18,7 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         )
     n, h = x.shape
     blocks = x.float().view(n, h // FP8_BLOCK, FP8_BLOCK)
-    amax = blocks.abs().amax(dim=-1).clamp(min=AMAX_FLOOR)
+    amax = blocks.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR)
     scales = amax / FP8_MAX
     q = (blocks / scales.unsqueeze(-1)).to(FP8_DTYPE).view(n, h)
     return q, scales.contiguous()

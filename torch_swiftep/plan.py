@@ -34,9 +34,13 @@ import torch
 # Bulk copies and 16-byte vector accesses need 16-byte alignment; 128 also keeps every
 # region on its own cache lines so flags never share a line with data.
 REGION_ALIGN = 128
-# DeepSeek-V3 FP8 recipe: one float32 scale per token per 128 channels.
+# DeepSeek-V3 FP8 recipe: one float32 scale per token per 128 channels,
+# scale = max(amax, FP8_AMAX_FLOOR) / FP8_MAX. The CUDA dispatch that quantizes in-kernel reads
+# the same numbers from the generated header, so both give identical bytes.
 FP8_BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+FP8_AMAX_FLOOR = 1e-4  # a block of zeros still needs a finite, non-zero scale (as DeepEP)
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -314,11 +318,18 @@ def emit_header() -> str:
         "",
         "enum WaitWhat : int64_t {",
     ]
+    fp8 = [
+        "// FP8 recipe (plan.py FP8_*).",
+        f"constexpr int kFp8Block = {FP8_BLOCK};",
+        f"constexpr float kFp8Max = {FP8_MAX!r}f;",
+        f"constexpr float kFp8AmaxFloor = {FP8_AMAX_FLOOR!r}f;",
+        "",
+    ]
     for i, name in enumerate(
         ("Counts", "Data", "Combine", "LlCounts", "LlData", "LlCombine")
     ):
         lines.append(f"  kWait{name} = {i},")
-    lines += ["};", "", "}  // namespace swiftep", ""]
+    lines += ["};", ""] + fp8 + ["}  // namespace swiftep", ""]
     return "\n".join(lines)
 
 

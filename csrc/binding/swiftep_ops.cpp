@@ -27,8 +27,6 @@
 namespace swiftep {
 namespace {
 
-// DeepSeek-V3 FP8 recipe: one float32 scale per 128 channels (torch_swiftep/plan.py FP8_BLOCK).
-constexpr int64_t kFp8Block = 128;
 // The kernels give one lane of a warp to each top-k slot.
 constexpr int64_t kMaxTopkSlots = 32;
 
@@ -133,9 +131,12 @@ DType combine_dtype(const at::Tensor& t, const char* op) {
   return DType::kFloat32;
 }
 
+// quantize: the kernel quantizes x (bf16/fp16/fp32) to FP8 on the way out; x must then be
+// 16-byte aligned for the bulk loads (x_aligned: x, or an aligned copy the caller keeps alive).
 DispatchParams make_dispatch_params(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                                     const at::Tensor& topk_idx, const at::Tensor& topk_weights,
-                                    const Comm& comm, int64_t max_tokens, const char* op) {
+                                    const Comm& comm, int64_t max_tokens, bool quantize,
+                                    const char* op) {
   const at::Device device = x.device();
   check_cuda(x, op, "x", device);
   const auto dtype = x.scalar_type();
@@ -153,7 +154,17 @@ DispatchParams make_dispatch_params(const at::Tensor& x, const std::optional<at:
               " bytes per element)");
   int64_t scale_cols = 0;
   const float* scales_ptr = nullptr;
-  if (fp8) {
+  if (quantize) {
+    TORCH_CHECK(!fp8 && !x_scales.has_value(), "swiftep::", op, ": quantize_fp8=True takes a "
+                "bfloat16/float16/float32 x and no x_scales, got x of dtype ", dtype,
+                x_scales.has_value() ? " and x_scales" : "");
+    TORCH_CHECK(comm.hidden % kFp8Block == 0, "swiftep::", op, ": quantize_fp8=True needs hidden % ",
+                kFp8Block, " == 0, got hidden=", comm.hidden);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "swiftep::", op,
+                ": quantize_fp8=True needs a 16-byte aligned x (got address ", x.data_ptr(),
+                "); pass x.clone()");
+    scale_cols = comm.hidden / kFp8Block;
+  } else if (fp8) {
     TORCH_CHECK(x_scales.has_value(), "swiftep::", op,
                 ": x is float8_e4m3fn: x_scales [num_tokens, hidden / 128] float32 is required");
     TORCH_CHECK(comm.hidden % kFp8Block == 0, "swiftep::", op, ": FP8 dispatch needs hidden % ",
@@ -181,6 +192,9 @@ DispatchParams make_dispatch_params(const at::Tensor& x, const std::optional<at:
   p.num_tokens = static_cast<int32_t>(num_tokens);
   p.num_topk = static_cast<int32_t>(k);
   p.x_row_bytes = x.element_size() * comm.hidden;
+  p.quantize_fp8 = quantize;
+  p.x_dtype = fp8 ? DType::kBFloat16 : combine_dtype(x, op);  // read only when quantizing
+  p.out_row_bytes = quantize ? comm.hidden : p.x_row_bytes;
   p.scale_cols = static_cast<int32_t>(scale_cols);
   p.num_sms = comm.num_sms;
   return p;
@@ -251,14 +265,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_layout_cuda(const at::Te
 std::tuple<at::Tensor, at::Tensor> dispatch_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& topk_idx,
     const at::Tensor& topk_weights, const at::Tensor& workspace, const at::Tensor& peer_ptrs,
-    c10::string_view group_name, at::IntArrayRef plan, int64_t num_sms) {
+    c10::string_view group_name, at::IntArrayRef plan, int64_t num_sms, bool quantize_fp8) {
   const char* op = "dispatch";
   c10::cuda::CUDAGuard guard(workspace.device());
   const Comm comm = check_comm(workspace, peer_ptrs, plan, num_sms, op);
   TORCH_CHECK(x.device() == workspace.device(), "swiftep::dispatch: x is on ", x.device(),
               " but the workspace is on ", workspace.device());
   DispatchParams p =
-      make_dispatch_params(x, x_scales, topk_idx, topk_weights, comm, comm.max_tokens, op);
+      make_dispatch_params(x, x_scales, topk_idx, topk_weights, comm, comm.max_tokens,
+                           quantize_fp8, op);
   const auto int_opts = x.options().dtype(at::kInt);
   at::Tensor expert_offsets = at::empty({comm.params.num_local_experts + 1}, int_opts);
   at::Tensor token_rows = at::empty({p.num_tokens, p.num_topk}, int_opts);
@@ -272,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> dispatch_cuda(
 std::tuple<at::Tensor, at::Tensor> low_latency_dispatch_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& x_scales, const at::Tensor& topk_idx,
     const at::Tensor& topk_weights, const at::Tensor& workspace, const at::Tensor& peer_ptrs,
-    c10::string_view group_name, at::IntArrayRef plan, int64_t num_sms) {
+    c10::string_view group_name, at::IntArrayRef plan, int64_t num_sms, bool quantize_fp8) {
   const char* op = "low_latency_dispatch";
   c10::cuda::CUDAGuard guard(workspace.device());
   const Comm comm = check_comm(workspace, peer_ptrs, plan, num_sms, op);
@@ -281,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor> low_latency_dispatch_cuda(
   TORCH_CHECK(x.device() == workspace.device(), "swiftep::low_latency_dispatch: x is on ",
               x.device(), " but the workspace is on ", workspace.device());
   DispatchParams p =
-      make_dispatch_params(x, x_scales, topk_idx, topk_weights, comm, comm.ll_max_tokens, op);
+      make_dispatch_params(x, x_scales, topk_idx, topk_weights, comm, comm.ll_max_tokens,
+                           quantize_fp8, op);
   const auto int_opts = x.options().dtype(at::kInt);
   at::Tensor recv_counts = at::empty({comm.params.num_local_experts}, int_opts);
   at::Tensor token_rows = at::empty({p.num_tokens, p.num_topk}, int_opts);

@@ -202,13 +202,33 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int64_t stage_bytes = chunk_bytes * p.num_topk;
   uint8_t* stages = dynamic_smem() + warp * kCombineStages * stage_bytes;
   const int64_t chunks = ceil_div(row_bytes, chunk_bytes);
-  const int64_t num_mine =
-      global_warp < p.num_tokens ? ceil_div(p.num_tokens - global_warp, num_warps_total) : 0;
-  const int64_t num_items = num_mine * chunks;  // item i: token i / chunks, chunk i % chunks
+  // Items are (token, chunk). With at least as many tokens as warps, a warp takes whole tokens
+  // (its i-th item: token global_warp + (i / chunks) * num_warps_total, chunk i % chunks), so a
+  // token's metadata is read once. A smaller call (decode) deals the items of all tokens round
+  // robin over every warp instead: one token's chunks are then reduced side by side, not one
+  // after another on one warp.
+  const bool by_token = p.num_tokens >= num_warps_total;
+  const int64_t total_items = static_cast<int64_t>(p.num_tokens) * chunks;
+  int64_t num_items = 0;
+  if (by_token) {
+    const int64_t num_mine =
+        global_warp < p.num_tokens ? ceil_div(p.num_tokens - global_warp, num_warps_total) : 0;
+    num_items = num_mine * chunks;
+  } else if (global_warp < total_items) {
+    num_items = ceil_div(total_items - global_warp, num_warps_total);
+  }
+  auto item_token = [&](int64_t item) -> int64_t {
+    return by_token ? global_warp + (item / chunks) * num_warps_total
+                    : (global_warp + item * num_warps_total) / chunks;
+  };
+  auto item_offset = [&](int64_t item) -> int64_t {
+    return (by_token ? item % chunks : (global_warp + item * num_warps_total) % chunks) *
+           chunk_bytes;
+  };
 
-  // A token's chunks are consecutive items, so its metadata (lane k: the source row of slot k)
-  // is read from global memory once per token, not once per chunk: those dependent loads sat
-  // on every item's critical path. The load side runs kCombineStages items ahead of the
+  // By token, a token's chunks are consecutive items, so its metadata (lane k: the source row of
+  // slot k) is read from global memory once per token, not once per chunk: those dependent
+  // loads sat on every item's critical path. The load side runs kCombineStages items ahead of the
   // reduce side, so each keeps its own copy.
   int64_t load_token = -1;
   const uint8_t* load_src = nullptr;
@@ -217,8 +237,8 @@ __global__ void __launch_bounds__(kCombineThreads)
   // Whole warp (shuffles); lane 0 issues the bulk loads of item's valid rows on its stage.
   auto issue_loads = [&](int64_t item) {
     const int stage = static_cast<int>(item % kCombineStages);
-    const int64_t n = global_warp + (item / chunks) * num_warps_total;
-    const int64_t offset = (item % chunks) * chunk_bytes;
+    const int64_t n = item_token(item);
+    const int64_t offset = item_offset(item);
     const uint32_t bytes = static_cast<uint32_t>(min(chunk_bytes, row_bytes - offset));
     if (n != load_token) {  // warp-uniform
       load_token = n;
@@ -242,8 +262,8 @@ __global__ void __launch_bounds__(kCombineThreads)
   for (int64_t item = 0; item < num_items; ++item) {
     const int stage = static_cast<int>(item % kCombineStages);
     const uint32_t parity = static_cast<uint32_t>((item / kCombineStages) & 1);
-    const int64_t n = global_warp + (item / chunks) * num_warps_total;
-    const int64_t offset = (item % chunks) * chunk_bytes;
+    const int64_t n = item_token(item);
+    const int64_t offset = item_offset(item);
     const int64_t bytes = min(chunk_bytes, row_bytes - offset);
     if (n != token) {  // warp-uniform; the previous item's trailing __syncwarp freed weights
       token = n;

@@ -10,6 +10,10 @@
 // releases the data flag into every peer, then waits (bounded) for every peer's data flag.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
 #include <cstdint>
 
 #include "common.cuh"
@@ -33,27 +37,50 @@ struct SendWindow {
   int64_t off_weights;
 };
 
+// The work units of one warp: units first, first + step, ... < end. A unit is a whole token
+// (per_token == 1) or one (token, slot) pair (per_token == num_topk). Pairs are used when a
+// call has fewer tokens than the grid has warps (decode): a token's K fan-out stores then run
+// on K warps side by side instead of one after another on one warp.
+struct SendUnits {
+  int64_t first;
+  int64_t step;
+  int64_t end;
+  int per_token;
+};
+
+// Units per token for a call of num_tokens tokens on a grid of total_warps warps.
+__host__ __device__ __forceinline__ int units_per_token(int64_t num_tokens, int num_topk,
+                                                        int64_t total_warps) {
+  return num_tokens < total_warps ? num_topk : 1;
+}
+
 // Destination of pair (n, k): row on its owner and the owner, or row -1.
 struct PairDest {
   int32_t row;
   int32_t peer;
 };
 
-// rows: the row of (n, k) at rows[(n - rows_token0) * K + k], in global or shared memory.
+// Lane k's destination in unit u: pair (n, k), or none when the unit is another slot's pair.
+// rows: the row of pair i at rows[i - rows_pair0], in global or shared memory.
 template <typename IdxT>
-__device__ __forceinline__ PairDest pair_dest(const DispatchParams& p, int64_t n, int k,
-                                              const int32_t* rows, int64_t rows_token0) {
+__device__ __forceinline__ PairDest unit_dest(const DispatchParams& p, const SendUnits& units,
+                                              int64_t u, int k, const int32_t* rows,
+                                              int64_t rows_pair0) {
   PairDest dest{-1, -1};
+  const int64_t n = u / units.per_token;
   if (k >= p.num_topk) return dest;
-  const int32_t row = rows[(n - rows_token0) * p.num_topk + k];
-  const int64_t e = load_index<IdxT>(p.topk_idx, n * p.num_topk + k);
+  if (units.per_token != 1 && k != static_cast<int>(u % units.per_token)) return dest;
+  const int64_t pair = n * p.num_topk + k;
+  const int32_t row = rows[pair - rows_pair0];
+  const int64_t e = load_index<IdxT>(p.topk_idx, pair);
   if (row < 0 || !is_expert(e, p.comm.num_experts)) return dest;
   dest.row = row;
   dest.peer = static_cast<int32_t>(e / p.comm.num_local_experts);
   return dest;
 }
 
-// Metadata of token n's rows; lane k holds the destination of slot k. Whole warp, uniform.
+// Metadata of token n's rows; lane k holds the destination of slot k (or none). Whole warp.
+// FP8 scales are copied from x_scales here; when dispatch quantizes, send_scales writes them.
 __device__ __forceinline__ void send_metadata(const DispatchParams& p, const SendWindow& win,
                                               int64_t n, PairDest mine) {
   const CommParams& c = p.comm;
@@ -63,7 +90,7 @@ __device__ __forceinline__ void send_metadata(const DispatchParams& p, const Sen
     at_offset<int2>(base, win.off_src)[mine.row] = make_int2(c.rank, static_cast<int>(n));
     at_offset<float>(base, win.off_weights)[mine.row] = p.topk_weights[n * p.num_topk + lane];
   }
-  if (p.scale_cols == 0) return;
+  if (p.scale_cols == 0 || p.quantize_fp8) return;
   for (int k = 0; k < p.num_topk; ++k) {
     const int32_t row = __shfl_sync(kFullMask, mine.row, k);
     const int32_t peer = __shfl_sync(kFullMask, mine.peer, k);
@@ -81,40 +108,121 @@ __device__ __forceinline__ uint8_t* row_address(const CommParams& c, const SendW
   return at_offset<uint8_t>(peer_base(c, dest.peer), win.off_x) + dest.row * pitch;
 }
 
-// Sends tokens first, first + step, ... < end with this warp. stages: this warp's
-// kDispatchStages * stage_bytes of shared memory; bars: its kDispatchStages mbarriers
-// (initialised). use_tma false: plain warp copies (x or its rows are not 16-byte aligned).
+// ------------------------------------------------------------------- fused FP8 quantization
+// Loads 4 consecutive elements of x's dtype (lane's share of a 128-channel block) as floats.
+__device__ __forceinline__ void load4_as_float(const uint8_t* src, DType dtype, float* v) {
+  if (dtype == DType::kFloat32) {
+    const float4 f = *reinterpret_cast<const float4*>(src);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    return;
+  }
+  const uint2 raw = *reinterpret_cast<const uint2*>(src);
+  const uint32_t words[2] = {raw.x, raw.y};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float2 f;
+    if (dtype == DType::kBFloat16) {
+      __nv_bfloat162 h;
+      memcpy(&h, &words[i], 4);
+      f = __bfloat1622float2(h);
+    } else {
+      __half2 h;
+      memcpy(&h, &words[i], 4);
+      f = __half22float2(h);
+    }
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// Quantizes, in place, a staged chunk of `blocks` 128-channel blocks of x (elem_bytes each)
+// to FP8 e4m3 with one float32 scale per block, the DeepSeek-V3 recipe exactly as
+// torch_swiftep.fp8.quantize_fp8 computes it (same operations, IEEE-rounded, so the bytes are
+// identical): scale = max(amax, 1e-4) / 448, q = e4m3(v / scale). Block b's 128 output bytes
+// land at stage + 128 * b, which only overlaps input already read (block b / elem_bytes <= b).
+// Returns block (lane)'s scale to lane `lane` (blocks <= 32). Whole warp.
+__device__ __forceinline__ float quantize_stage_fp8(uint8_t* stage, int blocks, DType dtype,
+                                                    int elem_bytes) {
+  const int lane = lane_id();
+  float my_scale = 0.f;
+  for (int b = 0; b < blocks; ++b) {
+    float v[4];
+    load4_as_float(stage + (static_cast<int64_t>(b) * kFp8Block + lane * 4) * elem_bytes, dtype,
+                   v);
+    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
+    const float scale = __fdiv_rn(fmaxf(amax, kFp8AmaxFloor), kFp8Max);
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_fp8_storage_t q = __nv_cvt_float_to_fp8(__fdiv_rn(v[i], scale), __NV_SATFINITE,
+                                                         __NV_E4M3);
+      packed |= static_cast<uint32_t>(q) << (8 * i);
+    }
+    // Every lane has loaded block b (the shuffles above): its bytes may now be overwritten.
+    reinterpret_cast<uint32_t*>(stage + static_cast<int64_t>(b) * kFp8Block)[lane] = packed;
+    if (lane == b) my_scale = scale;
+  }
+  fence_proxy_async_shared_cta();  // the bulk stores (async proxy) read what lanes wrote
+  __syncwarp();
+  return my_scale;
+}
+
+// Writes the scales of one quantized chunk (blocks [col0, col0 + blocks) of the row) into the
+// rows of every slot's destination; lane b holds block b's scale. Whole warp.
+__device__ __forceinline__ void send_scales(const DispatchParams& p, const SendWindow& win,
+                                            PairDest mine, int64_t col0, int blocks,
+                                            float my_scale) {
+  for (int k = 0; k < p.num_topk; ++k) {
+    const int32_t row = __shfl_sync(kFullMask, mine.row, k);
+    const int32_t peer = __shfl_sync(kFullMask, mine.peer, k);
+    if (row < 0) continue;
+    float* dst = at_offset<float>(peer_base(p.comm, peer), win.off_scales) +
+                 static_cast<int64_t>(row) * p.scale_cols + col0;
+    if (lane_id() < blocks) dst[lane_id()] = my_scale;
+  }
+}
+
+// Sends this warp's units. stages: this warp's kDispatchStages * stage_bytes of shared memory;
+// bars: its kDispatchStages mbarriers (initialised). use_tma false: plain warp copies (x or its
+// rows are not 16-byte aligned; never with quantize_fp8, which the launchers refuse).
+// stage_bytes: a chunk of x's row; with quantize_fp8 a whole number of 128-channel blocks, at
+// most 32 of them.
 template <typename IdxT>
-__device__ void send_tokens(const DispatchParams& p, const SendWindow& win, int64_t first,
-                            int64_t step, int64_t end, const int32_t* rows, int64_t rows_token0,
-                            uint8_t* stages, uint64_t* bars, int64_t stage_bytes, bool use_tma) {
+__device__ void send_tokens(const DispatchParams& p, const SendWindow& win, const SendUnits& units,
+                            const int32_t* rows, int64_t rows_pair0, uint8_t* stages,
+                            uint64_t* bars, int64_t stage_bytes, bool use_tma) {
   const CommParams& c = p.comm;
   const int lane = lane_id();
-  const int64_t row_bytes = p.x_row_bytes;
+  const int64_t row_bytes = p.x_row_bytes;  // source row
+  const int64_t pitch = p.out_row_bytes;    // destination row (smaller when quantizing)
   const uint8_t* x = static_cast<const uint8_t*>(p.x);
-  if (first >= end) return;
-  const int64_t num_mine = ceil_div(end - first, step);
+  if (units.first >= units.end) return;
+  const int64_t num_mine = ceil_div(units.end - units.first, units.step);
 
   if (!use_tma) {
     for (int64_t t = 0; t < num_mine; ++t) {
-      const int64_t n = first + t * step;
-      const PairDest mine = pair_dest<IdxT>(p, n, lane, rows, rows_token0);
+      const int64_t u = units.first + t * units.step;
+      const int64_t n = u / units.per_token;
+      const PairDest mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
       send_metadata(p, win, n, mine);
       for (int k = 0; k < p.num_topk; ++k) {
         const PairDest dest{__shfl_sync(kFullMask, mine.row, k),
                             __shfl_sync(kFullMask, mine.peer, k)};
         if (dest.row >= 0)
-          warp_copy_bytes(row_address(c, win, dest, row_bytes), x + n * row_bytes, row_bytes, lane);
+          warp_copy_bytes(row_address(c, win, dest, pitch), x + n * row_bytes, row_bytes, lane);
       }
     }
     return;
   }
 
+  const int elem_bytes = p.quantize_fp8 ? dtype_bytes(p.x_dtype) : 1;
   const int64_t chunks = ceil_div(row_bytes, stage_bytes);
-  const int64_t num_items = num_mine * chunks;  // item i: token i / chunks, chunk i % chunks
+  const int64_t num_items = num_mine * chunks;  // item i: unit i / chunks, chunk i % chunks
   auto issue_load = [&](int64_t item) {         // lane 0 only
     const int stage = static_cast<int>(item % kDispatchStages);
-    const int64_t n = first + (item / chunks) * step;
+    const int64_t n = (units.first + (item / chunks) * units.step) / units.per_token;
     const int64_t offset = (item % chunks) * stage_bytes;
     const uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
     mbarrier_arrive_expect_tx(bars + stage, bytes);
@@ -123,25 +231,37 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, int6
   if (lane == 0) {
     for (int64_t item = 0; item < num_items && item < kDispatchStages; ++item) issue_load(item);
   }
-  uint8_t* my_target = nullptr;  // lane k: slot k's destination row of the current token
+  PairDest mine{-1, -1};          // lane k: slot k's destination in the current unit
+  uint8_t* my_target = nullptr;
   for (int64_t item = 0; item < num_items; ++item) {
     const int stage = static_cast<int>(item % kDispatchStages);
     const uint32_t parity = static_cast<uint32_t>((item / kDispatchStages) & 1);
-    const int64_t n = first + (item / chunks) * step;
+    const int64_t u = units.first + (item / chunks) * units.step;
+    const int64_t n = u / units.per_token;
     const int64_t chunk = item % chunks;
     const int64_t offset = chunk * stage_bytes;
-    const uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
-    if (chunk == 0) {  // a token's destinations are read once, not once per chunk
-      const PairDest mine = pair_dest<IdxT>(p, n, lane, rows, rows_token0);
+    uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
+    int64_t out_offset = offset;
+    if (chunk == 0) {  // a unit's destinations are read once, not once per chunk
+      mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
       send_metadata(p, win, n, mine);
-      my_target = row_address(c, win, mine, row_bytes);
+      my_target = row_address(c, win, mine, pitch);
     }
-    if (lane == 0) mbarrier_wait_parity(bars + stage, parity);
+    uint8_t* stage_ptr = stages + stage * stage_bytes;
+    if (p.quantize_fp8) {
+      mbarrier_wait_parity(bars + stage, parity);  // every lane reads the staged chunk
+      const int blocks = static_cast<int>(bytes / (kFp8Block * elem_bytes));
+      const float my_scale = quantize_stage_fp8(stage_ptr, blocks, p.x_dtype, elem_bytes);
+      send_scales(p, win, mine, offset / (kFp8Block * elem_bytes), blocks, my_scale);
+      bytes /= elem_bytes;
+      out_offset /= elem_bytes;
+    } else if (lane == 0) {
+      mbarrier_wait_parity(bars + stage, parity);
+    }
     for (int k = 0; k < p.num_topk; ++k) {
       uint8_t* target = reinterpret_cast<uint8_t*>(
           __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(my_target), k));
-      if (lane == 0 && target != nullptr)
-        tma_store_1d(target + offset, stages + stage * stage_bytes, bytes);
+      if (lane == 0 && target != nullptr) tma_store_1d(target + out_offset, stage_ptr, bytes);
     }
     if (lane == 0) {
       bulk_commit_group();
@@ -150,6 +270,7 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, int6
         issue_load(item + kDispatchStages);
       }
     }
+    __syncwarp();  // quantize_fp8: no lane rewrites a stage before lane 0 saw its stores read it
   }
 }
 
@@ -163,12 +284,13 @@ __device__ __forceinline__ void finish_bulk_stores() {
 }
 
 // ------------------------------------------------------------- throughput dispatch, phase 2
-// num_sms blocks. Reads the epoch and token_rows phase 1 left; sends; the last block releases
-// data_flags[rank] = epoch on every peer and waits until every peer's rows have arrived here.
+// num_sms blocks; per_token units per token (SendUnits). Reads the epoch and token_rows phase 1
+// left; sends; the last block releases data_flags[rank] = epoch on every peer and waits until
+// every peer's rows have arrived here.
 template <typename IdxT>
 __global__ void __launch_bounds__(kDispatchThreads)
     dispatch_data_kernel(const __grid_constant__ DispatchParams p, int64_t stage_bytes,
-                         bool use_tma) {
+                         bool use_tma, int per_token) {
   __shared__ __align__(8) uint64_t bars[kDispatchWarps][kDispatchStages];
   const CommParams& c = p.comm;
   const int64_t epoch = ctrl_epoch(c)[kEpochThroughput];  // bumped by phase 1 of this call
@@ -177,8 +299,10 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kDispatchWarps;
   const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kDispatchWarps + warp_id();
   uint8_t* stages = dynamic_smem() + warp_id() * kDispatchStages * stage_bytes;
-  send_tokens<IdxT>(p, win, global_warp, num_warps_total, p.num_tokens, p.token_rows, 0, stages,
-                    bars[warp_id()], stage_bytes, use_tma);
+  const SendUnits units{global_warp, num_warps_total,
+                        static_cast<int64_t>(p.num_tokens) * per_token, per_token};
+  send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()], stage_bytes,
+                    use_tma);
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneDispatchData)) return;
   block_release_to_all_peers(c, c.off_data_flags, epoch);

@@ -4,7 +4,8 @@
 // writes the counts into every peer's ll_counts[epoch & 1][rank] and releases
 // ll_count_flags[rank]. Each block waits (bounded) for the count flags of the LOWER ranks only
 // (the packed row of a pair needs the rows lower ranks send to the same expert), computes the
-// rows of its contiguous range of tokens, and sends them (same pipeline as the throughput
+// rows of its contiguous range of units (tokens, or (token, slot) pairs for calls with fewer
+// tokens than warps: SendUnits), and sends them (same pipeline as the throughput
 // path). The last block to finish bumps ctrl.epoch[1], releases ll_data_flags[rank] into every
 // peer, waits for every peer's data flag and writes recv_counts.
 //
@@ -24,25 +25,32 @@
 
 namespace swiftep {
 
-// Shared ints before the stages: hist [num_warps][E], own [E], rows [tokens_per_block * K].
+// Pairs (token, slot) one unit of work covers: a whole token's K, or one pair (SendUnits).
+__host__ __device__ __forceinline__ int pairs_per_unit(int per_token, int num_topk) {
+  return per_token == 1 ? num_topk : 1;
+}
+
+// Shared ints before the stages: hist [num_warps][E], own [E], rows [units_per_block * pairs
+// per unit].
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_experts,
-                                                                  int tokens_per_block,
-                                                                  int num_topk) {
+                                                                  int64_t units_per_block,
+                                                                  int per_token, int num_topk) {
   return static_cast<int64_t>(kDispatchWarps) * num_experts + num_experts +
-         static_cast<int64_t>(tokens_per_block) * num_topk;
+         units_per_block * pairs_per_unit(per_token, num_topk);
 }
 
 template <typename IdxT>
 __global__ void __launch_bounds__(kDispatchThreads)
     ll_dispatch_kernel(const __grid_constant__ DispatchParams p, int64_t stage_bytes,
-                       bool use_tma, int tokens_per_block) {
+                       bool use_tma, int64_t units_per_block, int per_token) {
   __shared__ __align__(8) uint64_t bars[kDispatchWarps][kDispatchStages];
   const CommParams& c = p.comm;
   const int num_experts = c.num_experts;
   const int num_local = c.num_local_experts;
   const int64_t rows_per_expert = c.ll_rows_per_expert;  // S
   const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
-  const int64_t smem_ints = ll_dispatch_smem_ints(num_experts, tokens_per_block, p.num_topk);
+  const int64_t smem_ints =
+      ll_dispatch_smem_ints(num_experts, units_per_block, per_token, p.num_topk);
   int* hist = reinterpret_cast<int*>(dynamic_smem());
   int* own = hist + static_cast<int64_t>(kDispatchWarps) * num_experts;
   int32_t* rows = own + num_experts;
@@ -76,11 +84,13 @@ __global__ void __launch_bounds__(kDispatchThreads)
   }
   lower_ready = __syncthreads_and(lower_ready) != 0;
 
-  const int64_t token_begin = min(static_cast<int64_t>(blockIdx.x) * tokens_per_block,
-                                  static_cast<int64_t>(p.num_tokens));
-  const int64_t token_end = min(token_begin + tokens_per_block, static_cast<int64_t>(p.num_tokens));
-  const int64_t pair_begin = token_begin * p.num_topk;
-  const int64_t pair_end = token_end * p.num_topk;
+  // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end).
+  const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
+  const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
+  const int64_t unit_end = min(unit_begin + units_per_block, num_units);
+  const int pairs_per = pairs_per_unit(per_token, p.num_topk);
+  const int64_t pair_begin = unit_begin * pairs_per;
+  const int64_t pair_end = unit_end * pairs_per;
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {
         if (pair < pair_begin || pair >= pair_end) return;
@@ -103,8 +113,9 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
   uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
-  send_tokens<IdxT>(p, win, token_begin + warp_id(), kDispatchWarps, token_end, rows, token_begin,
-                    stages, bars[warp_id()], stage_bytes, use_tma);
+  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token};
+  send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()], stage_bytes,
+                    use_tma);
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneLowLatencyDispatch)) return;
 

@@ -48,11 +48,13 @@ cudaError_t plan_dispatch(const DispatchParams& p, DispatchLaunch* out) {
   plan.use_tma = x_is_bulk_aligned(p);
   if (plan.use_tma) {
     const int64_t cap = data_info.max_dynamic / (kDispatchWarps * kDispatchStages);
-    plan.stage_bytes = even_chunk_bytes(p.x_row_bytes,
-                                        cap < kMaxDispatchStageBytes ? cap : kMaxDispatchStageBytes);
+    plan.stage_bytes =
+        dispatch_chunk_bytes(p, cap < kMaxDispatchStageBytes ? cap : kMaxDispatchStageBytes);
     plan.data_smem = plan.stage_bytes * kDispatchWarps * kDispatchStages;
     if (plan.stage_bytes == 0 && plan.check.ok)
       plan.check = {false, 16 * kDispatchWarps * kDispatchStages, data_info.max_dynamic};
+  } else if (p.quantize_fp8) {  // the binding requires an aligned x: never reached
+    plan.check = {false, 0, 0};
   }
   *out = plan;
   return cudaSuccess;
@@ -74,10 +76,14 @@ cudaError_t launch(const DispatchParams& p, cudaStream_t stream) {
       <<<1, plan.counts_warps * kWarpSize, plan.counts_smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // Enough blocks for one token per warp, at most num_sms; at least one (the handshake).
-  const int64_t blocks = clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms);
+  // Enough blocks for one unit (token, or (token, slot) pair for small calls: see SendUnits)
+  // per warp, at most num_sms; at least one (the handshake).
+  const int per_token =
+      units_per_token(p.num_tokens, p.num_topk, static_cast<int64_t>(p.num_sms) * kDispatchWarps);
+  const int64_t blocks = clamp_blocks(
+      ceil_div(static_cast<int64_t>(p.num_tokens) * per_token, kDispatchWarps), p.num_sms);
   dispatch_data_kernel<IdxT><<<static_cast<unsigned>(blocks), kDispatchThreads, plan.data_smem,
-                               stream>>>(p, plan.stage_bytes, plan.use_tma);
+                               stream>>>(p, plan.stage_bytes, plan.use_tma, per_token);
   return cudaGetLastError();
 }
 

@@ -10,6 +10,8 @@
 #include <utility>
 
 #include "swiftep/launchers.h"
+#include "swiftep/params.h"
+#include "swiftep/plan_fields.h"
 
 namespace swiftep {
 
@@ -79,6 +81,19 @@ inline int64_t even_chunk_bytes(int64_t row_bytes, int64_t cap) {
   const int64_t num_chunks = (row_bytes + cap - 1) / cap;
   const int64_t chunk = (row_bytes + num_chunks - 1) / num_chunks;
   return (chunk + 15) / 16 * 16;
+}
+
+// The chunk of x's row one dispatch pipeline stage holds, at most cap bytes. When the kernel
+// quantizes, a chunk is a whole number of 128-channel blocks, at most 32 (one scale per lane).
+inline int64_t dispatch_chunk_bytes(const DispatchParams& p, int64_t cap) {
+  if (!p.quantize_fp8) return even_chunk_bytes(p.x_row_bytes, cap);
+  const int64_t block_bytes = static_cast<int64_t>(kFp8Block) * dtype_bytes(p.x_dtype);
+  const int64_t row_blocks = p.x_row_bytes / block_bytes;
+  int64_t max_blocks = cap / block_bytes;
+  if (max_blocks > 32) max_blocks = 32;
+  if (max_blocks < 1 || row_blocks < 1) return 0;
+  const int64_t chunks = (row_blocks + max_blocks - 1) / max_blocks;
+  return (row_blocks + chunks - 1) / chunks * block_bytes;
 }
 
 inline int64_t clamp_blocks(int64_t wanted, int32_t num_sms) {

@@ -12,7 +12,8 @@ namespace {
 struct LowLatencyLaunch {
   SmemCheck check;
   int64_t blocks;
-  int tokens_per_block;  // contiguous token range of each block
+  int per_token;           // units per token (SendUnits)
+  int64_t units_per_block;  // contiguous unit range of each block
   bool use_tma;
   int64_t stage_bytes;
   int64_t smem;
@@ -24,21 +25,27 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   KernelSmem info{};
   cudaError_t err = kernel_smem(reinterpret_cast<const void*>(&ll_dispatch_kernel<IdxT>), &info);
   if (err != cudaSuccess) return err;
-  // One token per warp when num_sms allows: the latency of a call is one token's fan-out.
-  plan.blocks = clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms);
-  plan.tokens_per_block = static_cast<int>(ceil_div(p.num_tokens, plan.blocks));
-  const int64_t fixed =
-      round_up(ll_dispatch_smem_ints(p.comm.num_experts, plan.tokens_per_block, p.num_topk) * 4,
-               kSmemAlign);
+  // One unit per warp when num_sms allows: the latency of a call is one unit's fan-out, and a
+  // call with fewer tokens than warps spreads each token's K stores over K warps.
+  plan.per_token =
+      units_per_token(p.num_tokens, p.num_topk, static_cast<int64_t>(p.num_sms) * kDispatchWarps);
+  const int64_t units = static_cast<int64_t>(p.num_tokens) * plan.per_token;
+  plan.blocks = clamp_blocks(ceil_div(units, kDispatchWarps), p.num_sms);
+  plan.units_per_block = ceil_div(units, plan.blocks);
+  const int64_t fixed = round_up(ll_dispatch_smem_ints(p.comm.num_experts, plan.units_per_block,
+                                                       plan.per_token, p.num_topk) *
+                                     4,
+                                 kSmemAlign);
   plan.check = {true, fixed, info.max_dynamic};
   plan.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
                  p.x_row_bytes % kBulkAlign == 0;
+  if (!plan.use_tma && p.quantize_fp8) plan.check = {false, 0, 0};  // the binding prevents it
   plan.smem = fixed;
   if (plan.use_tma) {
     const int64_t budget = info.max_dynamic - fixed;
     const int64_t cap = budget > 0 ? budget / (kDispatchWarps * kDispatchStages) : 0;
-    plan.stage_bytes = even_chunk_bytes(p.x_row_bytes,
-                                        cap < kMaxDispatchStageBytes ? cap : kMaxDispatchStageBytes);
+    plan.stage_bytes =
+        dispatch_chunk_bytes(p, cap < kMaxDispatchStageBytes ? cap : kMaxDispatchStageBytes);
     plan.smem = fixed + plan.stage_bytes * kDispatchWarps * kDispatchStages;
     if (plan.stage_bytes == 0) plan.check = {false, fixed + 16 * kDispatchWarps * kDispatchStages,
                                              info.max_dynamic};
@@ -57,7 +64,8 @@ cudaError_t launch(const DispatchParams& p, cudaStream_t stream) {
   err = ensure_dynamic_smem(reinterpret_cast<const void*>(&ll_dispatch_kernel<IdxT>), plan.smem);
   if (err != cudaSuccess) return err;
   ll_dispatch_kernel<IdxT><<<static_cast<unsigned>(plan.blocks), kDispatchThreads, plan.smem,
-                             stream>>>(p, plan.stage_bytes, plan.use_tma, plan.tokens_per_block);
+                             stream>>>(p, plan.stage_bytes, plan.use_tma, plan.units_per_block,
+                                       plan.per_token);
   return cudaGetLastError();
 }
 

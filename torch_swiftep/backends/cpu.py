@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checks
+from ..fp8 import quantize_fp8
 from ..plan import ctrl_region, plan_value, typed_region
 from ..status import SwiftepError
 
@@ -199,9 +200,18 @@ def _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspa
     return y.to(expert_out.dtype)
 
 
+def _quantized(x, x_scales, quantize):
+    """The ops' quantize_fp8=True: the same bytes the CUDA kernels produce in-kernel."""
+    if not quantize:
+        return x, x_scales
+    checks.check_quantize_input(x, x_scales)
+    return quantize_fp8(x)
+
+
 # ----------------------------------------------------------------------------- the ops
 def dispatch(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name, plan,
-             num_sms):
+             num_sms, quantize_fp8=False):
+    x, x_scales = _quantized(x, x_scales, quantize_fp8)
     route = _dispatch(x, x_scales, topk_idx, topk_weights, workspace, group_name, plan, False)
     return route.expert_offsets, route.token_rows
 
@@ -216,7 +226,8 @@ def combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, work
 
 
 def low_latency_dispatch(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name,
-                         plan, num_sms):
+                         plan, num_sms, quantize_fp8=False):
+    x, x_scales = _quantized(x, x_scales, quantize_fp8)
     route = _dispatch(x, x_scales, topk_idx, topk_weights, workspace, group_name, plan, True)
     # token_rows are already flat rows j * W * T + slot: see _Route's expert_base.
     return route.recv_counts, route.token_rows

@@ -9,6 +9,16 @@ namespace swiftep {
 // Element type of expert outputs / combine results.
 enum class DType : int32_t { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
 
+#if defined(__CUDACC__)
+#define SWIFTEP_HOST_DEVICE __host__ __device__
+#else
+#define SWIFTEP_HOST_DEVICE  // the binding (plain C++) includes this header too
+#endif
+
+SWIFTEP_HOST_DEVICE inline int dtype_bytes(DType dtype) {
+  return dtype == DType::kFloat32 ? 4 : 2;
+}
+
 // The communicator state every communication op shares: this rank's workspace, the peer table
 // and the decoded plan. Region and ctrl offsets are byte offsets from a workspace base; every
 // rank's workspace has the same layout, so peer_base + offset addresses a peer's region.
@@ -35,14 +45,17 @@ struct CommParams {
 struct DispatchParams {
   CommParams comm;
   const void* x;             // [num_tokens, hidden], x_row_bytes per row
-  const float* x_scales;     // [num_tokens, scale_cols] (FP8 only, else nullptr)
+  DType x_dtype;             // x's element type when quantize_fp8 (else unused)
+  bool quantize_fp8;         // quantize x to FP8 e4m3 + scales inside the kernel
+  const float* x_scales;     // [num_tokens, scale_cols] (x given as FP8, else nullptr)
   const void* topk_idx;      // [num_tokens, num_topk], int64 or int32
   bool topk_idx_is_int64;
   const float* topk_weights; // [num_tokens, num_topk]
   int32_t num_tokens;        // may be 0
   int32_t num_topk;          // K of the tensors (<= the plan's num_topk)
-  int64_t x_row_bytes;       // hidden * element size: also the window pitch of this call
-  int32_t scale_cols;        // hidden / 128 for FP8, else 0
+  int64_t x_row_bytes;       // hidden * x's element size
+  int64_t out_row_bytes;     // window pitch of this call: x_row_bytes, or hidden if quantizing
+  int32_t scale_cols;        // hidden / 128 for FP8 (given or quantized here), else 0
   int32_t* expert_offsets;   // dispatch: [L + 1] out
   int32_t* recv_counts;      // low_latency_dispatch: [L] out
   int32_t* token_rows;       // [num_tokens, num_topk] out

@@ -60,4 +60,9 @@ enum WaitWhat : int64_t {
   kWaitLlCombine = 5,
 };
 
+// FP8 recipe (plan.py FP8_*).
+constexpr int kFp8Block = 128;
+constexpr float kFp8Max = 448.0f;
+constexpr float kFp8AmaxFloor = 0.0001f;
+
 }  // namespace swiftep
