@@ -279,13 +279,28 @@ def test_emulated_world_in_one_process():
 if os.environ.get("SWIFTEP_GPU_SMALL_CASE"):
     # compute-sanitizer entry point: scripts/gpu_round.sh runs this file's small case alone
     def test_small_case_for_sanitizers():
-        from torch_swiftep.bench.gpu_world import EmulatedWorld, graph_ms
+        from torch_swiftep.bench.gpu_world import EmulatedWorld, fork_join, graph_ms
+        from torch_swiftep.bench.low_latency import _check
 
-        w = EmulatedWorld(2, 16, 256, 2, 8, torch.bfloat16, torch.device("cuda"), seed=1)
+        w = EmulatedWorld(2, 16, 256, 2, 8, torch.bfloat16, torch.device("cuda"), seed=1,
+                          ll_tokens=16)
         step = w.dispatch_combine_step(2)
         pairs = step()
         torch.cuda.synchronize()
         assert not w.check([h for h, _ in pairs], range(2))
+        # low latency with in-kernel FP8 quantization: (token, slot) units (3 SMs: 24 warps for
+        # 16 tokens) and whole-token units (1 SM: 8 warps)
+        for sms in (3, 1):
+            def call(r, sms=sms):
+                comm = w.comms[r]
+                h = comm.low_latency_dispatch(w.xs[r], w.idx[r], w.w[r], quantize_fp8=True,
+                                              num_sms=sms)
+                return h, comm.low_latency_combine(comm.low_latency_combine_buffer(), h,
+                                                   num_sms=sms)
+            pairs = fork_join([(lambda r=r: call(r)) for r in range(2)], w.streams)
+            torch.cuda.synchronize()
+            errors = _check(w, pairs, True)
+            assert not errors, errors[:5]
         del graph_ms
 
 
@@ -393,5 +408,5 @@ def test_dispatch_layout_matches_cpu_and_rejects_bad_indices():
         torch.ops.swiftep.dispatch_layout(idx.cuda().float(), 64, 8)  # a C++ check, raised
     bad = idx.clone()
     bad[5, 2] = 64
-    with pytest.raises(IndexError, match=r"topk_idx has values in \[-1, 64\]"):
+    with pytest.raises(RuntimeError, match=r"topk_idx has values in \[-1, 64\]"):
         torch.ops.swiftep.dispatch_layout(bad.cuda(), 64, 8)

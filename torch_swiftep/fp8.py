@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import FP8_AMAX_FLOOR, FP8_BLOCK, FP8_DTYPE, FP8_MAX
+from .plan import FP8_AMAX_FLOOR, FP8_BLOCK, FP8_DTYPE, FP8_MAX, FP8_SCALE_PER_AMAX
 
 assert FP8_MAX == torch.finfo(FP8_DTYPE).max
 
@@ -19,7 +19,7 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, h = x.shape
     blocks = x.float().view(n, h // FP8_BLOCK, FP8_BLOCK)
     amax = blocks.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR)
-    scales = amax / FP8_MAX
+    scales = amax * FP8_SCALE_PER_AMAX  # plan.py: a product, the same on every device
     q = (blocks / scales.unsqueeze(-1)).to(FP8_DTYPE).view(n, h)
     return q, scales.contiguous()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -35,12 +36,16 @@ import torch
 # region on its own cache lines so flags never share a line with data.
 REGION_ALIGN = 128
 # DeepSeek-V3 FP8 recipe: one float32 scale per token per 128 channels,
-# scale = max(amax, FP8_AMAX_FLOOR) / FP8_MAX. The CUDA dispatch that quantizes in-kernel reads
-# the same numbers from the generated header, so both give identical bytes.
+# scale = max(amax, FP8_AMAX_FLOOR) * FP8_SCALE_PER_AMAX, q = e4m3(x / scale). The CUDA dispatch
+# that quantizes in-kernel reads the same numbers from the generated header, so both give
+# identical bytes. The scale is a product, not amax / 448: torch on CUDA turns a division by a
+# Python scalar into a product with its reciprocal and on CPU does not, so a division would make
+# the recipe itself differ between devices in the last bit.
 FP8_BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
-FP8_AMAX_FLOOR = 1e-4  # a block of zeros still needs a finite, non-zero scale (as DeepEP)
+FP8_SCALE_PER_AMAX = struct.unpack("f", struct.pack("f", 1.0 / FP8_MAX))[0]  # float32(1 / 448)
+FP8_AMAX_FLOOR = struct.unpack("f", struct.pack("f", 1e-4))[0]  # a zero block's scale floor
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -321,8 +326,8 @@ def emit_header() -> str:
     fp8 = [
         "// FP8 recipe (plan.py FP8_*).",
         f"constexpr int kFp8Block = {FP8_BLOCK};",
-        f"constexpr float kFp8Max = {FP8_MAX!r}f;",
-        f"constexpr float kFp8AmaxFloor = {FP8_AMAX_FLOOR!r}f;",
+        f"constexpr float kFp8ScalePerAmax = {FP8_SCALE_PER_AMAX.hex()}f;  // float32(1 / 448)",
+        f"constexpr float kFp8AmaxFloor = {FP8_AMAX_FLOOR.hex()}f;  // float32(1e-4)",
         "",
     ]
     for i, name in enumerate(

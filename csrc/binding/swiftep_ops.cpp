@@ -232,14 +232,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_layout_cuda(const at::Te
               topk_idx.numel());
   c10::cuda::CUDAGuard guard(device);
   // This op has no status word to report through, so it checks the values on the host (one
-  // sync) rather than silently counting an out-of-range entry as "no expert". Skipped while a
+  // sync) rather than silently counting an out-of-range entry as "no expert". The CPU backend
+  // raises IndexError for the same input. Skipped while a
   // CUDA graph is being captured, where a sync is not allowed.
   if (topk_idx.numel() > 0 &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     const auto [lowest, highest] = at::aminmax(topk_idx);
     const int64_t lo = lowest.item<int64_t>();
     const int64_t hi = highest.item<int64_t>();
-    TORCH_CHECK_INDEX(lo >= -1 && hi < num_experts, "swiftep::dispatch_layout: topk_idx has ",
+    // A plain c10::Error (RuntimeError): c10::IndexError thrown from this library crashed the
+    // interpreter with torch 2.11 instead of reaching Python.
+    TORCH_CHECK(lo >= -1 && hi < num_experts, "swiftep::dispatch_layout: topk_idx has ",
                       "values in [", lo, ", ", hi, "]; entries must be -1 (no expert) or in ",
                       "[0, num_experts=", num_experts, ")");
   }

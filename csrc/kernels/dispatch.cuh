@@ -137,32 +137,53 @@ __device__ __forceinline__ void load4_as_float(const uint8_t* src, DType dtype, 
 
 // Quantizes, in place, a staged chunk of `blocks` 128-channel blocks of x (elem_bytes each)
 // to FP8 e4m3 with one float32 scale per block, the DeepSeek-V3 recipe exactly as
-// torch_swiftep.fp8.quantize_fp8 computes it (same operations, IEEE-rounded, so the bytes are
-// identical): scale = max(amax, 1e-4) / 448, q = e4m3(v / scale). Block b's 128 output bytes
-// land at stage + 128 * b, which only overlaps input already read (block b / elem_bytes <= b).
+// torch_swiftep.fp8.quantize_fp8 computes it (same IEEE-rounded operations, so the bytes are
+// identical): scale = max(amax, floor) * float32(1 / 448), q = e4m3(v / scale). Lane l holds
+// elements [4l, 4l + 4) of a block. kQuantGroup blocks are in flight at once so their shuffle
+// reductions overlap (one block at a time left the warp waiting on each shuffle's latency).
+// Block b's 128 output bytes land at stage + 128 * b, which only overlaps input of blocks
+// <= b, all loaded (every lane, before the group's shuffles) by then.
 // Returns block (lane)'s scale to lane `lane` (blocks <= 32). Whole warp.
+constexpr int kQuantGroup = 4;
+
 __device__ __forceinline__ float quantize_stage_fp8(uint8_t* stage, int blocks, DType dtype,
                                                     int elem_bytes) {
   const int lane = lane_id();
   float my_scale = 0.f;
-  for (int b = 0; b < blocks; ++b) {
-    float v[4];
-    load4_as_float(stage + (static_cast<int64_t>(b) * kFp8Block + lane * 4) * elem_bytes, dtype,
-                   v);
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  for (int b0 = 0; b0 < blocks; b0 += kQuantGroup) {
+    float v[kQuantGroup][4];
+    float amax[kQuantGroup];
 #pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
-    const float scale = __fdiv_rn(fmaxf(amax, kFp8AmaxFloor), kFp8Max);
-    uint32_t packed = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __nv_fp8_storage_t q = __nv_cvt_float_to_fp8(__fdiv_rn(v[i], scale), __NV_SATFINITE,
-                                                         __NV_E4M3);
-      packed |= static_cast<uint32_t>(q) << (8 * i);
+    for (int g = 0; g < kQuantGroup; ++g) {
+      amax[g] = 0.f;
+      if (b0 + g < blocks) {
+        load4_as_float(stage + (static_cast<int64_t>(b0 + g) * kFp8Block + lane * 4) * elem_bytes,
+                       dtype, v[g]);
+        amax[g] = fmaxf(fmaxf(fabsf(v[g][0]), fabsf(v[g][1])),
+                        fmaxf(fabsf(v[g][2]), fabsf(v[g][3])));
+      }
     }
-    // Every lane has loaded block b (the shuffles above): its bytes may now be overwritten.
-    reinterpret_cast<uint32_t*>(stage + static_cast<int64_t>(b) * kFp8Block)[lane] = packed;
-    if (lane == b) my_scale = scale;
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) {
+#pragma unroll
+      for (int g = 0; g < kQuantGroup; ++g)
+        amax[g] = fmaxf(amax[g], __shfl_xor_sync(kFullMask, amax[g], m));
+    }
+#pragma unroll
+    for (int g = 0; g < kQuantGroup; ++g) {
+      const int b = b0 + g;
+      if (b >= blocks) break;  // warp-uniform
+      const float scale = __fmul_rn(fmaxf(amax[g], kFp8AmaxFloor), kFp8ScalePerAmax);
+      uint32_t packed = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __nv_fp8_storage_t q =
+            __nv_cvt_float_to_fp8(__fdiv_rn(v[g][i], scale), __NV_SATFINITE, __NV_E4M3);
+        packed |= static_cast<uint32_t>(q) << (8 * i);
+      }
+      reinterpret_cast<uint32_t*>(stage + static_cast<int64_t>(b) * kFp8Block)[lane] = packed;
+      if (lane == b) my_scale = scale;
+    }
   }
   fence_proxy_async_shared_cta();  // the bulk stores (async proxy) read what lanes wrote
   __syncwarp();

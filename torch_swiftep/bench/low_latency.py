@@ -117,7 +117,8 @@ def run(world=8, hidden=7168, topk=8, experts=256, out_dir=None, check=True,
                                                   w.streams)
                 torch.cuda.synchronize()
                 if check and sms == sms_per_rank:
-                    errors += _check(w, pairs, fp8)
+                    point = f"{tokens} tokens/rank {'fp8' if fp8 else 'bf16'}"
+                    errors += [f"{point}: {e}" for e in _check(w, pairs, fp8)]
                 tp = {}
                 if not fp8 and sms == sms_per_rank:
                     tp, _ = _dispatch_and_combine(calls.tp_dispatch, calls.tp_pair, world,

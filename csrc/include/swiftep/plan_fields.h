@@ -62,7 +62,7 @@ enum WaitWhat : int64_t {
 
 // FP8 recipe (plan.py FP8_*).
 constexpr int kFp8Block = 128;
-constexpr float kFp8Max = 448.0f;
-constexpr float kFp8AmaxFloor = 0.0001f;
+constexpr float kFp8ScalePerAmax = 0x1.24924a0000000p-9f;  // float32(1 / 448)
+constexpr float kFp8AmaxFloor = 0x1.a36e2e0000000p-14f;  // float32(1e-4)
 
 }  // namespace swiftep
