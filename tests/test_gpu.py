@@ -397,6 +397,36 @@ def test_low_latency_graph_replays_bit_exact():
     assert not flat, "\n".join(flat)
 
 
+def _cuda_op_errors(rank, world):
+    """C++ checks of the CUDA ops reach Python as exceptions. Runs in a child process, so a
+    crash fails the test instead of taking pytest down."""
+    device = _device(rank)
+    problems = []
+    inp = testing.world_inputs(11, [333], 8, 64, 8, torch.float32, "holes")
+    bad = inp.topk_idx[0].clone()
+    bad[5, 2] = 64
+    try:
+        torch.ops.swiftep.dispatch_layout(bad.to(device), 64, 8)
+        problems.append("dispatch_layout accepted topk_idx value 64 with num_experts=64")
+    except RuntimeError as e:
+        if "topk_idx has values in [-1, 64]" not in str(e):
+            problems.append(f"dispatch_layout: unexpected message {e}")
+    cfg = ts.CommConfig(num_experts=8, hidden=128, num_topk=2, max_tokens_per_rank=4,
+                        ll_max_tokens_per_rank=4)
+    comm = ts.Communicator(None, cfg, device=device)
+    x = torch.zeros(4, 64, dtype=torch.bfloat16, device=device)  # hidden 64, not 128
+    idx = torch.zeros(4, 2, dtype=torch.int64, device=device)
+    w = torch.ones(4, 2, device=device)
+    try:  # a check that runs with the op's device guard alive
+        torch.ops.swiftep.low_latency_dispatch(x, None, idx, w, comm.workspace, comm.peer_ptrs,
+                                               "", comm.plan.as_list(), 4)
+        problems.append("low_latency_dispatch accepted x of hidden 64 for hidden=128")
+    except RuntimeError as e:
+        if "x must be [num_tokens, 128]" not in str(e):
+            problems.append(f"low_latency_dispatch: unexpected message {e}")
+    return problems
+
+
 def test_dispatch_layout_matches_cpu_and_rejects_bad_indices():
     inp = testing.world_inputs(11, [333], 8, 64, 8, torch.float32, "holes")
     idx = inp.topk_idx[0]
@@ -406,7 +436,5 @@ def test_dispatch_layout_matches_cpu_and_rejects_bad_indices():
         assert torch.equal(g.cpu(), w)
     with pytest.raises(RuntimeError, match="topk_idx must be int64 or int32"):
         torch.ops.swiftep.dispatch_layout(idx.cuda().float(), 64, 8)  # a C++ check, raised
-    bad = idx.clone()
-    bad[5, 2] = 64
-    with pytest.raises(RuntimeError, match=r"topk_idx has values in \[-1, 64\]"):
-        torch.ops.swiftep.dispatch_layout(bad.cuda(), 64, 8)
+    problems = run_world(1, _cuda_op_errors, env=ENV, timeout_s=120)[0]
+    assert not problems, problems

@@ -19,8 +19,10 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, h = x.shape
     blocks = x.float().view(n, h // FP8_BLOCK, FP8_BLOCK)
     amax = blocks.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR)
-    scales = amax * FP8_SCALE_PER_AMAX  # plan.py: a product, the same on every device
-    q = (blocks / scales.unsqueeze(-1)).to(FP8_DTYPE).view(n, h)
+    # plan.py's recipe, op for op: the CUDA dispatch quantizes in-kernel to the same bytes
+    inverse = torch.full_like(amax, FP8_MAX) / amax  # tensor / tensor: IEEE on every device
+    q = (blocks * inverse.unsqueeze(-1)).to(FP8_DTYPE).view(n, h)
+    scales = amax * FP8_SCALE_PER_AMAX
     return q, scales.contiguous()
 
 

@@ -35,12 +35,12 @@ import torch
 # Bulk copies and 16-byte vector accesses need 16-byte alignment; 128 also keeps every
 # region on its own cache lines so flags never share a line with data.
 REGION_ALIGN = 128
-# DeepSeek-V3 FP8 recipe: one float32 scale per token per 128 channels,
-# scale = max(amax, FP8_AMAX_FLOOR) * FP8_SCALE_PER_AMAX, q = e4m3(x / scale). The CUDA dispatch
-# that quantizes in-kernel reads the same numbers from the generated header, so both give
-# identical bytes. The scale is a product, not amax / 448: torch on CUDA turns a division by a
-# Python scalar into a product with its reciprocal and on CPU does not, so a division would make
-# the recipe itself differ between devices in the last bit.
+# DeepSeek-V3 FP8 recipe: one float32 scale per token per 128 channels. With
+# a = max(amax, FP8_AMAX_FLOOR): q = e4m3(x * (FP8_MAX / a)), scale = a * FP8_SCALE_PER_AMAX
+# (x ~= q * scale). The CUDA dispatch that quantizes in-kernel reads the same numbers from the
+# generated header and does the same IEEE-rounded operations, so both give identical bytes.
+# One division per block, not per element (the kernel's cost), and never a division by a Python
+# scalar: torch on CUDA turns that into a product with the reciprocal and on CPU does not.
 FP8_BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -326,6 +326,7 @@ def emit_header() -> str:
     fp8 = [
         "// FP8 recipe (plan.py FP8_*).",
         f"constexpr int kFp8Block = {FP8_BLOCK};",
+        f"constexpr float kFp8Max = {FP8_MAX.hex()}f;  // {FP8_MAX}",
         f"constexpr float kFp8ScalePerAmax = {FP8_SCALE_PER_AMAX.hex()}f;  // float32(1 / 448)",
         f"constexpr float kFp8AmaxFloor = {FP8_AMAX_FLOOR.hex()}f;  // float32(1e-4)",
         "",

@@ -230,22 +230,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_layout_cuda(const at::Te
               num_experts, ", world_size=", world_size);
   TORCH_CHECK(topk_idx.numel() <= INT_MAX, "swiftep::dispatch_layout: too many entries: ",
               topk_idx.numel());
-  c10::cuda::CUDAGuard guard(device);
   // This op has no status word to report through, so it checks the values on the host (one
-  // sync) rather than silently counting an out-of-range entry as "no expert". The CPU backend
-  // raises IndexError for the same input. Skipped while a
-  // CUDA graph is being captured, where a sync is not allowed.
+  // sync) rather than silently counting an out-of-range entry as "no expert"; skipped while a
+  // CUDA graph is being captured, where a sync is not allowed. The CPU backend raises
+  // IndexError for the same input; here it is a RuntimeError, thrown before the device guard
+  // below exists: on the GPU machine (torch 2.11) an error thrown from this library while a
+  // CUDAGuard was alive crashed the interpreter instead of reaching Python.
   if (topk_idx.numel() > 0 &&
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    const auto [lowest, highest] = at::aminmax(topk_idx);
-    const int64_t lo = lowest.item<int64_t>();
-    const int64_t hi = highest.item<int64_t>();
-    // A plain c10::Error (RuntimeError): c10::IndexError thrown from this library crashed the
-    // interpreter with torch 2.11 instead of reaching Python.
+    int64_t lo = 0, hi = 0;
+    {
+      c10::cuda::CUDAGuard sync_guard(device);
+      const auto [lowest, highest] = at::aminmax(topk_idx);
+      lo = lowest.item<int64_t>();
+      hi = highest.item<int64_t>();
+    }
     TORCH_CHECK(lo >= -1 && hi < num_experts, "swiftep::dispatch_layout: topk_idx has ",
-                      "values in [", lo, ", ", hi, "]; entries must be -1 (no expert) or in ",
-                      "[0, num_experts=", num_experts, ")");
+                "values in [", lo, ", ", hi, "]; entries must be -1 (no expert) or in ",
+                "[0, num_experts=", num_experts, ")");
   }
+  c10::cuda::CUDAGuard guard(device);
   const int64_t num_tokens = topk_idx.size(0);
   const auto int_opts = topk_idx.options().dtype(at::kInt);
   at::Tensor per_rank = at::zeros({world_size}, int_opts);

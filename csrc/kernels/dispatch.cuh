@@ -138,11 +138,12 @@ __device__ __forceinline__ void load4_as_float(const uint8_t* src, DType dtype, 
 // Quantizes, in place, a staged chunk of `blocks` 128-channel blocks of x (elem_bytes each)
 // to FP8 e4m3 with one float32 scale per block, the DeepSeek-V3 recipe exactly as
 // torch_swiftep.fp8.quantize_fp8 computes it (same IEEE-rounded operations, so the bytes are
-// identical): scale = max(amax, floor) * float32(1 / 448), q = e4m3(v / scale). Lane l holds
+// identical): a = max(amax, floor), q = e4m3(v * (448 / a)), scale = a * float32(1 / 448)
+// (plan.py). Lane l holds
 // elements [4l, 4l + 4) of a block. kQuantGroup blocks are in flight at once so their shuffle
 // reductions overlap (one block at a time left the warp waiting on each shuffle's latency).
 // Block b's 128 output bytes land at stage + 128 * b, which only overlaps input of blocks
-// <= b, all loaded (every lane, before the group's shuffles) by then.
+// <= b, all loaded by every lane before the group's __syncwarp.
 // Returns block (lane)'s scale to lane `lane` (blocks <= 32). Whole warp.
 constexpr int kQuantGroup = 4;
 
@@ -169,16 +170,19 @@ __device__ __forceinline__ float quantize_stage_fp8(uint8_t* stage, int blocks, 
       for (int g = 0; g < kQuantGroup; ++g)
         amax[g] = fmaxf(amax[g], __shfl_xor_sync(kFullMask, amax[g], m));
     }
+    __syncwarp();  // every lane's loads of the group are done before any lane overwrites
 #pragma unroll
     for (int g = 0; g < kQuantGroup; ++g) {
       const int b = b0 + g;
       if (b >= blocks) break;  // warp-uniform
-      const float scale = __fmul_rn(fmaxf(amax[g], kFp8AmaxFloor), kFp8ScalePerAmax);
+      const float a = fmaxf(amax[g], kFp8AmaxFloor);
+      const float inverse = __fdiv_rn(kFp8Max, a);
+      const float scale = __fmul_rn(a, kFp8ScalePerAmax);
       uint32_t packed = 0;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const __nv_fp8_storage_t q =
-            __nv_cvt_float_to_fp8(__fdiv_rn(v[g][i], scale), __NV_SATFINITE, __NV_E4M3);
+            __nv_cvt_float_to_fp8(__fmul_rn(v[g][i], inverse), __NV_SATFINITE, __NV_E4M3);
         packed |= static_cast<uint32_t>(q) << (8 * i);
       }
       reinterpret_cast<uint32_t*>(stage + static_cast<int64_t>(b) * kFp8Block)[lane] = packed;

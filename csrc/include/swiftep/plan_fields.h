@@ -62,6 +62,7 @@ enum WaitWhat : int64_t {
 
 // FP8 recipe (plan.py FP8_*).
 constexpr int kFp8Block = 128;
+constexpr float kFp8Max = 0x1.c000000000000p+8f;  // 448.0
 constexpr float kFp8ScalePerAmax = 0x1.24924a0000000p-9f;  // float32(1 / 448)
 constexpr float kFp8AmaxFloor = 0x1.a36e2e0000000p-14f;  // float32(1e-4)
 
