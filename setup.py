@@ -37,9 +37,8 @@ def cuda_extension():
         sources=sources,
         include_dirs=[os.path.abspath("csrc/include")],
         extra_compile_args={
-            # No -std: torch's extension builder picks the standard its headers were built
-            # with (C++20 since torch 2.10); a different one here broke C++ exceptions
-            # thrown through the binding.
+            # No -std: torch's extension builder picks the standard its headers expect
+            # (C++17 for torch 2.11, C++20 for newer releases).
             "cxx": ["-O3"],
             "nvcc": ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                      "--expt-relaxed-constexpr", "-lineinfo"]
