@@ -139,8 +139,7 @@ __device__ __forceinline__ void load4_as_float(const uint8_t* src, DType dtype, 
 // to FP8 e4m3 with one float32 scale per block, the DeepSeek-V3 recipe exactly as
 // torch_swiftep.fp8.quantize_fp8 computes it (same IEEE-rounded operations, so the bytes are
 // identical): a = max(amax, floor), q = e4m3(v * (448 / a)), scale = a * float32(1 / 448)
-// (plan.py). Lane l holds
-// elements [4l, 4l + 4) of a block. kQuantGroup blocks are in flight at once so their shuffle
+// (plan.py). Lane l holds elements [4l, 4l + 4) of a block. kQuantGroup blocks are in flight at once so their shuffle
 // reductions overlap (one block at a time left the warp waiting on each shuffle's latency).
 // Block b's 128 output bytes land at stage + 128 * b, which only overlaps input of blocks
 // <= b, all loaded by every lane before the group's __syncwarp.
