@@ -76,6 +76,28 @@ PLAN_FIELDS = (
     "workspace_bytes",
 )
 
+# Phase trace of the low-latency kernels (off unless ctrl.trace_on is set; the benchmark's
+# --trace reads it): %globaltimer nanoseconds at each point, one row per call, the row of
+# epoch e at e % TRACE_CALLS. Dispatch points are stamped by block 0, except the last-block
+# ones (by the block that finished last); combine points by block 0.
+TRACE_CALLS = 16
+TRACE_POINTS = (
+    "dispatch_start",        # kernel entry
+    "dispatch_counted",      # this rank's pairs counted per expert
+    "dispatch_published",    # counts written into every peer and released
+    "dispatch_lower_ready",  # counts of every lower rank arrived
+    "dispatch_ranked",       # rows of this block's pairs known
+    "dispatch_sent",         # this block's bulk stores complete
+    "dispatch_last_block",   # the last block to finish knows it is last
+    "dispatch_released",     # data flags released into every peer
+    "dispatch_arrived",      # every peer's data flag arrived
+    "dispatch_end",          # recv_counts written
+    "combine_start",
+    "combine_released",      # combine flags released into every peer (block 0)
+    "combine_arrived",       # every owner's flag arrived
+    "combine_end",           # warp 0 of block 0 reduced and wrote its items
+)
+
 # Control state inside the ctrl region: (name, element bytes, element count as a function
 # of (world_size, num_experts)). Flags hold epochs (monotonic call counters), so they never
 # need resetting. Counts are double-buffered by epoch parity.
@@ -92,6 +114,8 @@ CTRL_FIELDS = (
     ("blocks_done", 4, lambda w, e: 8),  # int32 [8]: grid completion counters
     ("status", 8, lambda w, e: 4),  # int64 [4]: code, arg0, arg1, arg2 (see STATUS_*)
     ("host_status_ptr", 8, lambda w, e: 1),  # int64: host-mapped mirror of status, or 0
+    ("trace_on", 8, lambda w, e: 1),  # int64: non-zero = low-latency kernels stamp TRACE_POINTS
+    ("trace", 8, lambda w, e: TRACE_CALLS * len(TRACE_POINTS)),  # int64 [TRACE_CALLS][points]
 )
 
 # Absolute byte offsets of every control field are part of the plan too, so the CUDA side
@@ -335,7 +359,13 @@ def emit_header() -> str:
         ("Counts", "Data", "Combine", "LlCounts", "LlData", "LlCombine")
     ):
         lines.append(f"  kWait{name} = {i},")
-    lines += ["};", ""] + fp8 + ["}  // namespace swiftep", ""]
+    trace = ["// Low-latency phase trace (plan.py TRACE_*).",
+             f"constexpr int kTraceCalls = {TRACE_CALLS};",
+             f"constexpr int kTracePoints = {len(TRACE_POINTS)};",
+             "enum TracePoint : int {"]
+    trace += [f"  kTrace_{name} = {i}," for i, name in enumerate(TRACE_POINTS)]
+    trace += ["};", ""]
+    lines += ["};", ""] + fp8 + trace + ["}  // namespace swiftep", ""]
     return "\n".join(lines)
 
 

@@ -159,15 +159,22 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int warp = warp_id();
   const int lane = lane_id();
   const int64_t epoch = ctrl_epoch(c)[win.epoch_slot];  // the matching dispatch's epoch
+  // Low-latency calls: block 0 stamps the phase trace (ctrl.trace_on).
+  const Tracer trace = blockIdx.x == 0 && threadIdx.x == 0 && win.epoch_slot == kEpochLowLatency
+                           ? make_tracer(c, epoch)
+                           : Tracer{nullptr};
+  trace.mark(kTrace_combine_start);
 
   if (blockIdx.x == 0) {
     __threadfence_system();
     __syncthreads();
     block_release_to_all_peers(c, win.off_flags, epoch);
+    trace.mark(kTrace_combine_released);
   }
   const bool peers_ready =
       block_wait_all_peers(c, at_offset<int64_t>(c.workspace, win.off_flags), epoch,
                            win.wait_what);  // on timeout: no remote reads, y = 0
+  trace.mark(kTrace_combine_arrived);
 
   const int64_t row_bytes = p.out_row_bytes;
   const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
@@ -194,6 +201,7 @@ __global__ void __launch_bounds__(kCombineThreads)
       }
       __syncwarp();  // sources/weights are rewritten by the next token
     }
+    trace.mark(kTrace_combine_end);
     return;
   }
 
@@ -303,6 +311,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     __syncwarp();  // every lane is done with this stage (and the weights) before the refill
     if (item + kCombineStages < num_items) issue_loads(item + kCombineStages);
   }
+  trace.mark(kTrace_combine_end);
 }
 
 // ------------------------------------------------------------------ staging copy kernel

@@ -59,11 +59,16 @@ __global__ void __launch_bounds__(kDispatchThreads)
   // Every block reads the epoch before any block counts itself done; only the last block
   // stores the new value, so all blocks agree on it.
   const int64_t epoch = ctrl_epoch(c)[kEpochLowLatency] + 1;
+  // Block 0 stamps the phase trace; the last block stamps its own points.
+  const Tracer trace =
+      blockIdx.x == 0 && threadIdx.x == 0 ? make_tracer(c, epoch) : Tracer{nullptr};
+  trace.mark(kTrace_dispatch_start);
   if (blockIdx.x == 0 && threadIdx.x == 0) reset_status(c);
   init_warp_barriers(bars[warp_id()], kDispatchStages);
 
   count_pairs<IdxT>(p.topk_idx, num_pairs, p.num_topk, num_experts, hist, own,
                     blockIdx.x == 0 ? &c : nullptr);  // block 0 alone reports bad indices
+  trace.mark(kTrace_dispatch_counted);
 
   if (blockIdx.x == 0) {  // publish: ll_counts[parity][rank][*] of every peer <- own
     for (int64_t i = threadIdx.x; i < static_cast<int64_t>(c.world_size) * num_experts;
@@ -75,6 +80,7 @@ __global__ void __launch_bounds__(kDispatchThreads)
     __threadfence_system();
     __syncthreads();
     block_release_to_all_peers(c, c.off_ll_count_flags, epoch);
+    trace.mark(kTrace_dispatch_published);
   }
 
   bool lower_ready = true;
@@ -83,6 +89,7 @@ __global__ void __launch_bounds__(kDispatchThreads)
     lower_ready = wait_flag_geq(c, count_flags + s, epoch, s, kWaitLlCounts) && lower_ready;
   }
   lower_ready = __syncthreads_and(lower_ready) != 0;
+  trace.mark(kTrace_dispatch_lower_ready);
 
   // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end).
   const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
@@ -109,6 +116,7 @@ __global__ void __launch_bounds__(kDispatchThreads)
         p.token_rows[pair] = row;
       });
   __syncthreads();
+  trace.mark(kTrace_dispatch_ranked);
 
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
@@ -117,12 +125,17 @@ __global__ void __launch_bounds__(kDispatchThreads)
   send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()], stage_bytes,
                     use_tma);
   finish_bulk_stores();
+  trace.mark(kTrace_dispatch_sent);
   if (!block_done_is_last(c, kDoneLowLatencyDispatch)) return;
 
+  const Tracer last = threadIdx.x == 0 ? make_tracer(c, epoch) : Tracer{nullptr};
+  last.mark(kTrace_dispatch_last_block);
   if (threadIdx.x == 0) ctrl_epoch(c)[kEpochLowLatency] = epoch;
   block_release_to_all_peers(c, c.off_ll_data_flags, epoch);
+  last.mark(kTrace_dispatch_released);
   const bool all_arrived = block_wait_all_peers(
       c, at_offset<int64_t>(c.workspace, c.off_ll_data_flags), epoch, kWaitLlData);
+  last.mark(kTrace_dispatch_arrived);
   // A source's data flag follows its count publication, so every count of this epoch is here.
   for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
     int64_t total = 0;
@@ -134,6 +147,7 @@ __global__ void __launch_bounds__(kDispatchThreads)
     }
     p.recv_counts[j] = static_cast<int32_t>(total < rows_per_expert ? total : rows_per_expert);
   }
+  last.mark(kTrace_dispatch_end);
 }
 
 }  // namespace swiftep

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-check", action="store_true", help="GPU: skip the reference check")
     parser.add_argument("--low-latency-only", action="store_true")
     parser.add_argument("--throughput-only", action="store_true")
+    parser.add_argument("--trace", action="store_true",
+                        help="GPU: also print the low-latency kernels' phase trace")
     args = parser.parse_args(argv)
 
     import torch_swiftep
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     if not args.throughput_only:
         ok &= low_latency.run(world=world, hidden=args.hidden, topk=args.topk,
                               experts=args.experts, out_dir=args.out,
-                              check=not args.no_check)
+                              check=not args.no_check, trace=args.trace)
     return 0 if ok else 1
 
 

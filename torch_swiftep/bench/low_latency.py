@@ -22,6 +22,7 @@ import torch
 
 from .. import reference, testing
 from ..fp8 import quantize_fp8
+from . import phase_trace
 from .gpu_world import EmulatedWorld, copy_ceiling_gbps, fork_join, graph_ms, torch_baseline
 from .metrics import combine_min_bytes, dispatch_min_bytes, format_table
 
@@ -84,6 +85,21 @@ class _Calls:
         return h, comm.combine(comm.combine_buffer(), h, num_sms=self.sms)
 
 
+def traced_phases(calls_pair, world, streams, comms, replays=3) -> dict:
+    """The phase trace (phase_trace.py) of a chain of LONG dispatch + combine calls per rank."""
+    step = chained(calls_pair, world, streams, LONG)
+    step()  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay():
+        for _ in range(replays):
+            graph.replay()
+    return phase_trace.summarize(phase_trace.record(comms, replay))
+
+
 def _dispatch_and_combine(calls_dispatch, calls_pair, world, streams):
     d_us, d_one, _ = per_call_us(calls_dispatch, world, streams)
     dc_us, dc_one, pairs = per_call_us(calls_pair, world, streams)
@@ -93,11 +109,11 @@ def _dispatch_and_combine(calls_dispatch, calls_pair, world, streams):
 
 def run(world=8, hidden=7168, topk=8, experts=256, out_dir=None, check=True,
         sms_per_rank=DEFAULT_SMS_PER_RANK, token_points=TOKEN_POINTS,
-        extra_sms=(4,)) -> bool:
+        extra_sms=(4,), trace=False) -> bool:
     device = torch.device("cuda", torch.cuda.current_device())
     ceiling = copy_ceiling_gbps(device)
     records, errors = [], []
-    floors = {}
+    floors, phases = {}, {}
     for tokens in token_points:
         for fp8 in (False, True):
             w = EmulatedWorld(world, tokens, hidden, topk, experts, torch.bfloat16, device,
@@ -108,6 +124,9 @@ def run(world=8, hidden=7168, topk=8, experts=256, out_dir=None, check=True,
                 empty = _Calls(w, sms_per_rank, fp8, 0)
                 floors["protocol"][fp8], _ = _dispatch_and_combine(
                     empty.ll_dispatch, empty.ll_pair, world, w.streams)
+                if trace:
+                    _trace_point(phases, f"0 tokens/rank {'fp8' if fp8 else 'bf16'}",
+                                 empty, world, w)
             for comm in w.comms:
                 comm.low_latency_combine_buffer().normal_()
             sms_list = (sms_per_rank,) + (tuple(extra_sms) if not fp8 else ())
@@ -116,9 +135,11 @@ def run(world=8, hidden=7168, topk=8, experts=256, out_dir=None, check=True,
                 ll, pairs = _dispatch_and_combine(calls.ll_dispatch, calls.ll_pair, world,
                                                   w.streams)
                 torch.cuda.synchronize()
+                point = f"{tokens} tokens/rank {'fp8' if fp8 else 'bf16'}"
                 if check and sms == sms_per_rank:
-                    point = f"{tokens} tokens/rank {'fp8' if fp8 else 'bf16'}"
                     errors += [f"{point}: {e}" for e in _check(w, pairs, fp8)]
+                if trace and sms == sms_per_rank:
+                    _trace_point(phases, point, calls, world, w)
                 tp = {}
                 if not fp8 and sms == sms_per_rank:
                     tp, _ = _dispatch_and_combine(calls.tp_dispatch, calls.tp_pair, world,
@@ -129,11 +150,17 @@ def run(world=8, hidden=7168, topk=8, experts=256, out_dir=None, check=True,
                 if rec["tokens"] == tokens and rec["fp8"] == fp8:
                     rec["torch_us"] = base[rec["op"]] * 1e3
             w.free()
-    _report(records, floors, ceiling, world, sms_per_rank, out_dir)
+    _report(records, floors, ceiling, world, sms_per_rank, out_dir, phases)
     for e in errors[:10]:
         print("CHECK FAILED:", e)
     print("low-latency check:", "passed" if not errors else "FAILED")
     return not errors
+
+
+def _trace_point(phases, point, calls, world, w):
+    phases[point] = traced_phases(calls.ll_pair, world, w.streams, w.comms)
+    print(phase_trace.format_summary(f"{point}, {calls.sms} SMs/rank", phases[point]),
+          flush=True)
 
 
 def _records(w, tokens, fp8, sms, ll, tp, floors, ceiling, hidden):
@@ -154,7 +181,7 @@ def _records(w, tokens, fp8, sms, ll, tp, floors, ceiling, hidden):
     return out
 
 
-def _report(records, floors, ceiling, world, sms_per_rank, out_dir):
+def _report(records, floors, ceiling, world, sms_per_rank, out_dir, phases):
     headers = ["op", "tokens/rank", "dtype", "SMs/rank", "time us", "bytes floor us",
                "time/bytes floor", "protocol us (0 tok)", "throughput-path us", "plain torch us",
                "one-call graph us"]
@@ -174,7 +201,7 @@ def _report(records, floors, ceiling, world, sms_per_rank, out_dir):
                            launch_us=floors["launch_us"],
                            protocol_us={("fp8" if k else "bf16"): v
                                         for k, v in floors["protocol"].items()},
-                           records=records), f, indent=1)
+                           records=records, phases=phases), f, indent=1)
 
 
 def _check(w: EmulatedWorld, pairs, fp8) -> list[str]:

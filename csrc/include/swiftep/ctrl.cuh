@@ -4,6 +4,8 @@
 #include <cstdint>
 
 #include "swiftep/params.h"
+#include "swiftep/plan_fields.h"
+#include "swiftep/ptx.cuh"
 
 namespace swiftep {
 
@@ -34,6 +36,22 @@ __device__ __forceinline__ int32_t* ctrl_blocks_done(const CommParams& c) {
 }
 __device__ __forceinline__ int64_t* ctrl_status(const CommParams& c) {
   return at_offset<int64_t>(c.workspace, c.off_status);
+}
+
+// Phase trace of one low-latency call (plan.py TRACE_*): mark(point) stamps %globaltimer into
+// ctrl.trace[epoch % kTraceCalls][point] when ctrl.trace_on is set, else does nothing (one
+// predicated branch). Built by the one thread that stamps.
+struct Tracer {
+  int64_t* row;  // nullptr: tracing off
+  __device__ __forceinline__ void mark(int point) const {
+    if (row != nullptr) row[point] = static_cast<int64_t>(globaltimer_ns());
+  }
+};
+
+__device__ __forceinline__ Tracer make_tracer(const CommParams& c, int64_t epoch) {
+  if (*at_offset<volatile int64_t>(c.workspace, c.off_trace_on) == 0) return Tracer{nullptr};
+  return Tracer{at_offset<int64_t>(c.workspace, c.off_trace) +
+                (epoch % kTraceCalls) * kTracePoints};
 }
 
 // counts[parity][source][expert] (int32), inside the workspace at base.

@@ -42,6 +42,8 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace, const int
   c.off_blocks_done = plan[kPlan_off_ctrl_blocks_done];
   c.off_status = plan[kPlan_off_ctrl_status];
   c.off_host_status_ptr = plan[kPlan_off_ctrl_host_status_ptr];
+  c.off_trace_on = plan[kPlan_off_ctrl_trace_on];
+  c.off_trace = plan[kPlan_off_ctrl_trace];
   return c;
 }
 

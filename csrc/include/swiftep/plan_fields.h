@@ -41,7 +41,9 @@ enum PlanField : int {
   kPlan_off_ctrl_blocks_done = 31,
   kPlan_off_ctrl_status = 32,
   kPlan_off_ctrl_host_status_ptr = 33,
-  kPlanNumFields = 34,
+  kPlan_off_ctrl_trace_on = 34,
+  kPlan_off_ctrl_trace = 35,
+  kPlanNumFields = 36,
 };
 
 enum StatusCode : int64_t {
@@ -65,5 +67,25 @@ constexpr int kFp8Block = 128;
 constexpr float kFp8Max = 0x1.c000000000000p+8f;  // 448.0
 constexpr float kFp8ScalePerAmax = 0x1.24924a0000000p-9f;  // float32(1 / 448)
 constexpr float kFp8AmaxFloor = 0x1.a36e2e0000000p-14f;  // float32(1e-4)
+
+// Low-latency phase trace (plan.py TRACE_*).
+constexpr int kTraceCalls = 16;
+constexpr int kTracePoints = 14;
+enum TracePoint : int {
+  kTrace_dispatch_start = 0,
+  kTrace_dispatch_counted = 1,
+  kTrace_dispatch_published = 2,
+  kTrace_dispatch_lower_ready = 3,
+  kTrace_dispatch_ranked = 4,
+  kTrace_dispatch_sent = 5,
+  kTrace_dispatch_last_block = 6,
+  kTrace_dispatch_released = 7,
+  kTrace_dispatch_arrived = 8,
+  kTrace_dispatch_end = 9,
+  kTrace_combine_start = 10,
+  kTrace_combine_released = 11,
+  kTrace_combine_arrived = 12,
+  kTrace_combine_end = 13,
+};
 
 }  // namespace swiftep
