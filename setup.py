@@ -8,6 +8,7 @@ The contracts in ops/ are installed as the subpackage torch_swiftep.ops.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -18,6 +19,20 @@ PACKAGES = [
     "torch_swiftep.integrations",
     "torch_swiftep.ops",
 ]
+
+
+def shared_libstdcxx_link_args():
+    """Bind the extension to the process's shared libstdc++ (the one torch uses).
+
+    Some toolchains link a private static libstdc++ into every shared object; inside a torch
+    process that second C++ runtime has no initialised locale, and the first error message
+    that formats a number (a TORCH_CHECK) crashed in ostream. Naming libstdc++.so.6 before the
+    driver's own libraries resolves every C++ runtime symbol against the shared library.
+    SWIFTEP_SHARED_LIBSTDCXX=0 leaves the link to the toolchain.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("SWIFTEP_SHARED_LIBSTDCXX") == "0":
+        return []
+    return ["-Wl,--push-state,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--pop-state"]
 
 
 def cuda_extension():
@@ -36,6 +51,7 @@ def cuda_extension():
         name="torch_swiftep._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc/include")],
+        extra_link_args=shared_libstdcxx_link_args(),
         extra_compile_args={
             # No -std: torch's extension builder picks the standard its headers expect
             # (C++17 for torch 2.11, C++20 for newer releases).

@@ -14,10 +14,6 @@ STEPS=${STEPS:-build,tests,sanitize,transformers,bench}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-# Build the binding with the system compiler when there is one: an extension linked by a
-# toolchain that puts its own static libstdc++ into _C.so crashed (segfault in ostream's
-# integer formatting) whenever a C++ check built an error message with a number in it.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 cd "$(dirname "$0")/.."
 status=0
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -39,7 +35,7 @@ if has build; then
   run build python3 -m pip install --no-build-isolation --no-deps -v -e . || exit 1
   python3 -c 'import torch_swiftep as t; assert t.CUDA_EXTENSION_ERROR is None, t.CUDA_EXTENSION_ERROR; print("extension loaded")' \
     2>&1 | tee -a "$OUT/summary.log" || exit 1
-  # see CXX above: the extension must use the process's libstdc++, not a private static copy
+  # the extension must use the process's libstdc++, not a private static copy (setup.py)
   ldd torch_swiftep/_C*.so | grep -q "libstdc++" \
     || echo "WARNING: _C.so does not link libstdc++ dynamically (C++ error messages may crash)" \
     | tee -a "$OUT/summary.log"

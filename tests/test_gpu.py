@@ -289,17 +289,23 @@ if os.environ.get("SWIFTEP_GPU_SMALL_CASE"):
         torch.cuda.synchronize()
         assert not w.check([h for h, _ in pairs], range(2))
         # low latency with in-kernel FP8 quantization: (token, slot) units (3 SMs: 24 warps for
-        # 16 tokens) and whole-token units (1 SM: 8 warps)
-        for sms in (3, 1):
-            def call(r, sms=sms):
-                comm = w.comms[r]
-                h = comm.low_latency_dispatch(w.xs[r], w.idx[r], w.w[r], quantize_fp8=True,
-                                              num_sms=sms)
+        # 16 tokens), whole-token units (1 SM: 8 warps), and, in a 2-token world with 2 KB rows,
+        # row chunks of each pair (8 SMs: 64 warps for 4 pairs)
+        small = EmulatedWorld(2, 2, 1024, 2, 8, torch.bfloat16, torch.device("cuda"), seed=2,
+                              ll_tokens=2)
+        for world, sms in ((w, 3), (w, 1), (small, 8)):
+            for comm in world.comms:
+                comm.low_latency_combine_buffer().normal_()
+
+            def call(r, world=world, sms=sms):
+                comm = world.comms[r]
+                h = comm.low_latency_dispatch(world.xs[r], world.idx[r], world.w[r],
+                                              quantize_fp8=True, num_sms=sms)
                 return h, comm.low_latency_combine(comm.low_latency_combine_buffer(), h,
                                                    num_sms=sms)
-            pairs = fork_join([(lambda r=r: call(r)) for r in range(2)], w.streams)
+            pairs = fork_join([(lambda r=r: call(r)) for r in range(2)], world.streams)
             torch.cuda.synchronize()
-            errors = _check(w, pairs, True)
+            errors = _check(world, pairs, True)
             assert not errors, errors[:5]
         del graph_ms
 

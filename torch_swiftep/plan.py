@@ -78,19 +78,18 @@ PLAN_FIELDS = (
 
 # Phase trace of the low-latency kernels (off unless ctrl.trace_on is set; the benchmark's
 # --trace reads it): %globaltimer nanoseconds at each point, one row per call, the row of
-# epoch e at e % TRACE_CALLS. Dispatch points are stamped by block 0, except the last-block
-# ones (by the block that finished last); combine points by block 0.
+# epoch e at e % TRACE_CALLS. Dispatch and combine points are stamped by thread 0 of block 0.
 TRACE_CALLS = 16
 TRACE_POINTS = (
     "dispatch_start",        # kernel entry
     "dispatch_counted",      # this rank's pairs counted per expert
-    "dispatch_published",    # counts written into every peer and released
-    "dispatch_lower_ready",  # counts of every lower rank arrived
-    "dispatch_ranked",       # rows of this block's pairs known
-    "dispatch_sent",         # this block's bulk stores complete
-    "dispatch_last_block",   # the last block to finish knows it is last
-    "dispatch_released",     # data flags released into every peer
-    "dispatch_arrived",      # every peer's data flag arrived
+    "dispatch_published",    # tagged counts stored into every peer
+    "dispatch_ranked",       # rows of this block's pairs known (lower ranks' counts read)
+    "dispatch_first_loaded",     # warp 0's first chunk of x is in shared memory
+    "dispatch_first_quantized",  # ... and quantized (quantize_fp8 only)
+    "dispatch_sent",         # every store of block 0 is complete
+    "dispatch_signalled",    # block 0's arrival added on every peer
+    "dispatch_arrived",      # every block of every peer arrived here
     "dispatch_end",          # recv_counts written
     "combine_start",
     "combine_released",      # combine flags released into every peer (block 0)
@@ -106,9 +105,11 @@ CTRL_FIELDS = (
     ("count_flags", 8, lambda w, e: w),  # int64 [W]: source s published its counts for epoch
     ("data_flags", 8, lambda w, e: w),  # int64 [W]: source s finished writing its rows
     ("combine_flags", 8, lambda w, e: w),  # int64 [W]: owner d's expert outputs are ready
-    ("ll_counts", 4, lambda w, e: 2 * w * e),  # int32 [2][W][E]: low-latency counts
-    ("ll_count_flags", 8, lambda w, e: w),
-    ("ll_data_flags", 8, lambda w, e: w),
+    # int64 [2][W][E + 1]: low-latency counts of source s, each stored with its epoch as a tag
+    # (epoch << 32 | count), so the value is its own flag; entry E: the source's grid size.
+    ("ll_counts", 8, lambda w, e: 2 * w * (e + 1)),
+    ("ll_arrivals", 8, lambda w, e: w),  # int64 [W]: blocks of source s done writing here, ever
+    ("ll_expected", 8, lambda w, e: w),  # int64 [W]: of those, how many this rank has awaited
     ("ll_combine_flags", 8, lambda w, e: w),
     ("epoch", 8, lambda w, e: 4),  # int64 [4]: throughput epoch, low-latency epoch, spare
     ("blocks_done", 4, lambda w, e: 8),  # int32 [8]: grid completion counters

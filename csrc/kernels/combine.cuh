@@ -37,6 +37,8 @@ constexpr int kCombineThreads = kCombineWarps * kWarpSize;
 constexpr int kCombineStages = SWIFTEP_COMBINE_STAGES;
 // Cap of one row chunk (bytes of one bulk load); shrunk further to fit shared memory.
 constexpr int64_t kMaxCombineChunkBytes = SWIFTEP_COMBINE_MAX_CHUNK;
+// Smallest chunk a small call cuts rows into: one 16-byte vector per lane.
+constexpr int64_t kMinCombineChunkBytes = 16 * 32;
 // 16-byte vectors one lane reduces per item at most: the launcher never picks a chunk above
 // kMaxCombineChunkBytes (even_chunk_bytes rounds down to it), so the accumulators fit.
 constexpr int kMaxCombineVecsPerLane = static_cast<int>(kMaxCombineChunkBytes / 16 / 32);
@@ -159,22 +161,29 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int warp = warp_id();
   const int lane = lane_id();
   const int64_t epoch = ctrl_epoch(c)[win.epoch_slot];  // the matching dispatch's epoch
-  // Low-latency calls: block 0 stamps the phase trace (ctrl.trace_on).
-  const Tracer trace = blockIdx.x == 0 && threadIdx.x == 0 && win.epoch_slot == kEpochLowLatency
+  // Low-latency calls: thread 0 of block 0 stamps the phase trace (ctrl.trace_on). Its tracer
+  // lives in shared memory: kept in registers across the waits, it made ptxas spill.
+  __shared__ Tracer trace_of_thread0;
+  auto mark = [&](int point) {
+    if (threadIdx.x == 0) trace_of_thread0.mark(point);
+  };
+  if (threadIdx.x == 0) {
+    trace_of_thread0 = blockIdx.x == 0 && win.epoch_slot == kEpochLowLatency
                            ? make_tracer(c, epoch)
                            : Tracer{nullptr};
-  trace.mark(kTrace_combine_start);
+  }
+  mark(kTrace_combine_start);
 
+  // No fence before the release: what it publishes (this rank's combine window) was written by
+  // kernels that finished before this one started (stream order).
   if (blockIdx.x == 0) {
-    __threadfence_system();
-    __syncthreads();
     block_release_to_all_peers(c, win.off_flags, epoch);
-    trace.mark(kTrace_combine_released);
+    mark(kTrace_combine_released);
   }
   const bool peers_ready =
       block_wait_all_peers(c, at_offset<int64_t>(c.workspace, win.off_flags), epoch,
                            win.wait_what);  // on timeout: no remote reads, y = 0
-  trace.mark(kTrace_combine_arrived);
+  mark(kTrace_combine_arrived);
 
   const int64_t row_bytes = p.out_row_bytes;
   const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
@@ -201,7 +210,7 @@ __global__ void __launch_bounds__(kCombineThreads)
       }
       __syncwarp();  // sources/weights are rewritten by the next token
     }
-    trace.mark(kTrace_combine_end);
+    mark(kTrace_combine_end);
     return;
   }
 
@@ -311,7 +320,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     __syncwarp();  // every lane is done with this stage (and the weights) before the refill
     if (item + kCombineStages < num_items) issue_loads(item + kCombineStages);
   }
-  trace.mark(kTrace_combine_end);
+  mark(kTrace_combine_end);
 }
 
 // ------------------------------------------------------------------ staging copy kernel

@@ -28,6 +28,9 @@ constexpr int kDispatchThreads = kDispatchWarps * kWarpSize;
 constexpr int kDispatchStages = 2;
 // Cap of one stage: kDispatchWarps * kDispatchStages stages must fit next to the other smem.
 constexpr int64_t kMaxDispatchStageBytes = 12 * 1024;
+// Smallest chunk a small call splits a pair's row into (SendUnits parts): below it, a warp's
+// fixed cost per unit (destination, barrier, bulk-copy issue) outweighs the bytes it moves.
+constexpr int64_t kMinDispatchChunkBytes = 512;
 
 // Where a path's rows land (byte offsets of a workspace's regions).
 struct SendWindow {
@@ -38,15 +41,47 @@ struct SendWindow {
 };
 
 // The work units of one warp: units first, first + step, ... < end. A unit is a whole token
-// (per_token == 1) or one (token, slot) pair (per_token == num_topk). Pairs are used when a
-// call has fewer tokens than the grid has warps (decode): a token's K fan-out stores then run
-// on K warps side by side instead of one after another on one warp.
+// (per_token == 1), or one (token, slot) pair (per_token == num_topk, parts == 1), or one row
+// chunk of a pair (per_token == num_topk * parts, parts == the row's chunks, chunk = unit %
+// parts). Pairs and chunks are used when a call has fewer tokens than the grid has warps
+// (decode): a token's K fan-out stores, and the pieces of each, then run on warps side by side
+// instead of one after another on one warp.
 struct SendUnits {
   int64_t first;
   int64_t step;
   int64_t end;
   int per_token;
+  int parts;
+
+  __host__ __device__ __forceinline__ int64_t token(int64_t u) const { return u / per_token; }
+  // The slot of a pair unit (meaningless for a token unit).
+  __host__ __device__ __forceinline__ int slot(int64_t u) const {
+    return static_cast<int>(u % per_token) / parts;
+  }
+  __host__ __device__ __forceinline__ int part(int64_t u) const {
+    return static_cast<int>(u % parts);
+  }
 };
+
+// The pairs [*pair_begin, *pair_end) units [unit_begin, unit_end) cover.
+__host__ __device__ __forceinline__ void unit_pair_range(int64_t unit_begin, int64_t unit_end,
+                                                         int per_token, int parts,
+                                                         int num_topk, int64_t* pair_begin,
+                                                         int64_t* pair_end) {
+  if (per_token == 1) {
+    *pair_begin = unit_begin * num_topk;
+    *pair_end = unit_end * num_topk;
+  } else {  // pair index = unit / parts
+    *pair_begin = unit_begin / parts;
+    *pair_end = unit_end > unit_begin ? (unit_end - 1) / parts + 1 : *pair_begin;
+  }
+}
+
+// Most pairs a range of `units` consecutive units can cover (sizes per-block pair arrays).
+__host__ __device__ __forceinline__ int64_t max_pairs_of_units(int64_t units, int per_token,
+                                                               int parts, int num_topk) {
+  return per_token == 1 ? units * num_topk : units / parts + 2;
+}
 
 // Units per token for a call of num_tokens tokens on a grid of total_warps warps.
 __host__ __device__ __forceinline__ int units_per_token(int64_t num_tokens, int num_topk,
@@ -67,9 +102,9 @@ __device__ __forceinline__ PairDest unit_dest(const DispatchParams& p, const Sen
                                               int64_t u, int k, const int32_t* rows,
                                               int64_t rows_pair0) {
   PairDest dest{-1, -1};
-  const int64_t n = u / units.per_token;
+  const int64_t n = units.token(u);
   if (k >= p.num_topk) return dest;
-  if (units.per_token != 1 && k != static_cast<int>(u % units.per_token)) return dest;
+  if (units.per_token != 1 && k != units.slot(u)) return dest;
   const int64_t pair = n * p.num_topk + k;
   const int32_t row = rows[pair - rows_pair0];
   const int64_t e = load_index<IdxT>(p.topk_idx, pair);
@@ -213,10 +248,13 @@ __device__ __forceinline__ void send_scales(const DispatchParams& p, const SendW
 // rows are not 16-byte aligned; never with quantize_fp8, which the launchers refuse).
 // stage_bytes: a chunk of x's row; with quantize_fp8 a whole number of 128-channel blocks, at
 // most 32 of them.
+// units.parts > 1: stage_bytes makes the row exactly `parts` chunks. trace: warp 0 of block 0
+// stamps its first item (others pass Tracer{nullptr}).
 template <typename IdxT>
 __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, const SendUnits& units,
                             const int32_t* rows, int64_t rows_pair0, uint8_t* stages,
-                            uint64_t* bars, int64_t stage_bytes, bool use_tma) {
+                            uint64_t* bars, int64_t stage_bytes, bool use_tma,
+                            const Tracer& trace) {
   const CommParams& c = p.comm;
   const int lane = lane_id();
   const int64_t row_bytes = p.x_row_bytes;  // source row
@@ -226,9 +264,9 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
   const int64_t num_mine = ceil_div(units.end - units.first, units.step);
 
   if (!use_tma) {
-    for (int64_t t = 0; t < num_mine; ++t) {
+    for (int64_t t = 0; t < num_mine; ++t) {  // (the launchers use parts == 1 here)
       const int64_t u = units.first + t * units.step;
-      const int64_t n = u / units.per_token;
+      const int64_t n = units.token(u);
       const PairDest mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
       send_metadata(p, win, n, mine);
       for (int k = 0; k < p.num_topk; ++k) {
@@ -242,12 +280,18 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
   }
 
   const int elem_bytes = p.quantize_fp8 ? dtype_bytes(p.x_dtype) : 1;
-  const int64_t chunks = ceil_div(row_bytes, stage_bytes);
-  const int64_t num_items = num_mine * chunks;  // item i: unit i / chunks, chunk i % chunks
-  auto issue_load = [&](int64_t item) {         // lane 0 only
+  // Item i: unit i / per_unit, chunk i % per_unit (a whole row), or the unit's own chunk.
+  const int64_t per_unit = units.parts > 1 ? 1 : ceil_div(row_bytes, stage_bytes);
+  const int64_t num_items = num_mine * per_unit;
+  auto item_unit = [&](int64_t item) { return units.first + (item / per_unit) * units.step; };
+  auto item_chunk = [&](int64_t item, int64_t u) -> int64_t {
+    return units.parts > 1 ? units.part(u) : item % per_unit;
+  };
+  auto issue_load = [&](int64_t item) {  // lane 0 only
     const int stage = static_cast<int>(item % kDispatchStages);
-    const int64_t n = (units.first + (item / chunks) * units.step) / units.per_token;
-    const int64_t offset = (item % chunks) * stage_bytes;
+    const int64_t u = item_unit(item);
+    const int64_t n = units.token(u);
+    const int64_t offset = item_chunk(item, u) * stage_bytes;
     const uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
     mbarrier_arrive_expect_tx(bars + stage, bytes);
     tma_load_1d(stages + stage * stage_bytes, x + n * row_bytes + offset, bytes, bars + stage);
@@ -260,27 +304,29 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
   for (int64_t item = 0; item < num_items; ++item) {
     const int stage = static_cast<int>(item % kDispatchStages);
     const uint32_t parity = static_cast<uint32_t>((item / kDispatchStages) & 1);
-    const int64_t u = units.first + (item / chunks) * units.step;
-    const int64_t n = u / units.per_token;
-    const int64_t chunk = item % chunks;
-    const int64_t offset = chunk * stage_bytes;
+    const int64_t u = item_unit(item);
+    const int64_t n = units.token(u);
+    const int64_t offset = item_chunk(item, u) * stage_bytes;
     uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
     int64_t out_offset = offset;
-    if (chunk == 0) {  // a unit's destinations are read once, not once per chunk
+    if (item % per_unit == 0) {  // a unit's destinations are read once, not once per chunk
       mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
-      send_metadata(p, win, n, mine);
+      if (units.parts == 1 || units.part(u) == 0) send_metadata(p, win, n, mine);
       my_target = row_address(c, win, mine, pitch);
     }
     uint8_t* stage_ptr = stages + stage * stage_bytes;
     if (p.quantize_fp8) {
       mbarrier_wait_parity(bars + stage, parity);  // every lane reads the staged chunk
+      if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
       const int blocks = static_cast<int>(bytes / (kFp8Block * elem_bytes));
       const float my_scale = quantize_stage_fp8(stage_ptr, blocks, p.x_dtype, elem_bytes);
+      if (item == 0) trace.mark(kTrace_dispatch_first_quantized);
       send_scales(p, win, mine, offset / (kFp8Block * elem_bytes), blocks, my_scale);
       bytes /= elem_bytes;
       out_offset /= elem_bytes;
     } else if (lane == 0) {
       mbarrier_wait_parity(bars + stage, parity);
+      if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
     }
     for (int k = 0; k < p.num_topk; ++k) {
       uint8_t* target = reinterpret_cast<uint8_t*>(
@@ -324,9 +370,9 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kDispatchWarps + warp_id();
   uint8_t* stages = dynamic_smem() + warp_id() * kDispatchStages * stage_bytes;
   const SendUnits units{global_warp, num_warps_total,
-                        static_cast<int64_t>(p.num_tokens) * per_token, per_token};
+                        static_cast<int64_t>(p.num_tokens) * per_token, per_token, 1};
   send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()], stage_bytes,
-                    use_tma);
+                    use_tma, Tracer{nullptr});
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneDispatchData)) return;
   block_release_to_all_peers(c, c.off_data_flags, epoch);

@@ -1,17 +1,21 @@
 // Low-latency dispatch: one kernel, fixed grid, no host sync (CUDA-graph capturable).
 //
 // Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. Block 0
-// writes the counts into every peer's ll_counts[epoch & 1][rank] and releases
-// ll_count_flags[rank]. Each block waits (bounded) for the count flags of the LOWER ranks only
-// (the packed row of a pair needs the rows lower ranks send to the same expert), computes the
-// rows of its contiguous range of units (tokens, or (token, slot) pairs for calls with fewer
-// tokens than warps: SendUnits), and sends them (same pipeline as the throughput
-// path). The last block to finish bumps ctrl.epoch[1], releases ll_data_flags[rank] into every
-// peer, waits for every peer's data flag and writes recv_counts.
+// stores the counts, each tagged with the call's epoch (tag_count: the value is its own flag, so
+// no fence and no separate flag), into every peer's ll_counts[epoch & 1][rank], and its grid
+// size beside them. A block then computes the rows of its contiguous range of units (tokens,
+// pairs or pair chunks: SendUnits): the packed row of a pair needs the counts LOWER ranks send
+// to the same expert, read with a bounded wait for their tag. It sends them (same pipeline as
+// the throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
+// peer (a release at system scope). Block 0 finally waits (bounded) until every source's
+// arrivals reach the grid size that source published, and writes recv_counts.
 //
+// ll_arrivals only grows; ll_expected (own) remembers how many arrivals earlier calls awaited,
+// so no counter is ever reset. A source's blocks of call e + 1 start after its call e ended, so
+// the arrivals a receiver sees are a prefix: all of e's before any of e + 1's.
 // Double buffering: a source writes epoch e+2's counts into the same parity slot as epoch e only
-// after its call e+1 finished, which needed every peer's data flag of e+1, released after that
-// peer's call e (and its reads of slot e & 1) had ended.
+// after its call e+1 finished, which needed every peer's arrivals of e+1, sent after that peer's
+// call e (and its reads of slot e & 1) had ended.
 // Window reuse: a source's dispatch e+1 follows its combine e, which waited for every owner's
 // ll_combine_flags of e (released after the owner's experts read the window of e).
 #pragma once
@@ -25,24 +29,20 @@
 
 namespace swiftep {
 
-// Pairs (token, slot) one unit of work covers: a whole token's K, or one pair (SendUnits).
-__host__ __device__ __forceinline__ int pairs_per_unit(int per_token, int num_topk) {
-  return per_token == 1 ? num_topk : 1;
-}
-
-// Shared ints before the stages: hist [num_warps][E], own [E], rows [units_per_block * pairs
-// per unit].
+// Shared ints before the stages: hist [num_warps][E], own [E], rows [pairs a block's units
+// cover].
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_experts,
                                                                   int64_t units_per_block,
-                                                                  int per_token, int num_topk) {
+                                                                  int per_token, int parts,
+                                                                  int num_topk) {
   return static_cast<int64_t>(kDispatchWarps) * num_experts + num_experts +
-         units_per_block * pairs_per_unit(per_token, num_topk);
+         max_pairs_of_units(units_per_block, per_token, parts, num_topk);
 }
 
 template <typename IdxT>
 __global__ void __launch_bounds__(kDispatchThreads)
     ll_dispatch_kernel(const __grid_constant__ DispatchParams p, int64_t stage_bytes,
-                       bool use_tma, int64_t units_per_block, int per_token) {
+                       bool use_tma, int64_t units_per_block, int per_token, int parts) {
   __shared__ __align__(8) uint64_t bars[kDispatchWarps][kDispatchStages];
   const CommParams& c = p.comm;
   const int num_experts = c.num_experts;
@@ -50,16 +50,15 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const int64_t rows_per_expert = c.ll_rows_per_expert;  // S
   const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
   const int64_t smem_ints =
-      ll_dispatch_smem_ints(num_experts, units_per_block, per_token, p.num_topk);
+      ll_dispatch_smem_ints(num_experts, units_per_block, per_token, parts, p.num_topk);
   int* hist = reinterpret_cast<int*>(dynamic_smem());
   int* own = hist + static_cast<int64_t>(kDispatchWarps) * num_experts;
   int32_t* rows = own + num_experts;
   uint8_t* stages_all = dynamic_smem() + round_up(smem_ints * 4, kSmemAlign);
 
-  // Every block reads the epoch before any block counts itself done; only the last block
-  // stores the new value, so all blocks agree on it.
+  // Every block reads the epoch at its start; block 0 stores the new value only after every
+  // block of this grid has signalled its arrival (so has read it): all blocks agree on it.
   const int64_t epoch = ctrl_epoch(c)[kEpochLowLatency] + 1;
-  // Block 0 stamps the phase trace; the last block stamps its own points.
   const Tracer trace =
       blockIdx.x == 0 && threadIdx.x == 0 ? make_tracer(c, epoch) : Tracer{nullptr};
   trace.mark(kTrace_dispatch_start);
@@ -70,46 +69,40 @@ __global__ void __launch_bounds__(kDispatchThreads)
                     blockIdx.x == 0 ? &c : nullptr);  // block 0 alone reports bad indices
   trace.mark(kTrace_dispatch_counted);
 
-  if (blockIdx.x == 0) {  // publish: ll_counts[parity][rank][*] of every peer <- own
-    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(c.world_size) * num_experts;
+  if (blockIdx.x == 0) {  // ll_counts[parity][rank][0, E] of every peer <- own, grid size
+    const int per_peer = num_experts + 1;
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(c.world_size) * per_peer;
          i += blockDim.x) {
-      const int peer = static_cast<int>(i / num_experts);
-      const int e = static_cast<int>(i % num_experts);
-      counts_at(peer_base(c, peer), c.off_ll_counts, epoch, c.rank, c)[e] = own[e];
+      const int peer = static_cast<int>(i / per_peer);
+      const int e = static_cast<int>(i % per_peer);
+      const int64_t value = e < num_experts ? own[e] : static_cast<int64_t>(gridDim.x);
+      st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e,
+                      tag_count(epoch, value));
     }
-    __threadfence_system();
-    __syncthreads();
-    block_release_to_all_peers(c, c.off_ll_count_flags, epoch);
     trace.mark(kTrace_dispatch_published);
   }
-
-  bool lower_ready = true;
-  const int64_t* count_flags = at_offset<int64_t>(c.workspace, c.off_ll_count_flags);
-  for (int s = threadIdx.x; s < c.rank; s += blockDim.x) {
-    lower_ready = wait_flag_geq(c, count_flags + s, epoch, s, kWaitLlCounts) && lower_ready;
-  }
-  lower_ready = __syncthreads_and(lower_ready) != 0;
-  trace.mark(kTrace_dispatch_lower_ready);
 
   // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end).
   const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
   const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
   const int64_t unit_end = min(unit_begin + units_per_block, num_units);
-  const int pairs_per = pairs_per_unit(per_token, p.num_topk);
-  const int64_t pair_begin = unit_begin * pairs_per;
-  const int64_t pair_end = unit_end * pairs_per;
+  int64_t pair_begin, pair_end;
+  unit_pair_range(unit_begin, unit_end, per_token, parts, p.num_topk, &pair_begin, &pair_end);
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {
         if (pair < pair_begin || pair >= pair_end) return;
         int32_t row = -1;
-        if (expert >= 0 && lower_ready) {
+        if (expert >= 0) {
           int64_t slot = order;
-          for (int s = 0; s < c.rank; ++s)
-            slot += ld_volatile_i32(counts_at(c.workspace, c.off_ll_counts, epoch, s, c) + expert);
-          if (slot < rows_per_expert) {
-            row = static_cast<int32_t>((expert % num_local) * rows_per_expert + slot);
-          } else {  // nothing is written past the expert's window
+          for (int s = 0; s < c.rank && slot >= 0; ++s) {
+            const int64_t count = wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + expert,
+                                              epoch, s, kWaitLlCounts);
+            slot = count < 0 ? -1 : slot + count;  // -1: timed out, send nothing
+          }
+          if (slot >= rows_per_expert) {  // nothing is written past the expert's window
             report_status(c, kStatusCapacity, expert / num_local, slot + 1, rows_per_expert);
+          } else if (slot >= 0) {
+            row = static_cast<int32_t>((expert % num_local) * rows_per_expert + slot);
           }
         }
         rows[pair - pair_begin] = row;
@@ -121,33 +114,54 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
   uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
-  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token};
+  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts};
   send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()], stage_bytes,
-                    use_tma);
+                    use_tma, warp_id() == 0 ? trace : Tracer{nullptr});
   finish_bulk_stores();
-  trace.mark(kTrace_dispatch_sent);
-  if (!block_done_is_last(c, kDoneLowLatencyDispatch)) return;
 
-  const Tracer last = threadIdx.x == 0 ? make_tracer(c, epoch) : Tracer{nullptr};
-  last.mark(kTrace_dispatch_last_block);
-  if (threadIdx.x == 0) ctrl_epoch(c)[kEpochLowLatency] = epoch;
-  block_release_to_all_peers(c, c.off_ll_data_flags, epoch);
-  last.mark(kTrace_dispatch_released);
-  const bool all_arrived = block_wait_all_peers(
-      c, at_offset<int64_t>(c.workspace, c.off_ll_data_flags), epoch, kWaitLlData);
-  last.mark(kTrace_dispatch_arrived);
-  // A source's data flag follows its count publication, so every count of this epoch is here.
+  // Arrival: the barrier orders every warp's completed bulk stores and plain stores before the
+  // releases (cumulative at system scope) that add this block to every peer's arrivals.
+  __syncthreads();
+  trace.mark(kTrace_dispatch_sent);
+  for (int peer = threadIdx.x; peer < c.world_size; peer += blockDim.x)
+    red_release_sys_add_i64(at_offset<int64_t>(peer_base(c, peer), c.off_ll_arrivals) + c.rank,
+                            1);
+  trace.mark(kTrace_dispatch_signalled);
+  if (blockIdx.x != 0) return;
+
+  // Block 0: wait until every block of every source has arrived (this grid's own included).
+  bool ok = true;
+  for (int s = threadIdx.x; s < c.world_size; s += blockDim.x) {
+    const int64_t blocks = wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + num_experts,
+                                       epoch, s, kWaitLlCounts);
+    if (blocks < 0) {
+      ok = false;
+      continue;
+    }
+    int64_t* expected = at_offset<int64_t>(c.workspace, c.off_ll_expected) + s;
+    const int64_t wanted = *expected + blocks;
+    *expected = wanted;  // also on timeout: late arrivals of this call stay accounted for
+    ok = wait_value_geq(c, at_offset<int64_t>(c.workspace, c.off_ll_arrivals) + s, wanted,
+                        epoch, s, kWaitLlData) &&
+         ok;
+  }
+  const bool all_arrived = __syncthreads_and(ok) != 0;
+  trace.mark(kTrace_dispatch_arrived);
   for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
     int64_t total = 0;
-    if (all_arrived) {
+    if (all_arrived) {  // every source's counts are here (its block 0 stored them before arriving)
       const int e = c.rank * num_local + j;
-      for (int s = 0; s < c.world_size; ++s)
-        total += ld_volatile_i32(counts_at(c.workspace, c.off_ll_counts, epoch, s, c) + e);
+      for (int s = 0; s < c.world_size && total >= 0; ++s) {
+        const int64_t count =
+            wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + e, epoch, s, kWaitLlCounts);
+        total = count < 0 ? -1 : total + count;
+      }
       if (total > rows_per_expert) report_status(c, kStatusCapacity, c.rank, total, rows_per_expert);
     }
-    p.recv_counts[j] = static_cast<int32_t>(total < rows_per_expert ? total : rows_per_expert);
+    p.recv_counts[j] = static_cast<int32_t>(total < 0 ? 0 : min(total, rows_per_expert));
   }
-  last.mark(kTrace_dispatch_end);
+  if (threadIdx.x == 0) ctrl_epoch(c)[kEpochLowLatency] = epoch;
+  trace.mark(kTrace_dispatch_end);
 }
 
 }  // namespace swiftep

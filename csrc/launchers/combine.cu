@@ -31,10 +31,20 @@ cudaError_t plan_combine(const CombineParams& p, CombineLaunch* out) {
                  reinterpret_cast<uintptr_t>(p.y) % kBulkAlign == 0;
   int64_t chunks = 1;
   if (plan.use_tma) {
-    const int64_t cap =
+    int64_t cap =
         info.max_dynamic / (static_cast<int64_t>(kCombineWarps) * kCombineStages * p.num_topk);
-    plan.chunk_bytes = even_chunk_bytes(
-        p.out_row_bytes, cap < kMaxCombineChunkBytes ? cap : kMaxCombineChunkBytes);
+    if (cap > kMaxCombineChunkBytes) cap = kMaxCombineChunkBytes;
+    // A call with fewer (token, chunk) items than the grid has warps (decode) cuts rows finer,
+    // down to one 16-byte vector per lane, so every warp reduces a piece: a warp's latency is
+    // its K bulk loads plus its reduction, both shorter for a smaller chunk.
+    const int64_t total_warps = static_cast<int64_t>(p.num_sms) * kCombineWarps;
+    if (p.num_tokens > 0 && p.num_tokens * ceil_div(p.out_row_bytes, cap) < total_warps) {
+      const int64_t wanted_chunks = ceil_div(total_warps, p.num_tokens);
+      int64_t small = round_up(ceil_div(p.out_row_bytes, wanted_chunks), kBulkAlign);
+      if (small < kMinCombineChunkBytes) small = kMinCombineChunkBytes;
+      if (small < cap) cap = small;
+    }
+    plan.chunk_bytes = even_chunk_bytes(p.out_row_bytes, cap);
     plan.smem = static_cast<int64_t>(kCombineWarps) * kCombineStages * p.num_topk *
                 plan.chunk_bytes;
     if (plan.chunk_bytes == 0) {

@@ -13,6 +13,7 @@ struct LowLatencyLaunch {
   SmemCheck check;
   int64_t blocks;
   int per_token;           // units per token (SendUnits)
+  int parts;               // units per pair (SendUnits): the row's chunks, or 1
   int64_t units_per_block;  // contiguous unit range of each block
   bool use_tma;
   int64_t stage_bytes;
@@ -25,32 +26,55 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   KernelSmem info{};
   cudaError_t err = kernel_smem(reinterpret_cast<const void*>(&ll_dispatch_kernel<IdxT>), &info);
   if (err != cudaSuccess) return err;
-  // One unit per warp when num_sms allows: the latency of a call is one unit's fan-out, and a
-  // call with fewer tokens than warps spreads each token's K stores over K warps.
-  plan.per_token =
-      units_per_token(p.num_tokens, p.num_topk, static_cast<int64_t>(p.num_sms) * kDispatchWarps);
+  // One unit per warp when num_sms allows: the latency of a call is one unit's work. A call
+  // with fewer tokens than warps spreads each token's K stores over K warps, and each pair's
+  // row over `parts` warps (chunks of about row / parts bytes), up to one unit per warp.
+  const int64_t total_warps = static_cast<int64_t>(p.num_sms) * kDispatchWarps;
+  const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
+  plan.per_token = units_per_token(p.num_tokens, p.num_topk, total_warps);
+  plan.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
+                 p.x_row_bytes % kBulkAlign == 0;
+  int64_t parts_cap = kMaxDispatchStageBytes;  // chunk cap that spreads pairs over the warps
+  if (plan.use_tma && plan.per_token != 1 && num_pairs > 0) {
+    const int64_t wanted_parts = ceil_div(total_warps, num_pairs);
+    parts_cap = round_up(ceil_div(p.x_row_bytes, wanted_parts), kBulkAlign);
+    if (parts_cap < kMinDispatchChunkBytes) parts_cap = kMinDispatchChunkBytes;
+  }
+  // The stages get the shared memory the per-block arrays leave, bounded before the unit split
+  // is known: with pairs or chunks, a block's rows never exceed all the call's pairs.
+  const int64_t token_units_per_block =
+      ceil_div(p.num_tokens, clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms));
+  const int64_t fixed_cap =
+      round_up(ll_dispatch_smem_ints(p.comm.num_experts,
+                                     plan.per_token == 1 ? token_units_per_block : num_pairs,
+                                     plan.per_token, 1, p.num_topk) * 4,
+               kSmemAlign);
+  plan.check = {true, fixed_cap, info.max_dynamic};
+  if (!plan.use_tma && p.quantize_fp8) plan.check = {false, 0, 0};  // the binding prevents it
+  plan.stage_bytes = 0;
+  plan.parts = 1;
+  if (plan.use_tma) {
+    const int64_t budget = info.max_dynamic - fixed_cap;
+    int64_t cap = budget > 0 ? budget / (kDispatchWarps * kDispatchStages) : 0;
+    if (cap > kMaxDispatchStageBytes) cap = kMaxDispatchStageBytes;
+    if (plan.per_token != 1 && cap > parts_cap) cap = parts_cap;
+    plan.stage_bytes = dispatch_chunk_bytes(p, cap);
+    if (plan.stage_bytes == 0) {
+      plan.check = {false, fixed_cap + 16 * kDispatchWarps * kDispatchStages, info.max_dynamic};
+    } else if (plan.per_token != 1) {
+      plan.parts = static_cast<int>(ceil_div(p.x_row_bytes, plan.stage_bytes));
+      plan.per_token = p.num_topk * plan.parts;
+    }
+  }
   const int64_t units = static_cast<int64_t>(p.num_tokens) * plan.per_token;
   plan.blocks = clamp_blocks(ceil_div(units, kDispatchWarps), p.num_sms);
   plan.units_per_block = ceil_div(units, plan.blocks);
   const int64_t fixed = round_up(ll_dispatch_smem_ints(p.comm.num_experts, plan.units_per_block,
-                                                       plan.per_token, p.num_topk) *
+                                                       plan.per_token, plan.parts, p.num_topk) *
                                      4,
                                  kSmemAlign);
-  plan.check = {true, fixed, info.max_dynamic};
-  plan.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
-                 p.x_row_bytes % kBulkAlign == 0;
-  if (!plan.use_tma && p.quantize_fp8) plan.check = {false, 0, 0};  // the binding prevents it
-  plan.smem = fixed;
-  if (plan.use_tma) {
-    const int64_t budget = info.max_dynamic - fixed;
-    const int64_t cap = budget > 0 ? budget / (kDispatchWarps * kDispatchStages) : 0;
-    plan.stage_bytes =
-        dispatch_chunk_bytes(p, cap < kMaxDispatchStageBytes ? cap : kMaxDispatchStageBytes);
-    plan.smem = fixed + plan.stage_bytes * kDispatchWarps * kDispatchStages;
-    if (plan.stage_bytes == 0) plan.check = {false, fixed + 16 * kDispatchWarps * kDispatchStages,
-                                             info.max_dynamic};
-  }
-  if (fixed > info.max_dynamic) plan.check = {false, fixed, info.max_dynamic};
+  plan.smem = fixed + plan.stage_bytes * kDispatchWarps * kDispatchStages;
+  if (fixed > fixed_cap || fixed > info.max_dynamic) plan.check = {false, fixed, info.max_dynamic};
   *out = plan;
   return cudaSuccess;
 }
@@ -65,7 +89,7 @@ cudaError_t launch(const DispatchParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   ll_dispatch_kernel<IdxT><<<static_cast<unsigned>(plan.blocks), kDispatchThreads, plan.smem,
                              stream>>>(p, plan.stage_bytes, plan.use_tma, plan.units_per_block,
-                                       plan.per_token);
+                                       plan.per_token, plan.parts);
   return cudaGetLastError();
 }
 

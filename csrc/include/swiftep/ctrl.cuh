@@ -16,7 +16,6 @@ constexpr int kEpochLowLatency = 1;
 // Slots of ctrl.blocks_done (int32[8]): one grid-completion counter per kernel that uses the
 // last-block-done pattern, so kernels of the two paths never share a counter.
 constexpr int kDoneDispatchData = 0;
-constexpr int kDoneLowLatencyDispatch = 1;
 
 template <typename T>
 __device__ __forceinline__ T* at_offset(uint8_t* base, int64_t offset) {
@@ -60,6 +59,26 @@ __device__ __forceinline__ int32_t* counts_at(uint8_t* base, int64_t off_counts,
   const int64_t parity = epoch & 1;
   return at_offset<int32_t>(base, off_counts) +
          (parity * c.world_size + source) * static_cast<int64_t>(c.num_experts);
+}
+
+// Low-latency counts: ll_counts[parity][source][0, E] (int64, tagged: tag_count), inside the
+// workspace at base. Entry E is the source's grid size of that call.
+__device__ __forceinline__ int64_t* ll_counts_at(uint8_t* base, int64_t epoch, int source,
+                                                 const CommParams& c) {
+  const int64_t parity = epoch & 1;
+  return at_offset<int64_t>(base, c.off_ll_counts) +
+         (parity * c.world_size + source) * (static_cast<int64_t>(c.num_experts) + 1);
+}
+
+// A count stored with its call's epoch as a tag (high 32 bits): one 8-byte store is both the
+// value and its flag, so readers need no separate flag and writers no fence before it.
+__device__ __forceinline__ int64_t tag_count(int64_t epoch, int64_t count) {
+  return static_cast<int64_t>((static_cast<uint64_t>(epoch) << 32) |
+                              static_cast<uint32_t>(count));
+}
+__device__ __forceinline__ bool has_tag(int64_t tagged, int64_t epoch) {
+  return static_cast<uint32_t>(static_cast<uint64_t>(tagged) >> 32) ==
+         static_cast<uint32_t>(epoch);
 }
 
 }  // namespace swiftep

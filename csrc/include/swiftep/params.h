@@ -37,7 +37,7 @@ struct CommParams {
   int64_t off_ll_recv_x, off_ll_recv_scales, off_ll_recv_src, off_ll_recv_weights,
       off_ll_combine_x;
   int64_t off_counts, off_count_flags, off_data_flags, off_combine_flags;
-  int64_t off_ll_counts, off_ll_count_flags, off_ll_data_flags, off_ll_combine_flags;
+  int64_t off_ll_counts, off_ll_arrivals, off_ll_expected, off_ll_combine_flags;
   int64_t off_epoch, off_blocks_done, off_status, off_host_status_ptr;
   int64_t off_trace_on, off_trace;  // low-latency phase trace (plan.py TRACE_*)
 };

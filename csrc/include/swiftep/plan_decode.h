@@ -35,8 +35,8 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace, const int
   c.off_data_flags = plan[kPlan_off_ctrl_data_flags];
   c.off_combine_flags = plan[kPlan_off_ctrl_combine_flags];
   c.off_ll_counts = plan[kPlan_off_ctrl_ll_counts];
-  c.off_ll_count_flags = plan[kPlan_off_ctrl_ll_count_flags];
-  c.off_ll_data_flags = plan[kPlan_off_ctrl_ll_data_flags];
+  c.off_ll_arrivals = plan[kPlan_off_ctrl_ll_arrivals];
+  c.off_ll_expected = plan[kPlan_off_ctrl_ll_expected];
   c.off_ll_combine_flags = plan[kPlan_off_ctrl_ll_combine_flags];
   c.off_epoch = plan[kPlan_off_ctrl_epoch];
   c.off_blocks_done = plan[kPlan_off_ctrl_blocks_done];

@@ -136,6 +136,17 @@ __device__ __forceinline__ int64_t ld_volatile_i64(const int64_t* ptr) {
   return value;
 }
 
+// A relaxed (volatile) 8-byte store, single-copy atomic: a tagged count (tag_count) a peer polls.
+__device__ __forceinline__ void st_volatile_i64(int64_t* ptr, int64_t value) {
+  asm volatile("st.volatile.global.s64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+// *ptr += value, a release at system scope: what this thread (and, through a block barrier
+// before it, its block) wrote is visible to whoever acquires the new sum.
+__device__ __forceinline__ void red_release_sys_add_i64(int64_t* ptr, int64_t value) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
 // Nanoseconds of the GPU's global timer: the clock of every bounded wait.
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t ns;

@@ -59,35 +59,80 @@ __device__ __forceinline__ const char* wait_what_name(int64_t what) {
   }
 }
 
-// The spinning part of wait_flag_geq, out of line: it carries the printf.
-static __device__ __noinline__ bool wait_flag_geq_slow(const CommParams& c, const int64_t* flag,
-                                                       int64_t epoch, int peer, int64_t what) {
+// Records TIMEOUT {peer, what, call epoch} (first error of the call) and prints one line with
+// the value waited for and the last one seen. Out of line: it carries the printf.
+static __device__ __noinline__ void report_wait_timeout(const CommParams& c, int peer,
+                                                        int64_t what, int64_t epoch,
+                                                        int64_t wanted, int64_t seen) {
+  report_status(c, kStatusTimeout, peer, what, epoch);
+  printf("swiftep: rank %d block %d thread %d timed out after %lld ms waiting for rank %d "
+         "(%s, call %lld: wanted %lld, saw %lld)\n",
+         c.rank, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x),
+         static_cast<long long>(c.timeout_ms), peer, wait_what_name(what),
+         static_cast<long long>(epoch), static_cast<long long>(wanted),
+         static_cast<long long>(seen));
+}
+
+// The spinning part of wait_value_geq, out of line.
+static __device__ __noinline__ bool wait_value_geq_slow(const CommParams& c, const int64_t* flag,
+                                                        int64_t wanted, int64_t epoch, int peer,
+                                                        int64_t what) {
   const uint64_t deadline = globaltimer_ns() + static_cast<uint64_t>(c.timeout_ms) * kNsPerMs;
   const int64_t* status = ctrl_status(c);
   for (;;) {
-    if (ld_acquire_sys_i64(flag) >= epoch) return true;
+    if (ld_acquire_sys_i64(flag) >= wanted) return true;
     if (ld_volatile_i64(status) == kStatusTimeout) return false;
     if (globaltimer_ns() > deadline) {
-      report_status(c, kStatusTimeout, peer, what, epoch);
-      printf("swiftep: rank %d block %d thread %d timed out after %lld ms waiting for rank %d "
-             "(%s, epoch %lld, flag %lld)\n",
-             c.rank, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x),
-             static_cast<long long>(c.timeout_ms), peer, wait_what_name(what),
-             static_cast<long long>(epoch), static_cast<long long>(ld_acquire_sys_i64(flag)));
+      report_wait_timeout(c, peer, what, epoch, wanted, ld_acquire_sys_i64(flag));
       return false;
     }
   }
 }
 
-// Waits until *flag >= epoch (the flag lives in this rank's workspace and is released by rank
-// `peer`). Acquire loads: what the peer wrote before its release is visible on return true.
-// Bounded by c.timeout_ms of %globaltimer; on expiry records TIMEOUT {peer, what, epoch},
-// prints one line and returns false. Also gives up early (false, no new record) when another
-// wait of this call already timed out, so a missing rank costs one timeout, not one per wait.
+// The spinning part of wait_tagged, out of line.
+static __device__ __noinline__ int64_t wait_tagged_slow(const CommParams& c,
+                                                        const int64_t* slot, int64_t epoch,
+                                                        int peer, int64_t what) {
+  const uint64_t deadline = globaltimer_ns() + static_cast<uint64_t>(c.timeout_ms) * kNsPerMs;
+  const int64_t* status = ctrl_status(c);
+  for (;;) {
+    const int64_t tagged = ld_volatile_i64(slot);
+    if (has_tag(tagged, epoch)) return static_cast<uint32_t>(tagged);
+    if (ld_volatile_i64(status) == kStatusTimeout) return -1;
+    if (globaltimer_ns() > deadline) {
+      report_wait_timeout(c, peer, what, epoch, epoch,
+                          static_cast<int64_t>(static_cast<uint64_t>(tagged) >> 32));
+      return -1;
+    }
+  }
+}
+
+// The count at *slot (own workspace, stored by rank `peer` with tag_count) for this epoch:
+// waits (bounded, as wait_flag_geq) until the slot carries the epoch's tag. -1 on timeout.
+__device__ __forceinline__ int64_t wait_tagged(const CommParams& c, const int64_t* slot,
+                                               int64_t epoch, int peer, int64_t what) {
+  const int64_t tagged = ld_volatile_i64(slot);
+  if (has_tag(tagged, epoch)) return static_cast<uint32_t>(tagged);
+  return wait_tagged_slow(c, slot, epoch, peer, what);
+}
+
+// Waits until *flag >= wanted (the flag lives in this rank's workspace and is released by rank
+// `peer`, or added to by its blocks). Acquire loads: what the peer wrote before its release is
+// visible on return true. Bounded by c.timeout_ms of %globaltimer; on expiry records TIMEOUT
+// {peer, what, epoch}, prints one line and returns false. Also gives up early (false, no new
+// record) when another wait of this call already timed out, so a missing rank costs one timeout,
+// not one per wait.
+__device__ __forceinline__ bool wait_value_geq(const CommParams& c, const int64_t* flag,
+                                               int64_t wanted, int64_t epoch, int peer,
+                                               int64_t what) {
+  if (ld_acquire_sys_i64(flag) >= wanted) return true;
+  return wait_value_geq_slow(c, flag, wanted, epoch, peer, what);
+}
+
+// Waits until the epoch flag *flag >= epoch (wait_value_geq).
 __device__ __forceinline__ bool wait_flag_geq(const CommParams& c, const int64_t* flag,
                                               int64_t epoch, int peer, int64_t what) {
-  if (ld_acquire_sys_i64(flag) >= epoch) return true;
-  return wait_flag_geq_slow(c, flag, epoch, peer, what);
+  return wait_value_geq(c, flag, epoch, epoch, peer, what);
 }
 
 // Threads [0, world_size) of the block each wait for one peer's flag in flags[] (own workspace,
