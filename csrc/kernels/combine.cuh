@@ -161,24 +161,24 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int warp = warp_id();
   const int lane = lane_id();
   const int64_t epoch = ctrl_epoch(c)[win.epoch_slot];  // the matching dispatch's epoch
-  // Low-latency calls: thread 0 of block 0 stamps the phase trace (ctrl.trace_on). Its tracer
-  // lives in shared memory: kept in registers across the waits, it made ptxas spill.
-  __shared__ Tracer trace_of_thread0;
-  auto mark = [&](int point) {
-    if (threadIdx.x == 0) trace_of_thread0.mark(point);
-  };
-  if (threadIdx.x == 0) {
-    trace_of_thread0 = blockIdx.x == 0 && win.epoch_slot == kEpochLowLatency
+  // Low-latency calls: thread 0 of block 0 stamps the phase trace (ctrl.trace_on). Past the
+  // wait below, its tracer is read back from shared memory (written before that wait's
+  // barrier): kept in a register across the wait, it made ptxas spill.
+  const Tracer trace = blockIdx.x == 0 && threadIdx.x == 0 && win.epoch_slot == kEpochLowLatency
                            ? make_tracer(c, epoch)
                            : Tracer{nullptr};
-  }
-  mark(kTrace_combine_start);
+  trace.mark(kTrace_combine_start);
+  __shared__ Tracer trace_after_wait;
+  if (threadIdx.x == 0) trace_after_wait = trace;
+  auto mark = [&](int point) {
+    if (threadIdx.x == 0) trace_after_wait.mark(point);
+  };
 
   // No fence before the release: what it publishes (this rank's combine window) was written by
   // kernels that finished before this one started (stream order).
   if (blockIdx.x == 0) {
     block_release_to_all_peers(c, win.off_flags, epoch);
-    mark(kTrace_combine_released);
+    trace.mark(kTrace_combine_released);
   }
   const bool peers_ready =
       block_wait_all_peers(c, at_offset<int64_t>(c.workspace, win.off_flags), epoch,

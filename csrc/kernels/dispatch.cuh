@@ -144,29 +144,44 @@ __device__ __forceinline__ uint8_t* row_address(const CommParams& c, const SendW
 }
 
 // ------------------------------------------------------------------- fused FP8 quantization
-// Loads 4 consecutive elements of x's dtype (lane's share of a 128-channel block) as floats.
-__device__ __forceinline__ void load4_as_float(const uint8_t* src, DType dtype, float* v) {
+// Lanes share a 128-channel block 8 at a time, 16 elements each: a warp quantizes 4 blocks per
+// pass with a 3-step shuffle reduction (one 32-lane reduction per block was the kernel's
+// bottleneck: a latency chain of ~1300 cycles per 4 blocks, docs/perf-notes.md).
+constexpr int kQuantLanesPerBlock = 8;
+constexpr int kQuantElemsPerLane = kFp8Block / kQuantLanesPerBlock;  // 16
+constexpr int kQuantBlocksPerPass = kWarpSize / kQuantLanesPerBlock;  // 4
+constexpr int kQuantPasses = 2;  // passes in flight at once, so their latency chains overlap
+static_assert(kFp8Block % kQuantLanesPerBlock == 0, "whole elements per lane");
+
+// Loads kQuantElemsPerLane consecutive elements of x's dtype (16-byte aligned) as floats.
+__device__ __forceinline__ void load16_as_float(const uint8_t* src, DType dtype, float* v) {
   if (dtype == DType::kFloat32) {
-    const float4 f = *reinterpret_cast<const float4*>(src);
-    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 f = reinterpret_cast<const float4*>(src)[i];
+      v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+    }
     return;
   }
-  const uint2 raw = *reinterpret_cast<const uint2*>(src);
-  const uint32_t words[2] = {raw.x, raw.y};
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float2 f;
-    if (dtype == DType::kBFloat16) {
-      __nv_bfloat162 h;
-      memcpy(&h, &words[i], 4);
-      f = __bfloat1622float2(h);
-    } else {
-      __half2 h;
-      memcpy(&h, &words[i], 4);
-      f = __half22float2(h);
+  for (int half = 0; half < 2; ++half) {
+    const uint4 raw = reinterpret_cast<const uint4*>(src)[half];
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 f;
+      if (dtype == DType::kBFloat16) {
+        __nv_bfloat162 h;
+        memcpy(&h, &words[i], 4);
+        f = __bfloat1622float2(h);
+      } else {
+        __half2 h;
+        memcpy(&h, &words[i], 4);
+        f = __half22float2(h);
+      }
+      v[8 * half + 2 * i] = f.x;
+      v[8 * half + 2 * i + 1] = f.y;
     }
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
   }
 }
 
@@ -174,53 +189,68 @@ __device__ __forceinline__ void load4_as_float(const uint8_t* src, DType dtype, 
 // to FP8 e4m3 with one float32 scale per block, the DeepSeek-V3 recipe exactly as
 // torch_swiftep.fp8.quantize_fp8 computes it (same IEEE-rounded operations, so the bytes are
 // identical): a = max(amax, floor), q = e4m3(v * (448 / a)), scale = a * float32(1 / 448)
-// (plan.py). Lane l holds elements [4l, 4l + 4) of a block. kQuantGroup blocks are in flight at once so their shuffle
-// reductions overlap (one block at a time left the warp waiting on each shuffle's latency).
+// (plan.py). Lane l holds elements [16 (l % 8), + 16) of block (l / 8) of each pass.
 // Block b's 128 output bytes land at stage + 128 * b, which only overlaps input of blocks
-// <= b, all loaded by every lane before the group's __syncwarp.
+// <= b, all loaded by every lane before the passes' __syncwarp.
 // Returns block (lane)'s scale to lane `lane` (blocks <= 32). Whole warp.
-constexpr int kQuantGroup = 4;
-
 __device__ __forceinline__ float quantize_stage_fp8(uint8_t* stage, int blocks, DType dtype,
                                                     int elem_bytes) {
   const int lane = lane_id();
+  const int sub = lane / kQuantLanesPerBlock;   // block of the pass
+  const int piece = lane % kQuantLanesPerBlock;  // 16 elements of it
+  constexpr int kStep = kQuantBlocksPerPass * kQuantPasses;
   float my_scale = 0.f;
-  for (int b0 = 0; b0 < blocks; b0 += kQuantGroup) {
-    float v[kQuantGroup][4];
-    float amax[kQuantGroup];
+  for (int b0 = 0; b0 < blocks; b0 += kStep) {
+    float v[kQuantPasses][kQuantElemsPerLane];
+    float amax[kQuantPasses];
 #pragma unroll
-    for (int g = 0; g < kQuantGroup; ++g) {
-      amax[g] = 0.f;
-      if (b0 + g < blocks) {
-        load4_as_float(stage + (static_cast<int64_t>(b0 + g) * kFp8Block + lane * 4) * elem_bytes,
-                       dtype, v[g]);
-        amax[g] = fmaxf(fmaxf(fabsf(v[g][0]), fabsf(v[g][1])),
-                        fmaxf(fabsf(v[g][2]), fabsf(v[g][3])));
+    for (int q = 0; q < kQuantPasses; ++q) {
+      const int b = b0 + q * kQuantBlocksPerPass + sub;
+      amax[q] = 0.f;
+      if (b < blocks) {
+        load16_as_float(
+            stage + (static_cast<int64_t>(b) * kFp8Block + piece * kQuantElemsPerLane) * elem_bytes,
+            dtype, v[q]);
+#pragma unroll
+        for (int i = 0; i < kQuantElemsPerLane; ++i) amax[q] = fmaxf(amax[q], fabsf(v[q][i]));
       }
     }
 #pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) {
+    for (int m = 1; m < kQuantLanesPerBlock; m <<= 1) {
 #pragma unroll
-      for (int g = 0; g < kQuantGroup; ++g)
-        amax[g] = fmaxf(amax[g], __shfl_xor_sync(kFullMask, amax[g], m));
+      for (int q = 0; q < kQuantPasses; ++q)
+        amax[q] = fmaxf(amax[q], __shfl_xor_sync(kFullMask, amax[q], m));
     }
-    __syncwarp();  // every lane's loads of the group are done before any lane overwrites
+    __syncwarp();  // every lane's loads are done before any lane overwrites
 #pragma unroll
-    for (int g = 0; g < kQuantGroup; ++g) {
-      const int b = b0 + g;
-      if (b >= blocks) break;  // warp-uniform
-      const float a = fmaxf(amax[g], kFp8AmaxFloor);
-      const float inverse = __fdiv_rn(kFp8Max, a);
+    for (int q = 0; q < kQuantPasses; ++q) {
+      const int first = b0 + q * kQuantBlocksPerPass;  // block of lanes 0..7 in this pass
+      const int b = first + sub;
+      const float a = fmaxf(amax[q], kFp8AmaxFloor);
       const float scale = __fmul_rn(a, kFp8ScalePerAmax);
-      uint32_t packed = 0;
+      if (b < blocks) {
+        const float inverse = __fdiv_rn(kFp8Max, a);
+        uint32_t packed[kQuantElemsPerLane / 4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const __nv_fp8_storage_t q =
-            __nv_cvt_float_to_fp8(__fmul_rn(v[g][i], inverse), __NV_SATFINITE, __NV_E4M3);
-        packed |= static_cast<uint32_t>(q) << (8 * i);
+        for (int i = 0; i < kQuantElemsPerLane / 4; ++i) {
+          const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
+              make_float2(__fmul_rn(v[q][4 * i], inverse), __fmul_rn(v[q][4 * i + 1], inverse)),
+              __NV_SATFINITE, __NV_E4M3);
+          const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+              make_float2(__fmul_rn(v[q][4 * i + 2], inverse),
+                          __fmul_rn(v[q][4 * i + 3], inverse)),
+              __NV_SATFINITE, __NV_E4M3);
+          packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+        }
+        *reinterpret_cast<uint4*>(stage + static_cast<int64_t>(b) * kFp8Block +
+                                  piece * kQuantElemsPerLane) =
+            make_uint4(packed[0], packed[1], packed[2], packed[3]);
       }
-      reinterpret_cast<uint32_t*>(stage + static_cast<int64_t>(b) * kFp8Block)[lane] = packed;
-      if (lane == b) my_scale = scale;
+      // Block `lane`'s scale to lane `lane`: it sits in lane 8 * (lane - first).
+      const float from = __shfl_sync(kFullMask, scale,
+                                     ((lane - first) & (kQuantBlocksPerPass - 1)) *
+                                         kQuantLanesPerBlock);
+      if (lane >= first && lane < first + kQuantBlocksPerPass) my_scale = from;
     }
   }
   fence_proxy_async_shared_cta();  // the bulk stores (async proxy) read what lanes wrote

@@ -70,14 +70,11 @@ __global__ void __launch_bounds__(kDispatchThreads)
   trace.mark(kTrace_dispatch_counted);
 
   if (blockIdx.x == 0) {  // ll_counts[parity][rank][0, E] of every peer <- own, grid size
-    const int per_peer = num_experts + 1;
-    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(c.world_size) * per_peer;
-         i += blockDim.x) {
-      const int peer = static_cast<int>(i / per_peer);
-      const int e = static_cast<int>(i % per_peer);
-      const int64_t value = e < num_experts ? own[e] : static_cast<int64_t>(gridDim.x);
-      st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e,
-                      tag_count(epoch, value));
+    for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) {
+      const int64_t value =
+          tag_count(epoch, e < num_experts ? own[e] : static_cast<int>(gridDim.x));
+      for (int peer = 0; peer < c.world_size; ++peer)
+        st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e, value);
     }
     trace.mark(kTrace_dispatch_published);
   }
@@ -145,20 +142,27 @@ __global__ void __launch_bounds__(kDispatchThreads)
                         epoch, s, kWaitLlData) &&
          ok;
   }
+  // recv_counts: one thread per (local expert, source) loads its count (every source's
+  // counts are here: its block 0 stored them before arriving), a shared sum per expert. One
+  // load latency instead of world_size dependent ones.
+  int* totals = hist;  // count_pairs' histogram is no longer needed
+  for (int j = threadIdx.x; j < num_local; j += blockDim.x) totals[j] = 0;
   const bool all_arrived = __syncthreads_and(ok) != 0;
   trace.mark(kTrace_dispatch_arrived);
-  for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
-    int64_t total = 0;
-    if (all_arrived) {  // every source's counts are here (its block 0 stored them before arriving)
-      const int e = c.rank * num_local + j;
-      for (int s = 0; s < c.world_size && total >= 0; ++s) {
-        const int64_t count =
-            wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + e, epoch, s, kWaitLlCounts);
-        total = count < 0 ? -1 : total + count;
-      }
-      if (total > rows_per_expert) report_status(c, kStatusCapacity, c.rank, total, rows_per_expert);
+  if (all_arrived) {
+    for (int i = threadIdx.x; i < num_local * c.world_size; i += blockDim.x) {
+      const int s = i % c.world_size;
+      const int e = c.rank * num_local + i / c.world_size;
+      const int64_t count =
+          wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + e, epoch, s, kWaitLlCounts);
+      atomicAdd(totals + i / c.world_size, count < 0 ? 0 : static_cast<int>(count));
     }
-    p.recv_counts[j] = static_cast<int32_t>(total < 0 ? 0 : min(total, rows_per_expert));
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
+    const int64_t total = all_arrived ? totals[j] : 0;
+    if (total > rows_per_expert) report_status(c, kStatusCapacity, c.rank, total, rows_per_expert);
+    p.recv_counts[j] = static_cast<int32_t>(min(total, rows_per_expert));
   }
   if (threadIdx.x == 0) ctrl_epoch(c)[kEpochLowLatency] = epoch;
   trace.mark(kTrace_dispatch_end);

@@ -37,7 +37,11 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   int64_t parts_cap = kMaxDispatchStageBytes;  // chunk cap that spreads pairs over the warps
   if (plan.use_tma && plan.per_token != 1 && num_pairs > 0) {
     const int64_t wanted_parts = ceil_div(total_warps, num_pairs);
-    parts_cap = round_up(ceil_div(p.x_row_bytes, wanted_parts), kBulkAlign);
+    // Round the piece up (to 16 bytes, or to whole 128-channel blocks when quantizing), so the
+    // row makes at most wanted_parts chunks: never more units than warps.
+    const int64_t grain =
+        p.quantize_fp8 ? static_cast<int64_t>(kFp8Block) * dtype_bytes(p.x_dtype) : kBulkAlign;
+    parts_cap = round_up(ceil_div(p.x_row_bytes, wanted_parts), grain);
     if (parts_cap < kMinDispatchChunkBytes) parts_cap = kMinDispatchChunkBytes;
   }
   // The stages get the shared memory the per-block arrays leave, bounded before the unit split
