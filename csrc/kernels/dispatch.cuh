@@ -40,21 +40,26 @@ struct SendWindow {
   int64_t off_weights;
 };
 
-// The work units of one warp: units first, first + step, ... < end. A unit is a whole token
-// (per_token == 1), or one (token, slot) pair (per_token == num_topk, parts == 1), or one row
-// chunk of a pair (per_token == num_topk * parts, parts == the row's chunks, chunk = unit %
-// parts). Pairs and chunks are used when a call has fewer tokens than the grid has warps
-// (decode): a token's K fan-out stores, and the pieces of each, then run on warps side by side
-// instead of one after another on one warp.
+// The work units of one warp: units first, first + step, ... < end. A unit covers one slot or
+// all K slots of a token (one_slot), and the whole row or one of its `parts` chunks (parts > 1:
+// the row is exactly `parts` chunks, the unit's chunk is unit % parts):
+// - whole token: per_token == 1, parts == 1, !one_slot (calls with at least as many tokens as
+//   warps);
+// - pair, or pair chunk: per_token == num_topk * parts, one_slot. Fewer tokens than warps
+//   (decode): a token's K fan-out stores, and the pieces of each, run on warps side by side
+//   instead of one after another on one warp;
+// - token chunk: per_token == parts, !one_slot. The same for a dispatch that quantizes: each
+//   chunk is quantized once (not once per slot) and stored to every slot's row.
 struct SendUnits {
   int64_t first;
   int64_t step;
   int64_t end;
   int per_token;
   int parts;
+  bool one_slot;
 
   __host__ __device__ __forceinline__ int64_t token(int64_t u) const { return u / per_token; }
-  // The slot of a pair unit (meaningless for a token unit).
+  // The slot of a one_slot unit.
   __host__ __device__ __forceinline__ int slot(int64_t u) const {
     return static_cast<int>(u % per_token) / parts;
   }
@@ -65,22 +70,21 @@ struct SendUnits {
 
 // The pairs [*pair_begin, *pair_end) units [unit_begin, unit_end) cover.
 __host__ __device__ __forceinline__ void unit_pair_range(int64_t unit_begin, int64_t unit_end,
-                                                         int per_token, int parts,
-                                                         int num_topk, int64_t* pair_begin,
+                                                         int parts, bool one_slot, int num_topk,
+                                                         int64_t* pair_begin,
                                                          int64_t* pair_end) {
-  if (per_token == 1) {
-    *pair_begin = unit_begin * num_topk;
-    *pair_end = unit_end * num_topk;
-  } else {  // pair index = unit / parts
-    *pair_begin = unit_begin / parts;
-    *pair_end = unit_end > unit_begin ? (unit_end - 1) / parts + 1 : *pair_begin;
-  }
+  // Units of one pair (one_slot) or one token (else) are `parts` consecutive units.
+  const int64_t first = unit_begin / parts;
+  const int64_t last = unit_end > unit_begin ? (unit_end - 1) / parts + 1 : first;
+  const int64_t pairs_per = one_slot ? 1 : num_topk;
+  *pair_begin = first * pairs_per;
+  *pair_end = last * pairs_per;
 }
 
 // Most pairs a range of `units` consecutive units can cover (sizes per-block pair arrays).
-__host__ __device__ __forceinline__ int64_t max_pairs_of_units(int64_t units, int per_token,
-                                                               int parts, int num_topk) {
-  return per_token == 1 ? units * num_topk : units / parts + 2;
+__host__ __device__ __forceinline__ int64_t max_pairs_of_units(int64_t units, int parts,
+                                                               bool one_slot, int num_topk) {
+  return (units / parts + 2) * (one_slot ? 1 : num_topk);
 }
 
 // Units per token for a call of num_tokens tokens on a grid of total_warps warps.
@@ -104,7 +108,7 @@ __device__ __forceinline__ PairDest unit_dest(const DispatchParams& p, const Sen
   PairDest dest{-1, -1};
   const int64_t n = units.token(u);
   if (k >= p.num_topk) return dest;
-  if (units.per_token != 1 && k != units.slot(u)) return dest;
+  if (units.one_slot && k != units.slot(u)) return dest;
   const int64_t pair = n * p.num_topk + k;
   const int32_t row = rows[pair - rows_pair0];
   const int64_t e = load_index<IdxT>(p.topk_idx, pair);
@@ -400,7 +404,8 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kDispatchWarps + warp_id();
   uint8_t* stages = dynamic_smem() + warp_id() * kDispatchStages * stage_bytes;
   const SendUnits units{global_warp, num_warps_total,
-                        static_cast<int64_t>(p.num_tokens) * per_token, per_token, 1};
+                        static_cast<int64_t>(p.num_tokens) * per_token, per_token, 1,
+                        per_token != 1};
   send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()], stage_bytes,
                     use_tma, Tracer{nullptr});
   finish_bulk_stores();

@@ -4,7 +4,7 @@
 // stores the counts, each tagged with the call's epoch (tag_count: the value is its own flag, so
 // no fence and no separate flag), into every peer's ll_counts[epoch & 1][rank], and its grid
 // size beside them. A block then computes the rows of its contiguous range of units (tokens,
-// pairs or pair chunks: SendUnits): the packed row of a pair needs the counts LOWER ranks send
+// pairs, pair chunks or token chunks: SendUnits): the packed row of a pair needs the counts LOWER ranks send
 // to the same expert, read with a bounded wait for their tag. It sends them (same pipeline as
 // the throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
 // peer (a release at system scope). Block 0 finally waits (bounded) until every source's
@@ -33,16 +33,47 @@ namespace swiftep {
 // cover].
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_experts,
                                                                   int64_t units_per_block,
-                                                                  int per_token, int parts,
+                                                                  int parts, bool one_slot,
                                                                   int num_topk) {
   return static_cast<int64_t>(kDispatchWarps) * num_experts + num_experts +
-         max_pairs_of_units(units_per_block, per_token, parts, num_topk);
+         max_pairs_of_units(units_per_block, parts, one_slot, num_topk);
+}
+
+// Rows lower ranks send to `expert` this call (the start of this rank's rows there): their
+// tagged counts, all loaded before any is checked (one load latency, not one per rank).
+// -1 when a wait timed out.
+__device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t epoch,
+                                                    int expert) {
+  constexpr int kBatch = 8;
+  int64_t total = 0;
+  for (int s0 = 0; s0 < c.rank; s0 += kBatch) {
+    int64_t tagged[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      tagged[i] = s0 + i < c.rank
+                      ? ld_volatile_i64(ll_counts_at(c.workspace, epoch, s0 + i, c) + expert)
+                      : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (s0 + i >= c.rank) break;
+      const int64_t count =
+          has_tag(tagged[i], epoch)
+              ? static_cast<int64_t>(static_cast<uint32_t>(tagged[i]))
+              : wait_tagged(c, ll_counts_at(c.workspace, epoch, s0 + i, c) + expert, epoch,
+                            s0 + i, kWaitLlCounts);
+      if (count < 0) return -1;
+      total += count;
+    }
+  }
+  return total;
 }
 
 template <typename IdxT>
 __global__ void __launch_bounds__(kDispatchThreads)
     ll_dispatch_kernel(const __grid_constant__ DispatchParams p, int64_t stage_bytes,
-                       bool use_tma, int64_t units_per_block, int per_token, int parts) {
+                       bool use_tma, int64_t units_per_block, int per_token, int parts,
+                       bool one_slot) {
   __shared__ __align__(8) uint64_t bars[kDispatchWarps][kDispatchStages];
   const CommParams& c = p.comm;
   const int num_experts = c.num_experts;
@@ -50,7 +81,7 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const int64_t rows_per_expert = c.ll_rows_per_expert;  // S
   const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
   const int64_t smem_ints =
-      ll_dispatch_smem_ints(num_experts, units_per_block, per_token, parts, p.num_topk);
+      ll_dispatch_smem_ints(num_experts, units_per_block, parts, one_slot, p.num_topk);
   int* hist = reinterpret_cast<int*>(dynamic_smem());
   int* own = hist + static_cast<int64_t>(kDispatchWarps) * num_experts;
   int32_t* rows = own + num_experts;
@@ -84,18 +115,14 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
   const int64_t unit_end = min(unit_begin + units_per_block, num_units);
   int64_t pair_begin, pair_end;
-  unit_pair_range(unit_begin, unit_end, per_token, parts, p.num_topk, &pair_begin, &pair_end);
+  unit_pair_range(unit_begin, unit_end, parts, one_slot, p.num_topk, &pair_begin, &pair_end);
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {
         if (pair < pair_begin || pair >= pair_end) return;
         int32_t row = -1;
         if (expert >= 0) {
-          int64_t slot = order;
-          for (int s = 0; s < c.rank && slot >= 0; ++s) {
-            const int64_t count = wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + expert,
-                                              epoch, s, kWaitLlCounts);
-            slot = count < 0 ? -1 : slot + count;  // -1: timed out, send nothing
-          }
+          const int64_t lower = lower_ranks_rows(c, epoch, expert);
+          const int64_t slot = lower < 0 ? -1 : lower + order;  // -1: timed out, send nothing
           if (slot >= rows_per_expert) {  // nothing is written past the expert's window
             report_status(c, kStatusCapacity, expert / num_local, slot + 1, rows_per_expert);
           } else if (slot >= 0) {
@@ -111,7 +138,8 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
   uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
-  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts};
+  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts,
+                        one_slot};
   send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()], stage_bytes,
                     use_tma, warp_id() == 0 ? trace : Tracer{nullptr});
   finish_bulk_stores();

@@ -13,7 +13,8 @@ struct LowLatencyLaunch {
   SmemCheck check;
   int64_t blocks;
   int per_token;           // units per token (SendUnits)
-  int parts;               // units per pair (SendUnits): the row's chunks, or 1
+  int parts;               // chunks of the row per unit (SendUnits), or 1
+  bool one_slot;           // a unit covers one slot of a token (SendUnits), else all K
   int64_t units_per_block;  // contiguous unit range of each block
   bool use_tma;
   int64_t stage_bytes;
@@ -28,15 +29,18 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   if (err != cudaSuccess) return err;
   // One unit per warp when num_sms allows: the latency of a call is one unit's work. A call
   // with fewer tokens than warps spreads each token's K stores over K warps, and each pair's
-  // row over `parts` warps (chunks of about row / parts bytes), up to one unit per warp.
+  // row over `parts` warps (chunks of about row / parts bytes), up to one unit per warp. When
+  // the kernel quantizes, units are token chunks instead (each quantized once, stored K times).
   const int64_t total_warps = static_cast<int64_t>(p.num_sms) * kDispatchWarps;
   const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
-  plan.per_token = units_per_token(p.num_tokens, p.num_topk, total_warps);
+  const bool small = units_per_token(p.num_tokens, p.num_topk, total_warps) != 1;
+  plan.one_slot = small && !p.quantize_fp8;
   plan.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
                  p.x_row_bytes % kBulkAlign == 0;
-  int64_t parts_cap = kMaxDispatchStageBytes;  // chunk cap that spreads pairs over the warps
-  if (plan.use_tma && plan.per_token != 1 && num_pairs > 0) {
-    const int64_t wanted_parts = ceil_div(total_warps, num_pairs);
+  int64_t parts_cap = kMaxDispatchStageBytes;  // chunk cap that spreads the units over the warps
+  if (plan.use_tma && small) {
+    const int64_t wanted_parts =
+        ceil_div(total_warps, plan.one_slot ? num_pairs : static_cast<int64_t>(p.num_tokens));
     // Round the piece up (to 16 bytes, or to whole 128-channel blocks when quantizing), so the
     // row makes at most wanted_parts chunks: never more units than warps.
     const int64_t grain =
@@ -44,37 +48,40 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
     parts_cap = round_up(ceil_div(p.x_row_bytes, wanted_parts), grain);
     if (parts_cap < kMinDispatchChunkBytes) parts_cap = kMinDispatchChunkBytes;
   }
-  // The stages get the shared memory the per-block arrays leave, bounded before the unit split
-  // is known: with pairs or chunks, a block's rows never exceed all the call's pairs.
-  const int64_t token_units_per_block =
-      ceil_div(p.num_tokens, clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms));
+  // The stages get the shared memory the per-block arrays leave. Whole tokens: exact. Small
+  // calls: bounded before the unit split is known (a block's pairs never exceed the call's).
+  const int64_t token_blocks = clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms);
   const int64_t fixed_cap =
-      round_up(ll_dispatch_smem_ints(p.comm.num_experts,
-                                     plan.per_token == 1 ? token_units_per_block : num_pairs,
-                                     plan.per_token, 1, p.num_topk) * 4,
-               kSmemAlign);
+      small ? round_up((static_cast<int64_t>(kDispatchWarps) + 1) * p.comm.num_experts +
+                           num_pairs + 2 * p.num_topk,
+                       kSmemAlign / 4) * 4
+            : round_up(ll_dispatch_smem_ints(p.comm.num_experts,
+                                             ceil_div(p.num_tokens, token_blocks), 1, false,
+                                             p.num_topk) * 4,
+                       kSmemAlign);
   plan.check = {true, fixed_cap, info.max_dynamic};
   if (!plan.use_tma && p.quantize_fp8) plan.check = {false, 0, 0};  // the binding prevents it
   plan.stage_bytes = 0;
   plan.parts = 1;
+  plan.per_token = plan.one_slot ? p.num_topk : 1;
   if (plan.use_tma) {
     const int64_t budget = info.max_dynamic - fixed_cap;
     int64_t cap = budget > 0 ? budget / (kDispatchWarps * kDispatchStages) : 0;
     if (cap > kMaxDispatchStageBytes) cap = kMaxDispatchStageBytes;
-    if (plan.per_token != 1 && cap > parts_cap) cap = parts_cap;
+    if (small && cap > parts_cap) cap = parts_cap;
     plan.stage_bytes = dispatch_chunk_bytes(p, cap);
     if (plan.stage_bytes == 0) {
       plan.check = {false, fixed_cap + 16 * kDispatchWarps * kDispatchStages, info.max_dynamic};
-    } else if (plan.per_token != 1) {
+    } else if (small) {
       plan.parts = static_cast<int>(ceil_div(p.x_row_bytes, plan.stage_bytes));
-      plan.per_token = p.num_topk * plan.parts;
+      plan.per_token = (plan.one_slot ? p.num_topk : 1) * plan.parts;
     }
   }
   const int64_t units = static_cast<int64_t>(p.num_tokens) * plan.per_token;
   plan.blocks = clamp_blocks(ceil_div(units, kDispatchWarps), p.num_sms);
   plan.units_per_block = ceil_div(units, plan.blocks);
   const int64_t fixed = round_up(ll_dispatch_smem_ints(p.comm.num_experts, plan.units_per_block,
-                                                       plan.per_token, plan.parts, p.num_topk) *
+                                                       plan.parts, plan.one_slot, p.num_topk) *
                                      4,
                                  kSmemAlign);
   plan.smem = fixed + plan.stage_bytes * kDispatchWarps * kDispatchStages;
@@ -93,7 +100,7 @@ cudaError_t launch(const DispatchParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   ll_dispatch_kernel<IdxT><<<static_cast<unsigned>(plan.blocks), kDispatchThreads, plan.smem,
                              stream>>>(p, plan.stage_bytes, plan.use_tma, plan.units_per_block,
-                                       plan.per_token, plan.parts);
+                                       plan.per_token, plan.parts, plan.one_slot);
   return cudaGetLastError();
 }
 
