@@ -38,7 +38,8 @@ cudaError_t plan_combine(const CombineParams& p, CombineLaunch* out) {
     // down to one 16-byte vector per lane, so every warp reduces a piece: a warp's latency is
     // its K bulk loads plus its reduction, both shorter for a smaller chunk.
     const int64_t total_warps = static_cast<int64_t>(p.num_sms) * kCombineWarps;
-    if (p.num_tokens > 0 && p.num_tokens * ceil_div(p.out_row_bytes, cap) < total_warps) {
+    if (cap >= kBulkAlign && p.num_tokens > 0 &&
+        p.num_tokens * ceil_div(p.out_row_bytes, cap) < total_warps) {
       const int64_t wanted_chunks = ceil_div(total_warps, p.num_tokens);
       int64_t small = round_up(ceil_div(p.out_row_bytes, wanted_chunks), kBulkAlign);
       if (small < kMinCombineChunkBytes) small = kMinCombineChunkBytes;

@@ -38,7 +38,7 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   plan.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
                  p.x_row_bytes % kBulkAlign == 0;
   int64_t parts_cap = kMaxDispatchStageBytes;  // chunk cap that spreads the units over the warps
-  if (plan.use_tma && small) {
+  if (plan.use_tma && small && p.num_tokens > 0) {
     const int64_t wanted_parts =
         ceil_div(total_warps, plan.one_slot ? num_pairs : static_cast<int64_t>(p.num_tokens));
     // Round the piece up (to 16 bytes, or to whole 128-channel blocks when quantizing), so the
