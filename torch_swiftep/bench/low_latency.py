@@ -24,7 +24,7 @@ from .. import reference, testing
 from ..fp8 import quantize_fp8
 from . import phase_trace
 from .gpu_world import EmulatedWorld, copy_ceiling_gbps, fork_join, graph_ms, torch_baseline
-from .metrics import combine_min_bytes, dispatch_min_bytes, format_table
+from .metrics import combine_min_bytes, dispatch_min_bytes, format_table, fp8_row_bytes
 
 TOKEN_POINTS = (1, 8, 128)
 SHORT, LONG = 2, 10  # chain lengths (calls per rank per graph)
@@ -164,9 +164,11 @@ def _trace_point(phases, point, calls, world, w):
 
 
 def _records(w, tokens, fp8, sms, ll, tp, floors, ceiling, hidden):
-    row_d = hidden * (1 if fp8 else 2)
+    # FP8 calls quantize inside dispatch: they read the bf16 token and write FP8 rows + scales.
+    row_d = fp8_row_bytes(hidden) if fp8 else hidden * 2
     bytes_floor = dict(
-        dispatch=sum(dispatch_min_bytes(r, row_d) for r in w.routing) / (ceiling * 1e9) * 1e6,
+        dispatch=sum(dispatch_min_bytes(r, row_d, hidden * 2) for r in w.routing)
+        / (ceiling * 1e9) * 1e6,
         combine=sum(combine_min_bytes(r, hidden * 2) for r in w.routing) / (ceiling * 1e9) * 1e6)
     proto = floors["protocol"][fp8]
     out = []

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..plan import FP8_BLOCK
+
 
 @dataclass
 class RoutingBytes:
@@ -29,9 +31,16 @@ class RoutingBytes:
                             idx.size(0))
 
 
-def dispatch_min_bytes(r: RoutingBytes, row_bytes: int) -> int:
-    """Least HBM traffic of a zero-copy dispatch: read each sent token once, write each row."""
-    return (r.tokens_sent + r.rows) * row_bytes
+def dispatch_min_bytes(r: RoutingBytes, row_bytes: int, read_row_bytes: int | None = None) -> int:
+    """Least HBM traffic of a zero-copy dispatch: read each sent token once (read_row_bytes,
+    default row_bytes), write each row (row_bytes, with its scales when quantizing)."""
+    read = row_bytes if read_row_bytes is None else read_row_bytes
+    return r.tokens_sent * read + r.rows * row_bytes
+
+
+def fp8_row_bytes(hidden: int) -> int:
+    """Bytes of one FP8 row with its float32 scales (one per 128 channels)."""
+    return hidden + hidden // FP8_BLOCK * 4
 
 
 def combine_min_bytes(r: RoutingBytes, row_bytes: int) -> int:
