@@ -16,7 +16,7 @@ from .. import plan as plan_mod
 
 
 def _region(comm, field, shape):
-    return plan_mod.ctrl_region(comm.workspace, comm._plan_list, field, torch.int64, shape)
+    return plan_mod.ctrl_region(comm.workspace, comm.plan.as_list(), field, torch.int64, shape)
 
 
 def record(comms, replay) -> torch.Tensor:
