@@ -1,14 +1,17 @@
 // Low-latency dispatch: one kernel, fixed grid, no host sync (CUDA-graph capturable).
 //
-// Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. Block 0
-// stores the counts, each tagged with the call's epoch (tag_count: the value is its own flag, so
-// no fence and no separate flag), into every peer's ll_counts[epoch & 1][rank], and its grid
-// size beside them. A block then computes the rows of its contiguous range of units (tokens,
-// pairs, pair chunks or token chunks: SendUnits): the packed row of a pair needs the counts LOWER ranks send
-// to the same expert, read with a bounded wait for their tag. It sends them (same pipeline as
-// the throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
-// peer (a release at system scope). Block 0 finally waits (bounded) until every source's
-// arrivals reach the grid size that source published, and writes recv_counts.
+// Each warp first issues the bulk loads of its first chunks of x (an input, ready at launch),
+// so they land while the counts are exchanged. Every block recomputes the (small) per-expert
+// counts and ranks of this rank's pairs. Block 0 stores the counts, each tagged with the call's
+// epoch (tag_count: the value is its own flag, so no fence and no separate flag), into every
+// peer's ll_counts[epoch & 1][rank], and its grid size beside them. When the kernel quantizes,
+// each warp quantizes its primed chunks next, before it needs any destination. A block then
+// reads, per expert, the rows LOWER ranks send there (their tagged counts, a bounded wait for
+// the tag), which gives the packed row of each pair of its contiguous range of units (tokens,
+// pairs, pair chunks or token chunks: SendUnits). It sends them (same pipeline as the
+// throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
+// peer (a release at system scope). Block 0 finally sums recv_counts from every source's counts
+// and waits (bounded) until every source's arrivals reach the grid size that source published.
 //
 // ll_arrivals only grows; ll_expected (own) remembers how many arrivals earlier calls awaited,
 // so no counter is ever reset. A source's blocks of call e + 1 start after its call e ended, so
@@ -29,14 +32,18 @@
 
 namespace swiftep {
 
-// Shared ints before the stages: hist [num_warps][E], own [E], rows [pairs a block's units
-// cover].
+// Shared ints before the stages: hist [num_warps][E], own [E], lower [E], rows [`pairs`, the
+// pairs a block's units cover].
+__host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints_for_pairs(int num_experts,
+                                                                            int64_t pairs) {
+  return (static_cast<int64_t>(kDispatchWarps) + 2) * num_experts + pairs;
+}
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_experts,
                                                                   int64_t units_per_block,
                                                                   int parts, bool one_slot,
                                                                   int num_topk) {
-  return static_cast<int64_t>(kDispatchWarps) * num_experts + num_experts +
-         max_pairs_of_units(units_per_block, parts, one_slot, num_topk);
+  return ll_dispatch_smem_ints_for_pairs(
+      num_experts, max_pairs_of_units(units_per_block, parts, one_slot, num_topk));
 }
 
 // Rows lower ranks send to `expert` this call (the start of this rank's rows there): their
@@ -59,7 +66,7 @@ __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t
       if (s0 + i >= c.rank) break;
       const int64_t count =
           has_tag(tagged[i], epoch)
-              ? static_cast<int64_t>(static_cast<uint32_t>(tagged[i]))
+              ? tagged_count(tagged[i])
               : wait_tagged(c, ll_counts_at(c.workspace, epoch, s0 + i, c) + expert, epoch,
                             s0 + i, kWaitLlCounts);
       if (count < 0) return -1;
@@ -69,8 +76,17 @@ __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t
   return total;
 }
 
+// lower[e] <- rows lower ranks send to expert e this call (-1: a wait timed out). Whole block.
+__device__ __forceinline__ void load_lower_ranks_rows(const CommParams& c, int64_t epoch,
+                                                      int* lower) {
+  for (int e = threadIdx.x; e < c.num_experts; e += blockDim.x)
+    lower[e] = static_cast<int>(lower_ranks_rows(c, epoch, e));
+}
+
+// One block per SM (its stages take most of the shared memory), so registers need not be
+// capped for a second block: without the bound ptxas held 128 and spilled in the wait helpers.
 template <typename IdxT>
-__global__ void __launch_bounds__(kDispatchThreads)
+__global__ void __launch_bounds__(kDispatchThreads, 1)
     ll_dispatch_kernel(const __grid_constant__ DispatchParams p, int64_t stage_bytes,
                        bool use_tma, int64_t units_per_block, int per_token, int parts,
                        bool one_slot) {
@@ -84,7 +100,8 @@ __global__ void __launch_bounds__(kDispatchThreads)
       ll_dispatch_smem_ints(num_experts, units_per_block, parts, one_slot, p.num_topk);
   int* hist = reinterpret_cast<int*>(dynamic_smem());
   int* own = hist + static_cast<int64_t>(kDispatchWarps) * num_experts;
-  int32_t* rows = own + num_experts;
+  int* lower = own + num_experts;
+  int32_t* rows = lower + num_experts;
   uint8_t* stages_all = dynamic_smem() + round_up(smem_ints * 4, kSmemAlign);
 
   // Every block reads the epoch at its start; block 0 stores the new value only after every
@@ -95,6 +112,19 @@ __global__ void __launch_bounds__(kDispatchThreads)
   trace.mark(kTrace_dispatch_start);
   if (blockIdx.x == 0 && threadIdx.x == 0) reset_status(c);
   init_warp_barriers(bars[warp_id()], kDispatchStages);
+
+  // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end). Their first
+  // chunks load while the counts are exchanged.
+  const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
+  const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
+  const int64_t unit_end = min(unit_begin + units_per_block, num_units);
+  int64_t pair_begin, pair_end;
+  unit_pair_range(unit_begin, unit_end, parts, one_slot, p.num_topk, &pair_begin, &pair_end);
+  const SendItems items{
+      SendUnits{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts, one_slot},
+      p.x_row_bytes, stage_bytes};
+  uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
+  SendStart start = prime_send(p, items, stages, bars[warp_id()], use_tma);
 
   count_pairs<IdxT>(p.topk_idx, num_pairs, p.num_topk, num_experts, hist, own,
                     blockIdx.x == 0 ? &c : nullptr);  // block 0 alone reports bad indices
@@ -109,20 +139,17 @@ __global__ void __launch_bounds__(kDispatchThreads)
     }
     trace.mark(kTrace_dispatch_published);
   }
+  const Tracer warp0_trace = warp_id() == 0 ? trace : Tracer{nullptr};
+  quantize_primed(p, items, stages, bars[warp_id()], &start, warp0_trace);  // while counts travel
 
-  // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end).
-  const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
-  const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
-  const int64_t unit_end = min(unit_begin + units_per_block, num_units);
-  int64_t pair_begin, pair_end;
-  unit_pair_range(unit_begin, unit_end, parts, one_slot, p.num_topk, &pair_begin, &pair_end);
+  load_lower_ranks_rows(c, epoch, lower);
+  __syncthreads();
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {
         if (pair < pair_begin || pair >= pair_end) return;
         int32_t row = -1;
         if (expert >= 0) {
-          const int64_t lower = lower_ranks_rows(c, epoch, expert);
-          const int64_t slot = lower < 0 ? -1 : lower + order;  // -1: timed out, send nothing
+          const int64_t slot = lower[expert] < 0 ? -1 : lower[expert] + order;  // -1: timed out
           if (slot >= rows_per_expert) {  // nothing is written past the expert's window
             report_status(c, kStatusCapacity, expert / num_local, slot + 1, rows_per_expert);
           } else if (slot >= 0) {
@@ -137,11 +164,8 @@ __global__ void __launch_bounds__(kDispatchThreads)
 
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
-  uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
-  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts,
-                        one_slot};
-  send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()], stage_bytes,
-                    use_tma, warp_id() == 0 ? trace : Tracer{nullptr});
+  send_tokens<IdxT>(p, win, items, rows, pair_begin, stages, bars[warp_id()], use_tma, start,
+                    warp0_trace);
   finish_bulk_stores();
 
   // Arrival: the barrier orders every warp's completed bulk stores and plain stores before the
@@ -154,7 +178,20 @@ __global__ void __launch_bounds__(kDispatchThreads)
   trace.mark(kTrace_dispatch_signalled);
   if (blockIdx.x != 0) return;
 
-  // Block 0: wait until every block of every source has arrived (this grid's own included).
+  // Block 0. recv_counts: one thread per (local expert, source) reads its count (every source
+  // stored them before sending), a shared sum per expert; one load latency, and spent while
+  // other blocks' rows are still arriving.
+  int* totals = hist;  // count_pairs' histogram is no longer needed
+  for (int j = threadIdx.x; j < num_local; j += blockDim.x) totals[j] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_local * c.world_size; i += blockDim.x) {
+    const int s = i % c.world_size;
+    const int e = c.rank * num_local + i / c.world_size;
+    const int64_t count =
+        wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + e, epoch, s, kWaitLlCounts);
+    atomicAdd(totals + i / c.world_size, count < 0 ? 0 : static_cast<int>(count));
+  }
+  // Wait until every block of every source has arrived (this grid's own included).
   bool ok = true;
   for (int s = threadIdx.x; s < c.world_size; s += blockDim.x) {
     const int64_t blocks = wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + num_experts,
@@ -170,23 +207,8 @@ __global__ void __launch_bounds__(kDispatchThreads)
                         epoch, s, kWaitLlData) &&
          ok;
   }
-  // recv_counts: one thread per (local expert, source) loads its count (every source's
-  // counts are here: its block 0 stored them before arriving), a shared sum per expert. One
-  // load latency instead of world_size dependent ones.
-  int* totals = hist;  // count_pairs' histogram is no longer needed
-  for (int j = threadIdx.x; j < num_local; j += blockDim.x) totals[j] = 0;
-  const bool all_arrived = __syncthreads_and(ok) != 0;
+  const bool all_arrived = __syncthreads_and(ok) != 0;  // also: every totals add is done
   trace.mark(kTrace_dispatch_arrived);
-  if (all_arrived) {
-    for (int i = threadIdx.x; i < num_local * c.world_size; i += blockDim.x) {
-      const int s = i % c.world_size;
-      const int e = c.rank * num_local + i / c.world_size;
-      const int64_t count =
-          wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + e, epoch, s, kWaitLlCounts);
-      atomicAdd(totals + i / c.world_size, count < 0 ? 0 : static_cast<int>(count));
-    }
-  }
-  __syncthreads();
   for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
     const int64_t total = all_arrived ? totals[j] : 0;
     if (total > rows_per_expert) report_status(c, kStatusCapacity, c.rank, total, rows_per_expert);

@@ -33,7 +33,7 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   // the kernel quantizes, units are token chunks instead (each quantized once, stored K times).
   const int64_t total_warps = static_cast<int64_t>(p.num_sms) * kDispatchWarps;
   const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
-  const bool small = units_per_token(p.num_tokens, p.num_topk, total_warps) != 1;
+  const bool small = is_small_call(p.num_tokens, total_warps);
   plan.one_slot = small && !p.quantize_fp8;
   plan.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
                  p.x_row_bytes % kBulkAlign == 0;
@@ -52,8 +52,8 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   // calls: bounded before the unit split is known (a block's pairs never exceed the call's).
   const int64_t token_blocks = clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms);
   const int64_t fixed_cap =
-      small ? round_up((static_cast<int64_t>(kDispatchWarps) + 1) * p.comm.num_experts +
-                           num_pairs + 2 * p.num_topk,
+      small ? round_up(ll_dispatch_smem_ints_for_pairs(p.comm.num_experts,
+                                                       num_pairs + 2 * p.num_topk),
                        kSmemAlign / 4) * 4
             : round_up(ll_dispatch_smem_ints(p.comm.num_experts,
                                              ceil_div(p.num_tokens, token_blocks), 1, false,

@@ -80,5 +80,9 @@ __device__ __forceinline__ bool has_tag(int64_t tagged, int64_t epoch) {
   return static_cast<uint32_t>(static_cast<uint64_t>(tagged) >> 32) ==
          static_cast<uint32_t>(epoch);
 }
+// The count a tagged value carries (its low 32 bits).
+__device__ __forceinline__ int64_t tagged_count(int64_t tagged) {
+  return static_cast<int64_t>(static_cast<uint32_t>(tagged));
+}
 
 }  // namespace swiftep

@@ -97,7 +97,7 @@ static __device__ __noinline__ int64_t wait_tagged_slow(const CommParams& c,
   const int64_t* status = ctrl_status(c);
   for (;;) {
     const int64_t tagged = ld_volatile_i64(slot);
-    if (has_tag(tagged, epoch)) return static_cast<uint32_t>(tagged);
+    if (has_tag(tagged, epoch)) return tagged_count(tagged);
     if (ld_volatile_i64(status) == kStatusTimeout) return -1;
     if (globaltimer_ns() > deadline) {
       report_wait_timeout(c, peer, what, epoch, epoch,
@@ -112,7 +112,7 @@ static __device__ __noinline__ int64_t wait_tagged_slow(const CommParams& c,
 __device__ __forceinline__ int64_t wait_tagged(const CommParams& c, const int64_t* slot,
                                                int64_t epoch, int peer, int64_t what) {
   const int64_t tagged = ld_volatile_i64(slot);
-  if (has_tag(tagged, epoch)) return static_cast<uint32_t>(tagged);
+  if (has_tag(tagged, epoch)) return tagged_count(tagged);
   return wait_tagged_slow(c, slot, epoch, peer, what);
 }
 
