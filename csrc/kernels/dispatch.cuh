@@ -349,24 +349,26 @@ __device__ __forceinline__ SendStart prime_send(const DispatchParams& p, const S
   return start;
 }
 
-// Quantizes the primed items in place (quantize_fp8), so that work, too, is done before the
-// destinations are known. Whole warp.
-__device__ __forceinline__ void quantize_primed(const DispatchParams& p, const SendItems& items,
-                                                uint8_t* stages, uint64_t* bars,
-                                                SendStart* start, const Tracer& trace) {
-  if (!p.quantize_fp8) return;
+// Quantizes the warp's next primed item in place (quantize_fp8), work a kernel can do before
+// it knows the item's destinations; false when none is left. Whole warp.
+__device__ __forceinline__ bool quantize_next_primed(const DispatchParams& p,
+                                                     const SendItems& items, uint8_t* stages,
+                                                     uint64_t* bars, SendStart* start,
+                                                     const Tracer& trace) {
+  if (!p.quantize_fp8 || start->quantized >= start->primed) return false;
+  const int item = start->quantized;  // < kDispatchStages: its stage's first phase
   const int elem_bytes = dtype_bytes(p.x_dtype);
+  mbarrier_wait_parity(bars + item, 0);
+  if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
+  const int blocks = static_cast<int>(items.bytes(item) / (kFp8Block * elem_bytes));
+  const float scale =
+      quantize_stage_fp8(stages + item * items.stage_bytes, blocks, p.x_dtype, elem_bytes);
+  if (item == 0) trace.mark(kTrace_dispatch_first_quantized);
 #pragma unroll
-  for (int item = 0; item < kDispatchStages; ++item) {
-    if (item >= start->primed) break;
-    mbarrier_wait_parity(bars + item, 0);  // the first phase of each stage
-    if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
-    const int blocks = static_cast<int>(items.bytes(item) / (kFp8Block * elem_bytes));
-    start->scale[item] =
-        quantize_stage_fp8(stages + item * items.stage_bytes, blocks, p.x_dtype, elem_bytes);
-    if (item == 0) trace.mark(kTrace_dispatch_first_quantized);
-    start->quantized = item + 1;
-  }
+  for (int i = 0; i < kDispatchStages; ++i)  // constant indices keep scale[] in registers
+    if (i == item) start->scale[i] = scale;
+  start->quantized = item + 1;
+  return true;
 }
 
 // Sends this warp's units. stages: this warp's kDispatchStages * stage_bytes of shared memory;
@@ -374,7 +376,7 @@ __device__ __forceinline__ void quantize_primed(const DispatchParams& p, const S
 // rows are not 16-byte aligned; never with quantize_fp8, which the launchers refuse).
 // stage_bytes (items): a chunk of x's row; with quantize_fp8 a whole number of 128-channel
 // blocks, at most 32 of them. units.parts > 1: stage_bytes makes the row exactly `parts` chunks.
-// start: what prime_send / quantize_primed did already (nothing primed: this primes).
+// start: what prime_send / quantize_next_primed did already (nothing primed: this primes).
 // trace: warp 0 of block 0 stamps its first item (others pass Tracer{nullptr}).
 template <typename IdxT>
 __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, const SendItems& items,

@@ -1,14 +1,13 @@
 // Low-latency dispatch: one kernel, fixed grid, no host sync (CUDA-graph capturable).
 //
-// Each warp first issues the bulk loads of its first chunks of x (an input, ready at launch),
-// so they land while the counts are exchanged. Every block recomputes the (small) per-expert
-// counts and ranks of this rank's pairs. Block 0 stores the counts, each tagged with the call's
-// epoch (tag_count: the value is its own flag, so no fence and no separate flag), into every
-// peer's ll_counts[epoch & 1][rank], and its grid size beside them. When the kernel quantizes,
-// each warp quantizes its primed chunks next, before it needs any destination. A block then
-// reads, per expert, the rows LOWER ranks send there (their tagged counts, a bounded wait for
-// the tag), which gives the packed row of each pair of its contiguous range of units (tokens,
-// pairs, pair chunks or token chunks: SendUnits). It sends them (same pipeline as the
+// Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. Block 0
+// stores the counts, each tagged with the call's epoch (tag_count: the value is its own flag, so
+// no fence and no separate flag), into every peer's ll_counts[epoch & 1][rank], and its grid
+// size beside them. Each warp then issues the bulk loads of its first chunks of x, and, when the
+// kernel quantizes, quantizes them while the counts of lower ranks are still on their way. A
+// block reads, per expert, the rows LOWER ranks send there (their tagged counts; a bounded wait
+// for the tag), which gives the packed row of each pair of its contiguous range of units
+// (tokens, pairs, pair chunks or token chunks: SendUnits). It sends them (same pipeline as the
 // throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
 // peer (a release at system scope). Block 0 finally sums recv_counts from every source's counts
 // and waits (bounded) until every source's arrivals reach the grid size that source published.
@@ -48,9 +47,10 @@ __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_expert
 
 // Rows lower ranks send to `expert` this call (the start of this rank's rows there): their
 // tagged counts, all loaded before any is checked (one load latency, not one per rank).
-// -1 when a wait timed out.
+// wait: a bounded wait for a count not here yet (-1 when it timed out); else kNotYet for it.
+constexpr int64_t kNotYet = -2;
 __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t epoch,
-                                                    int expert) {
+                                                    int expert, bool wait) {
   constexpr int kBatch = 8;
   int64_t total = 0;
   for (int s0 = 0; s0 < c.rank; s0 += kBatch) {
@@ -64,6 +64,7 @@ __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
       if (s0 + i >= c.rank) break;
+      if (!has_tag(tagged[i], epoch) && !wait) return kNotYet;
       const int64_t count =
           has_tag(tagged[i], epoch)
               ? tagged_count(tagged[i])
@@ -76,11 +77,16 @@ __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t
   return total;
 }
 
-// lower[e] <- rows lower ranks send to expert e this call (-1: a wait timed out). Whole block.
-__device__ __forceinline__ void load_lower_ranks_rows(const CommParams& c, int64_t epoch,
-                                                      int* lower) {
-  for (int e = threadIdx.x; e < c.num_experts; e += blockDim.x)
-    lower[e] = static_cast<int>(lower_ranks_rows(c, epoch, e));
+// lower[e] <- rows lower ranks send to expert e this call (-1: a wait timed out), for the
+// experts of this thread. wait false: returns false (lower incomplete) when a count is not here.
+__device__ __forceinline__ bool load_lower_ranks_rows(const CommParams& c, int64_t epoch,
+                                                      int* lower, bool wait) {
+  for (int e = threadIdx.x; e < c.num_experts; e += blockDim.x) {
+    const int64_t rows = lower_ranks_rows(c, epoch, e, wait);
+    if (rows == kNotYet) return false;
+    lower[e] = static_cast<int>(rows);
+  }
+  return true;
 }
 
 // One block per SM (its stages take most of the shared memory), so registers need not be
@@ -113,8 +119,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
   if (blockIdx.x == 0 && threadIdx.x == 0) reset_status(c);
   init_warp_barriers(bars[warp_id()], kDispatchStages);
 
-  // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end). Their first
-  // chunks load while the counts are exchanged.
+  // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end).
   const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
   const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
   const int64_t unit_end = min(unit_begin + units_per_block, num_units);
@@ -124,7 +129,6 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
       SendUnits{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts, one_slot},
       p.x_row_bytes, stage_bytes};
   uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
-  SendStart start = prime_send(p, items, stages, bars[warp_id()], use_tma);
 
   count_pairs<IdxT>(p.topk_idx, num_pairs, p.num_topk, num_experts, hist, own,
                     blockIdx.x == 0 ? &c : nullptr);  // block 0 alone reports bad indices
@@ -139,10 +143,17 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
     }
     trace.mark(kTrace_dispatch_published);
   }
+  // Now (not before the counting, whose index loads it would queue behind) the first chunks
+  // load; while lower ranks' counts are still on their way, warps quantize what has landed.
+  SendStart start = prime_send(p, items, stages, bars[warp_id()], use_tma);
   const Tracer warp0_trace = warp_id() == 0 ? trace : Tracer{nullptr};
-  quantize_primed(p, items, stages, bars[warp_id()], &start, warp0_trace);  // while counts travel
-
-  load_lower_ranks_rows(c, epoch, lower);
+  while (!__syncthreads_and(load_lower_ranks_rows(c, epoch, lower, false))) {
+    if (!__syncthreads_or(p.quantize_fp8 && start.quantized < start.primed)) {
+      load_lower_ranks_rows(c, epoch, lower, true);  // nothing left to do meanwhile: wait
+      break;
+    }
+    quantize_next_primed(p, items, stages, bars[warp_id()], &start, warp0_trace);
+  }
   __syncthreads();
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {

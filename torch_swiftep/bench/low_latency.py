@@ -85,9 +85,10 @@ class _Calls:
         return h, comm.combine(comm.combine_buffer(), h, num_sms=self.sms)
 
 
-def traced_phases(calls_pair, world, streams, comms, replays=3) -> dict:
-    """The phase trace (phase_trace.py) of a chain of LONG dispatch + combine calls per rank."""
-    step = chained(calls_pair, world, streams, LONG)
+def traced_phases(per_rank_call, world, streams, comms, replays=3) -> dict:
+    """The phase trace (phase_trace.py) of a chain of LONG calls per rank (dispatch + combine,
+    or dispatch alone)."""
+    step = chained(per_rank_call, world, streams, LONG)
     step()  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -158,9 +159,14 @@ def run(world=8, hidden=7168, topk=8, experts=256, out_dir=None, check=True,
 
 
 def _trace_point(phases, point, calls, world, w):
+    """Traces the dispatch + combine chain, and the dispatch-only chain the dispatch time comes
+    from (its calls start as the previous dispatch ends, not as a combine ends)."""
     phases[point] = traced_phases(calls.ll_pair, world, w.streams, w.comms)
     print(phase_trace.format_summary(f"{point}, {calls.sms} SMs/rank", phases[point]),
           flush=True)
+    key = f"{point}, dispatch chain"
+    phases[key] = traced_phases(calls.ll_dispatch, world, w.streams, w.comms)
+    print(phase_trace.format_summary(f"{key}, {calls.sms} SMs/rank", phases[key]), flush=True)
 
 
 def _records(w, tokens, fp8, sms, ll, tp, floors, ceiling, hidden):

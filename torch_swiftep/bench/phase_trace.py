@@ -82,6 +82,7 @@ def format_summary(title: str, summary: dict) -> str:
             lo, hi = summary[name]
             lines.append(f"  {name:<22} {lo:>14.2f} {hi:>12.2f}")
     if "period" in summary:
-        lines.append(f"  call period {summary['period']:.2f} us; combine end to next dispatch "
-                     f"start on one rank {summary.get('gap', float('nan')):.2f} us")
+        gap = (f"; combine end to next dispatch start on one rank {summary['gap']:.2f} us"
+               if "gap" in summary else "")
+        lines.append(f"  call period {summary['period']:.2f} us{gap}")
     return "\n".join(lines)
