@@ -28,7 +28,9 @@ def test_summary_orders_rows_and_measures_from_the_first_rank():
     assert s["period"] == 20.0
     # combine_end of call j on a rank to its dispatch_start of call j + 1
     assert abs(s["gap"] - (20.0 - last * 0.1)) < 1e-9
-    assert "dispatch_counted" in phase_trace.format_summary("t", s)
+    assert s["per_rank"]["dispatch_start"] == [0.0, 1.0, 2.0]
+    text = phase_trace.format_summary("t", s)
+    assert "dispatch_counted" in text and "rank 2" in text
 
 
 def test_unstamped_points_and_rings_are_left_out():

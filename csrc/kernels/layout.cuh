@@ -68,10 +68,17 @@ __device__ __forceinline__ void load_index_batch(const void* topk_idx, int64_t f
 // Pass 1, whole block. hist: [num_warps][num_experts] shared ints; on return hist[w][e] holds the
 // number of pairs of expert e in the ranges of warps before w, and own_counts[e] the total.
 // Out-of-range indices count as no expert and are reported when report_to is not null.
+// The experts (-1: none) of a warp's first kIndexBatch * 32 pairs, lane l's pairs l + 32 i:
+// count_pairs keeps them in registers for rank_pairs, which then loads no index again when
+// the warp's range fits in one batch (calls up to kIndexBatch * 32 pairs per warp).
+struct FirstBatch {
+  int expert[kIndexBatch];
+};
+
 template <typename IdxT>
 __device__ void count_pairs(const void* topk_idx, int64_t num_pairs, int num_topk,
                             int num_experts, int* hist, int* own_counts,
-                            const CommParams* report_to) {
+                            const CommParams* report_to, FirstBatch* keep = nullptr) {
   const int num_warps = blockDim.x / kWarpSize;
   for (int i = threadIdx.x; i < num_warps * num_experts; i += blockDim.x) hist[i] = 0;
   __syncthreads();
@@ -84,6 +91,8 @@ __device__ void count_pairs(const void* topk_idx, int64_t num_pairs, int num_top
 #pragma unroll
     for (int i = 0; i < kIndexBatch; ++i) {
       const int64_t e = experts[i];
+      if (keep != nullptr && first == begin)
+        keep->expert[i] = is_expert(e, num_experts) ? static_cast<int>(e) : -1;
       if (is_expert(e, num_experts)) {
         atomicAdd(my_hist + e, 1);
       } else if (e != -1 && report_to != nullptr) {
@@ -110,14 +119,19 @@ __device__ void count_pairs(const void* topk_idx, int64_t num_pairs, int num_top
 // this source's pairs of that expert before it in (token, slot) order.
 template <typename IdxT, typename OnPair>
 __device__ void rank_pairs(const void* topk_idx, int64_t num_pairs, int num_experts, int* hist,
-                           OnPair on_pair) {
+                           OnPair on_pair, const FirstBatch* kept = nullptr) {
   int64_t begin, end;
   warp_pair_range(num_pairs, &begin, &end);
   int* my_hist = hist + warp_id() * num_experts;
   const int lane = lane_id();
   for (int64_t first = begin; first < end; first += kIndexBatch * kWarpSize) {
     int64_t experts[kIndexBatch];
-    load_index_batch<IdxT>(topk_idx, first, end, experts);
+    if (kept != nullptr && first == begin) {
+#pragma unroll
+      for (int i = 0; i < kIndexBatch; ++i) experts[i] = kept->expert[i];
+    } else {
+      load_index_batch<IdxT>(topk_idx, first, end, experts);
+    }
 #pragma unroll
     for (int i = 0; i < kIndexBatch; ++i) {
       const int64_t batch = first + static_cast<int64_t>(i) * kWarpSize;  // uniform over the warp

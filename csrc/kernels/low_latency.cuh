@@ -130,16 +130,24 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
       p.x_row_bytes, stage_bytes};
   uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
 
+  FirstBatch first_batch;  // the warp's first pair indices, kept for rank_pairs
   count_pairs<IdxT>(p.topk_idx, num_pairs, p.num_topk, num_experts, hist, own,
-                    blockIdx.x == 0 ? &c : nullptr);  // block 0 alone reports bad indices
+                    blockIdx.x == 0 ? &c : nullptr,  // block 0 alone reports bad indices
+                    &first_batch);
   trace.mark(kTrace_dispatch_counted);
 
-  if (blockIdx.x == 0) {  // ll_counts[parity][rank][0, E] of every peer <- own, grid size
+  if (blockIdx.x == 0) {  // ll_counts[parity][rank][0, E] of peers <- own, grid size
+    // A peer reads count e of this rank when it is higher (rows before its own) or owns e
+    // (recv_counts); every peer reads the grid size (entry E). Higher ranks first.
     for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) {
       const int64_t value =
           tag_count(epoch, e < num_experts ? own[e] : static_cast<int>(gridDim.x));
-      for (int peer = 0; peer < c.world_size; ++peer)
-        st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e, value);
+      const int owner = e < num_experts ? e / num_local : -1;
+      for (int i = 1; i <= c.world_size; ++i) {
+        const int peer = (c.rank + i) % c.world_size;
+        if (peer > c.rank || peer == owner || e == num_experts)
+          st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e, value);
+      }
     }
     trace.mark(kTrace_dispatch_published);
   }
@@ -169,7 +177,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
         }
         rows[pair - pair_begin] = row;
         p.token_rows[pair] = row;
-      });
+      },
+      &first_batch);
   __syncthreads();
   trace.mark(kTrace_dispatch_ranked);
 

@@ -39,7 +39,8 @@ def record(comms, replay) -> torch.Tensor:
 
 def summarize(rings: torch.Tensor) -> dict:
     """{point: (earliest rank us, latest rank us)} from the first rank's dispatch start of the
-    same call, medians over the calls every rank stamped; plus 'period' (us between one call's
+    same call, medians over the calls every rank stamped; 'per_rank' ({point: each rank's
+    median}); plus 'period' (us between one call's
     first dispatch start and the next one's) and 'gap' (a rank's combine end to its next
     dispatch start: the kernel launches in between)."""
     names = plan_mod.TRACE_POINTS
@@ -55,16 +56,20 @@ def summarize(rings: torch.Tensor) -> dict:
         return {}
     per_rank = [rows[-calls:] for rows in per_rank]
     t0 = [min(rows[j][start] for rows in per_rank) for j in range(calls)]
-    out = {}
+    out, by_rank = {}, {}
     for p, name in enumerate(names):
-        lo, hi = [], []
+        lo, hi, each = [], [], []
         for j in range(calls):
             stamps = [rows[j][p] for rows in per_rank if rows[j][p] > 0]
             if len(stamps) == len(per_rank):
                 lo.append((min(stamps) - t0[j]) / 1e3)
                 hi.append((max(stamps) - t0[j]) / 1e3)
+                each.append([(t - t0[j]) / 1e3 for t in stamps])
         if lo:
             out[name] = (statistics.median(lo), statistics.median(hi))
+            by_rank[name] = [statistics.median(call[r] for call in each)
+                             for r in range(len(per_rank))]
+    out["per_rank"] = by_rank  # {point: [median us of rank r]}: which rank is late, and where
     if calls > 1:
         out["period"] = statistics.median((t0[j + 1] - t0[j]) / 1e3 for j in range(calls - 1))
         gaps = [(rows[j + 1][start] - rows[j][c_end]) / 1e3 for rows in per_rank
@@ -76,11 +81,15 @@ def summarize(rings: torch.Tensor) -> dict:
 
 def format_summary(title: str, summary: dict) -> str:
     lines = [f"phase trace, {title} (us from the first rank's dispatch start; median over calls)"]
-    lines.append(f"  {'point':<22} {'earliest rank':>14} {'latest rank':>12}")
+    by_rank = summary.get("per_rank", {})
+    world = len(next(iter(by_rank.values()), []))
+    lines.append(f"  {'point':<24} {'earliest rank':>13} {'latest rank':>12}  "
+                 + " ".join(f"{f'rank {r}':>7}" for r in range(world)))
     for name in plan_mod.TRACE_POINTS:
         if name in summary:
             lo, hi = summary[name]
-            lines.append(f"  {name:<22} {lo:>14.2f} {hi:>12.2f}")
+            ranks = " ".join(f"{t:>7.2f}" for t in by_rank.get(name, []))
+            lines.append(f"  {name:<24} {lo:>13.2f} {hi:>12.2f}  {ranks}")
     if "period" in summary:
         gap = (f"; combine end to next dispatch start on one rank {summary['gap']:.2f} us"
                if "gap" in summary else "")
