@@ -336,17 +336,19 @@ __device__ __forceinline__ void issue_item_load(const DispatchParams& p, const S
               bars + stage);
 }
 
-// Issues the loads of the warp's first kDispatchStages items. x is an input, ready when the
-// kernel starts, so a kernel can prime before it knows any destination row. Whole warp.
-__device__ __forceinline__ SendStart prime_send(const DispatchParams& p, const SendItems& items,
-                                                uint8_t* stages, uint64_t* bars, bool use_tma) {
-  SendStart start;
-  if (!use_tma) return start;  // plain warp copies: nothing staged
-  start.primed = static_cast<int>(min(items.count, static_cast<int64_t>(kDispatchStages)));
+// Issues the loads of the warp's items [start->primed, upto) (upto <= kDispatchStages: each
+// its stage's first phase). x is an input, ready when the kernel starts, so a kernel can prime
+// before it knows any destination row. Whole warp.
+__device__ __forceinline__ void prime_send(const DispatchParams& p, const SendItems& items,
+                                           uint8_t* stages, uint64_t* bars, bool use_tma,
+                                           int upto, SendStart* start) {
+  if (!use_tma) return;  // plain warp copies: nothing staged
+  const int end = static_cast<int>(min(items.count, static_cast<int64_t>(upto)));
   if (lane_id() == 0) {
-    for (int item = 0; item < start.primed; ++item) issue_item_load(p, items, item, stages, bars);
+    for (int item = start->primed; item < end; ++item)
+      issue_item_load(p, items, item, stages, bars);
   }
-  return start;
+  start->primed = max(start->primed, end);
 }
 
 // Quantizes the warp's next primed item in place (quantize_fp8), work a kernel can do before
@@ -406,7 +408,7 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
   }
 
   const int elem_bytes = p.quantize_fp8 ? dtype_bytes(p.x_dtype) : 1;
-  if (start.primed == 0) start = prime_send(p, items, stages, bars, use_tma);
+  prime_send(p, items, stages, bars, use_tma, kDispatchStages, &start);  // the rest
   PairDest mine{-1, -1};          // lane k: slot k's destination in the current unit
   uint8_t* my_target = nullptr;
   for (int64_t item = 0; item < items.count; ++item) {

@@ -1,16 +1,17 @@
 // Low-latency dispatch: one kernel, fixed grid, no host sync (CUDA-graph capturable).
 //
-// Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. Block 0
-// stores the counts, each tagged with the call's epoch (tag_count: the value is its own flag, so
-// no fence and no separate flag), into every peer's ll_counts[epoch & 1][rank], and its grid
-// size beside them. Each warp then issues the bulk loads of its first chunks of x, and, when the
-// kernel quantizes, quantizes them while the counts of lower ranks are still on their way. A
-// block reads, per expert, the rows LOWER ranks send there (their tagged counts; a bounded wait
-// for the tag), which gives the packed row of each pair of its contiguous range of units
-// (tokens, pairs, pair chunks or token chunks: SendUnits). It sends them (same pipeline as the
-// throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
-// peer (a release at system scope). Block 0 finally sums recv_counts from every source's counts
-// and waits (bounded) until every source's arrivals reach the grid size that source published.
+// Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. The
+// blocks together store the counts, each tagged with the call's epoch (tag_count: the value is
+// its own flag, so no fence and no separate flag), into the peers' ll_counts[epoch & 1][rank],
+// and the grid size beside them. Each warp then issues the bulk load of its first chunk of x
+// and, when the kernel quantizes, quantizes it while the counts of lower ranks are still on
+// their way. A block reads, per expert, the rows LOWER ranks send there (their tagged counts; a
+// bounded wait for the tag), which gives the packed row of each pair of its contiguous range of
+// units (tokens, pairs, pair chunks or token chunks: SendUnits). It sends them (same pipeline
+// as the throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on
+// every peer (a release at system scope). Block 0 finally sums recv_counts from every source's
+// counts and waits (bounded) until every source's arrivals reach the grid size that source
+// published.
 //
 // ll_arrivals only grows; ll_expected (own) remembers how many arrivals earlier calls awaited,
 // so no counter is ever reset. A source's blocks of call e + 1 start after its call e ended, so
@@ -136,24 +137,29 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
                     &first_batch);
   trace.mark(kTrace_dispatch_counted);
 
-  if (blockIdx.x == 0) {  // ll_counts[parity][rank][0, E] of peers <- own, grid size
-    // A peer reads count e of this rank when it is higher (rows before its own) or owns e
-    // (recv_counts); every peer reads the grid size (entry E). Higher ranks first.
-    for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) {
-      const int64_t value =
-          tag_count(epoch, e < num_experts ? own[e] : static_cast<int>(gridDim.x));
-      const int owner = e < num_experts ? e / num_local : -1;
-      for (int i = 1; i <= c.world_size; ++i) {
-        const int peer = (c.rank + i) % c.world_size;
-        if (peer > c.rank || peer == owner || e == num_experts)
-          st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e, value);
-      }
+  // ll_counts[parity][rank][0, E] of peers <- own, grid size, spread over every block (each
+  // has own[]): one store per thread or so, not hundreds in block 0. A peer reads count e of
+  // this rank when it is higher (rows before its own) or owns e (recv_counts); every peer
+  // reads the grid size (entry E).
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e <= num_experts;
+       e += gridDim.x * blockDim.x) {
+    const int64_t value = tag_count(epoch, e < num_experts ? own[e] : static_cast<int>(gridDim.x));
+    const int owner = e < num_experts ? e / num_local : -1;
+    for (int i = 1; i <= c.world_size; ++i) {  // higher ranks first: they wait for these
+      int peer = c.rank + i;
+      if (peer >= c.world_size) peer -= c.world_size;
+      if (peer > c.rank || peer == owner || e == num_experts)
+        st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e, value);
     }
-    trace.mark(kTrace_dispatch_published);
   }
-  // Now (not before the counting, whose index loads it would queue behind) the first chunks
-  // load; while lower ranks' counts are still on their way, warps quantize what has landed.
-  SendStart start = prime_send(p, items, stages, bars[warp_id()], use_tma);
+  trace.mark(kTrace_dispatch_published);
+
+  // Now the first chunk of each warp's units loads: not earlier, where it would queue the
+  // counting's index loads and the stores above behind it, and not the whole pipeline, which
+  // floods memory while every rank is still exchanging counts (docs/perf-notes.md, v4). While
+  // lower ranks' counts are missing, warps quantize what has landed.
+  SendStart start;
+  prime_send(p, items, stages, bars[warp_id()], use_tma, 1, &start);
   const Tracer warp0_trace = warp_id() == 0 ? trace : Tracer{nullptr};
   while (!__syncthreads_and(load_lower_ranks_rows(c, epoch, lower, false))) {
     if (!__syncthreads_or(p.quantize_fp8 && start.quantized < start.primed)) {
