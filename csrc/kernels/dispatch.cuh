@@ -308,22 +308,6 @@ struct SendItems {
   }
 };
 
-// What a warp did with its first items before their destinations were known: loads issued
-// (primed) and, when quantizing, items quantized in place (lane b holds block b's scale).
-struct SendStart {
-  int primed = 0;
-  int quantized = 0;
-  float scale[kDispatchStages] = {};
-
-  __device__ __forceinline__ float scale_of(int64_t item) const {  // registers, not a local array
-    float s = scale[0];
-#pragma unroll
-    for (int i = 1; i < kDispatchStages; ++i)
-      if (item == i) s = scale[i];
-    return s;
-  }
-};
-
 // Lane 0 bulk-loads the item's chunk of x into its stage, completing on the stage's barrier.
 __device__ __forceinline__ void issue_item_load(const DispatchParams& p, const SendItems& items,
                                                 int64_t item, uint8_t* stages, uint64_t* bars) {
@@ -336,54 +320,16 @@ __device__ __forceinline__ void issue_item_load(const DispatchParams& p, const S
               bars + stage);
 }
 
-// Issues the loads of the warp's items [start->primed, upto) (upto <= kDispatchStages: each
-// its stage's first phase). x is an input, ready when the kernel starts, so a kernel can prime
-// before it knows any destination row. Whole warp.
-__device__ __forceinline__ void prime_send(const DispatchParams& p, const SendItems& items,
-                                           uint8_t* stages, uint64_t* bars, bool use_tma,
-                                           int upto, SendStart* start) {
-  if (!use_tma) return;  // plain warp copies: nothing staged
-  const int end = static_cast<int>(min(items.count, static_cast<int64_t>(upto)));
-  if (lane_id() == 0) {
-    for (int item = start->primed; item < end; ++item)
-      issue_item_load(p, items, item, stages, bars);
-  }
-  start->primed = max(start->primed, end);
-}
-
-// Quantizes the warp's next primed item in place (quantize_fp8), work a kernel can do before
-// it knows the item's destinations; false when none is left. Whole warp.
-__device__ __forceinline__ bool quantize_next_primed(const DispatchParams& p,
-                                                     const SendItems& items, uint8_t* stages,
-                                                     uint64_t* bars, SendStart* start,
-                                                     const Tracer& trace) {
-  if (!p.quantize_fp8 || start->quantized >= start->primed) return false;
-  const int item = start->quantized;  // < kDispatchStages: its stage's first phase
-  const int elem_bytes = dtype_bytes(p.x_dtype);
-  mbarrier_wait_parity(bars + item, 0);
-  if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
-  const int blocks = static_cast<int>(items.bytes(item) / (kFp8Block * elem_bytes));
-  const float scale =
-      quantize_stage_fp8(stages + item * items.stage_bytes, blocks, p.x_dtype, elem_bytes);
-  if (item == 0) trace.mark(kTrace_dispatch_first_quantized);
-#pragma unroll
-  for (int i = 0; i < kDispatchStages; ++i)  // constant indices keep scale[] in registers
-    if (i == item) start->scale[i] = scale;
-  start->quantized = item + 1;
-  return true;
-}
-
 // Sends this warp's units. stages: this warp's kDispatchStages * stage_bytes of shared memory;
 // bars: its kDispatchStages mbarriers (initialised). use_tma false: plain warp copies (x or its
 // rows are not 16-byte aligned; never with quantize_fp8, which the launchers refuse).
 // stage_bytes (items): a chunk of x's row; with quantize_fp8 a whole number of 128-channel
 // blocks, at most 32 of them. units.parts > 1: stage_bytes makes the row exactly `parts` chunks.
-// start: what prime_send / quantize_next_primed did already (nothing primed: this primes).
 // trace: warp 0 of block 0 stamps its first item (others pass Tracer{nullptr}).
 template <typename IdxT>
 __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, const SendItems& items,
                             const int32_t* rows, int64_t rows_pair0, uint8_t* stages,
-                            uint64_t* bars, bool use_tma, SendStart start, const Tracer& trace) {
+                            uint64_t* bars, bool use_tma, const Tracer& trace) {
   const CommParams& c = p.comm;
   const SendUnits& units = items.units;
   const int lane = lane_id();
@@ -408,7 +354,10 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
   }
 
   const int elem_bytes = p.quantize_fp8 ? dtype_bytes(p.x_dtype) : 1;
-  prime_send(p, items, stages, bars, use_tma, kDispatchStages, &start);  // the rest
+  if (lane == 0) {
+    for (int64_t item = 0; item < items.count && item < kDispatchStages; ++item)
+      issue_item_load(p, items, item, stages, bars);
+  }
   PairDest mine{-1, -1};          // lane k: slot k's destination in the current unit
   uint8_t* my_target = nullptr;
   for (int64_t item = 0; item < items.count; ++item) {
@@ -427,15 +376,10 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
     uint8_t* stage_ptr = stages + stage * items.stage_bytes;
     if (p.quantize_fp8) {
       const int blocks = static_cast<int>(bytes / (kFp8Block * elem_bytes));
-      float my_scale;
-      if (item < start.quantized) {
-        my_scale = start.scale_of(item);
-      } else {
-        mbarrier_wait_parity(bars + stage, parity);  // every lane reads the staged chunk
-        if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
-        my_scale = quantize_stage_fp8(stage_ptr, blocks, p.x_dtype, elem_bytes);
-        if (item == 0) trace.mark(kTrace_dispatch_first_quantized);
-      }
+      mbarrier_wait_parity(bars + stage, parity);  // every lane reads the staged chunk
+      if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
+      const float my_scale = quantize_stage_fp8(stage_ptr, blocks, p.x_dtype, elem_bytes);
+      if (item == 0) trace.mark(kTrace_dispatch_first_quantized);
       send_scales(p, win, mine, offset / (kFp8Block * elem_bytes), blocks, my_scale);
       bytes /= elem_bytes;
       out_offset /= elem_bytes;
@@ -489,7 +433,7 @@ __global__ void __launch_bounds__(kDispatchThreads)
                                   per_token != 1},
                         p.x_row_bytes, stage_bytes};
   send_tokens<IdxT>(p, win, items, p.token_rows, 0, stages, bars[warp_id()], use_tma,
-                    SendStart{}, Tracer{nullptr});
+                    Tracer{nullptr});
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneDispatchData)) return;
   block_release_to_all_peers(c, c.off_data_flags, epoch);

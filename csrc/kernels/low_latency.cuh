@@ -3,15 +3,13 @@
 // Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. The
 // blocks together store the counts, each tagged with the call's epoch (tag_count: the value is
 // its own flag, so no fence and no separate flag), into the peers' ll_counts[epoch & 1][rank],
-// and the grid size beside them. Each warp then issues the bulk load of its first chunk of x
-// and, when the kernel quantizes, quantizes it while the counts of lower ranks are still on
-// their way. A block reads, per expert, the rows LOWER ranks send there (their tagged counts; a
-// bounded wait for the tag), which gives the packed row of each pair of its contiguous range of
-// units (tokens, pairs, pair chunks or token chunks: SendUnits). It sends them (same pipeline
-// as the throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on
-// every peer (a release at system scope). Block 0 finally sums recv_counts from every source's
-// counts and waits (bounded) until every source's arrivals reach the grid size that source
-// published.
+// and the grid size beside them. A block then computes the rows of its contiguous range of
+// units (tokens, pairs, pair chunks or token chunks: SendUnits): the packed row of a pair needs
+// the counts LOWER ranks send to the same expert, read with a bounded wait for their tag. It
+// sends them (same pipeline as the throughput path) and, once its stores are complete, adds 1
+// to ll_arrivals[rank] on every peer (a release at system scope). Block 0 finally sums
+// recv_counts from every source's counts and waits (bounded) until every source's arrivals
+// reach the grid size that source published.
 //
 // ll_arrivals only grows; ll_expected (own) remembers how many arrivals earlier calls awaited,
 // so no counter is ever reset. A source's blocks of call e + 1 start after its call e ended, so
@@ -32,11 +30,11 @@
 
 namespace swiftep {
 
-// Shared ints before the stages: hist [num_warps][E], own [E], lower [E], rows [`pairs`, the
-// pairs a block's units cover].
+// Shared ints before the stages: hist [num_warps][E], own [E], rows [`pairs`, the pairs a
+// block's units cover].
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints_for_pairs(int num_experts,
                                                                             int64_t pairs) {
-  return (static_cast<int64_t>(kDispatchWarps) + 2) * num_experts + pairs;
+  return (static_cast<int64_t>(kDispatchWarps) + 1) * num_experts + pairs;
 }
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_experts,
                                                                   int64_t units_per_block,
@@ -48,10 +46,9 @@ __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_expert
 
 // Rows lower ranks send to `expert` this call (the start of this rank's rows there): their
 // tagged counts, all loaded before any is checked (one load latency, not one per rank).
-// wait: a bounded wait for a count not here yet (-1 when it timed out); else kNotYet for it.
-constexpr int64_t kNotYet = -2;
+// -1 when a wait timed out.
 __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t epoch,
-                                                    int expert, bool wait) {
+                                                    int expert) {
   constexpr int kBatch = 8;
   int64_t total = 0;
   for (int s0 = 0; s0 < c.rank; s0 += kBatch) {
@@ -65,7 +62,6 @@ __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
       if (s0 + i >= c.rank) break;
-      if (!has_tag(tagged[i], epoch) && !wait) return kNotYet;
       const int64_t count =
           has_tag(tagged[i], epoch)
               ? tagged_count(tagged[i])
@@ -78,22 +74,8 @@ __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t
   return total;
 }
 
-// lower[e] <- rows lower ranks send to expert e this call (-1: a wait timed out), for the
-// experts of this thread. wait false: returns false (lower incomplete) when a count is not here.
-__device__ __forceinline__ bool load_lower_ranks_rows(const CommParams& c, int64_t epoch,
-                                                      int* lower, bool wait) {
-  for (int e = threadIdx.x; e < c.num_experts; e += blockDim.x) {
-    const int64_t rows = lower_ranks_rows(c, epoch, e, wait);
-    if (rows == kNotYet) return false;
-    lower[e] = static_cast<int>(rows);
-  }
-  return true;
-}
-
-// One block per SM (its stages take most of the shared memory), so registers need not be
-// capped for a second block: without the bound ptxas held 128 and spilled in the wait helpers.
 template <typename IdxT>
-__global__ void __launch_bounds__(kDispatchThreads, 1)
+__global__ void __launch_bounds__(kDispatchThreads)
     ll_dispatch_kernel(const __grid_constant__ DispatchParams p, int64_t stage_bytes,
                        bool use_tma, int64_t units_per_block, int per_token, int parts,
                        bool one_slot) {
@@ -107,8 +89,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
       ll_dispatch_smem_ints(num_experts, units_per_block, parts, one_slot, p.num_topk);
   int* hist = reinterpret_cast<int*>(dynamic_smem());
   int* own = hist + static_cast<int64_t>(kDispatchWarps) * num_experts;
-  int* lower = own + num_experts;
-  int32_t* rows = lower + num_experts;
+  int32_t* rows = own + num_experts;
   uint8_t* stages_all = dynamic_smem() + round_up(smem_ints * 4, kSmemAlign);
 
   // Every block reads the epoch at its start; block 0 stores the new value only after every
@@ -154,27 +135,16 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
   }
   trace.mark(kTrace_dispatch_published);
 
-  // Now the first chunk of each warp's units loads: not earlier, where it would queue the
-  // counting's index loads and the stores above behind it, and not the whole pipeline, which
-  // floods memory while every rank is still exchanging counts (docs/perf-notes.md, v4). While
-  // lower ranks' counts are missing, warps quantize what has landed.
-  SendStart start;
-  prime_send(p, items, stages, bars[warp_id()], use_tma, 1, &start);
-  const Tracer warp0_trace = warp_id() == 0 ? trace : Tracer{nullptr};
-  while (!__syncthreads_and(load_lower_ranks_rows(c, epoch, lower, false))) {
-    if (!__syncthreads_or(p.quantize_fp8 && start.quantized < start.primed)) {
-      load_lower_ranks_rows(c, epoch, lower, true);  // nothing left to do meanwhile: wait
-      break;
-    }
-    quantize_next_primed(p, items, stages, bars[warp_id()], &start, warp0_trace);
-  }
-  __syncthreads();
+  // x's loads start only once the rows are known (send_tokens): loading earlier floods memory
+  // while other ranks still exchange counts or finish their previous kernel
+  // (docs/perf-notes.md, v4).
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {
         if (pair < pair_begin || pair >= pair_end) return;
         int32_t row = -1;
         if (expert >= 0) {
-          const int64_t slot = lower[expert] < 0 ? -1 : lower[expert] + order;  // -1: timed out
+          const int64_t lower = lower_ranks_rows(c, epoch, expert);
+          const int64_t slot = lower < 0 ? -1 : lower + order;  // -1: timed out, send nothing
           if (slot >= rows_per_expert) {  // nothing is written past the expert's window
             report_status(c, kStatusCapacity, expert / num_local, slot + 1, rows_per_expert);
           } else if (slot >= 0) {
@@ -190,8 +160,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
 
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
-  send_tokens<IdxT>(p, win, items, rows, pair_begin, stages, bars[warp_id()], use_tma, start,
-                    warp0_trace);
+  send_tokens<IdxT>(p, win, items, rows, pair_begin, stages, bars[warp_id()], use_tma,
+                    warp_id() == 0 ? trace : Tracer{nullptr});
   finish_bulk_stores();
 
   // Arrival: the barrier orders every warp's completed bulk stores and plain stores before the
