@@ -83,7 +83,7 @@ TRACE_CALLS = 16
 TRACE_POINTS = (
     "dispatch_start",        # kernel entry
     "dispatch_counted",      # this rank's pairs counted per expert
-    "dispatch_published",    # block 0's share of the tagged counts stored into peers
+    "dispatch_published",    # tagged counts stored into every peer
     "dispatch_ranked",       # rows of this block's pairs known (lower ranks' counts read)
     "dispatch_first_loaded",     # warp 0's first chunk of x is in shared memory
     "dispatch_first_quantized",  # ... and quantized (quantize_fp8 only)

@@ -282,64 +282,29 @@ __device__ __forceinline__ void send_scales(const DispatchParams& p, const SendW
   }
 }
 
-// The items of one warp's units, in order: each unit's whole row in chunks of stage_bytes, or
-// (parts > 1) the unit's own chunk. Item i uses stage i % kDispatchStages.
-struct SendItems {
-  SendUnits units;
-  int64_t row_bytes;    // source row
-  int64_t stage_bytes;  // a chunk of it
-  int64_t per_unit;     // items per unit
-  int64_t count;        // items of this warp
-
-  __device__ __forceinline__ SendItems(const SendUnits& u, int64_t row, int64_t stage)
-      : units(u), row_bytes(row), stage_bytes(stage) {
-    per_unit = units.parts > 1 || stage <= 0 ? 1 : ceil_div(row, stage);
-    count = units.first < units.end ? ceil_div(units.end - units.first, units.step) * per_unit : 0;
-  }
-  __device__ __forceinline__ int64_t unit(int64_t item) const {
-    return units.first + (item / per_unit) * units.step;
-  }
-  // Byte offset of the item's chunk in the source row.
-  __device__ __forceinline__ int64_t offset(int64_t item) const {
-    return (units.parts > 1 ? units.part(unit(item)) : item % per_unit) * stage_bytes;
-  }
-  __device__ __forceinline__ uint32_t bytes(int64_t item) const {
-    return static_cast<uint32_t>(min(stage_bytes, row_bytes - offset(item)));
-  }
-};
-
-// Lane 0 bulk-loads the item's chunk of x into its stage, completing on the stage's barrier.
-__device__ __forceinline__ void issue_item_load(const DispatchParams& p, const SendItems& items,
-                                                int64_t item, uint8_t* stages, uint64_t* bars) {
-  const int stage = static_cast<int>(item % kDispatchStages);
-  const int64_t n = items.units.token(items.unit(item));
-  const uint32_t bytes = items.bytes(item);
-  mbarrier_arrive_expect_tx(bars + stage, bytes);
-  tma_load_1d(stages + stage * items.stage_bytes,
-              static_cast<const uint8_t*>(p.x) + n * items.row_bytes + items.offset(item), bytes,
-              bars + stage);
-}
-
 // Sends this warp's units. stages: this warp's kDispatchStages * stage_bytes of shared memory;
 // bars: its kDispatchStages mbarriers (initialised). use_tma false: plain warp copies (x or its
 // rows are not 16-byte aligned; never with quantize_fp8, which the launchers refuse).
-// stage_bytes (items): a chunk of x's row; with quantize_fp8 a whole number of 128-channel
-// blocks, at most 32 of them. units.parts > 1: stage_bytes makes the row exactly `parts` chunks.
-// trace: warp 0 of block 0 stamps its first item (others pass Tracer{nullptr}).
+// stage_bytes: a chunk of x's row; with quantize_fp8 a whole number of 128-channel blocks, at
+// most 32 of them.
+// units.parts > 1: stage_bytes makes the row exactly `parts` chunks. trace: warp 0 of block 0
+// stamps its first item (others pass Tracer{nullptr}).
 template <typename IdxT>
-__device__ void send_tokens(const DispatchParams& p, const SendWindow& win, const SendItems& items,
+__device__ void send_tokens(const DispatchParams& p, const SendWindow& win, const SendUnits& units,
                             const int32_t* rows, int64_t rows_pair0, uint8_t* stages,
-                            uint64_t* bars, bool use_tma, const Tracer& trace) {
+                            uint64_t* bars, int64_t stage_bytes, bool use_tma,
+                            const Tracer& trace) {
   const CommParams& c = p.comm;
-  const SendUnits& units = items.units;
   const int lane = lane_id();
   const int64_t row_bytes = p.x_row_bytes;  // source row
   const int64_t pitch = p.out_row_bytes;    // destination row (smaller when quantizing)
-  if (items.count == 0) return;
+  const uint8_t* x = static_cast<const uint8_t*>(p.x);
+  if (units.first >= units.end) return;
+  const int64_t num_mine = ceil_div(units.end - units.first, units.step);
 
   if (!use_tma) {
-    const uint8_t* x = static_cast<const uint8_t*>(p.x);
-    for (int64_t u = units.first; u < units.end; u += units.step) {  // (parts == 1 here)
+    for (int64_t t = 0; t < num_mine; ++t) {  // (the launchers use parts == 1 here)
+      const int64_t u = units.first + t * units.step;
       const int64_t n = units.token(u);
       const PairDest mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
       send_metadata(p, win, n, mine);
@@ -354,30 +319,45 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
   }
 
   const int elem_bytes = p.quantize_fp8 ? dtype_bytes(p.x_dtype) : 1;
+  // Item i: unit i / per_unit, chunk i % per_unit (a whole row), or the unit's own chunk.
+  const int64_t per_unit = units.parts > 1 ? 1 : ceil_div(row_bytes, stage_bytes);
+  const int64_t num_items = num_mine * per_unit;
+  auto item_unit = [&](int64_t item) { return units.first + (item / per_unit) * units.step; };
+  auto item_chunk = [&](int64_t item, int64_t u) -> int64_t {
+    return units.parts > 1 ? units.part(u) : item % per_unit;
+  };
+  auto issue_load = [&](int64_t item) {  // lane 0 only
+    const int stage = static_cast<int>(item % kDispatchStages);
+    const int64_t u = item_unit(item);
+    const int64_t n = units.token(u);
+    const int64_t offset = item_chunk(item, u) * stage_bytes;
+    const uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
+    mbarrier_arrive_expect_tx(bars + stage, bytes);
+    tma_load_1d(stages + stage * stage_bytes, x + n * row_bytes + offset, bytes, bars + stage);
+  };
   if (lane == 0) {
-    for (int64_t item = 0; item < items.count && item < kDispatchStages; ++item)
-      issue_item_load(p, items, item, stages, bars);
+    for (int64_t item = 0; item < num_items && item < kDispatchStages; ++item) issue_load(item);
   }
   PairDest mine{-1, -1};          // lane k: slot k's destination in the current unit
   uint8_t* my_target = nullptr;
-  for (int64_t item = 0; item < items.count; ++item) {
+  for (int64_t item = 0; item < num_items; ++item) {
     const int stage = static_cast<int>(item % kDispatchStages);
     const uint32_t parity = static_cast<uint32_t>((item / kDispatchStages) & 1);
-    const int64_t u = items.unit(item);
+    const int64_t u = item_unit(item);
     const int64_t n = units.token(u);
-    const int64_t offset = items.offset(item);
-    uint32_t bytes = items.bytes(item);
+    const int64_t offset = item_chunk(item, u) * stage_bytes;
+    uint32_t bytes = static_cast<uint32_t>(min(stage_bytes, row_bytes - offset));
     int64_t out_offset = offset;
-    if (item % items.per_unit == 0) {  // a unit's destinations are read once, not once per chunk
+    if (item % per_unit == 0) {  // a unit's destinations are read once, not once per chunk
       mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
       if (units.parts == 1 || units.part(u) == 0) send_metadata(p, win, n, mine);
       my_target = row_address(c, win, mine, pitch);
     }
-    uint8_t* stage_ptr = stages + stage * items.stage_bytes;
+    uint8_t* stage_ptr = stages + stage * stage_bytes;
     if (p.quantize_fp8) {
-      const int blocks = static_cast<int>(bytes / (kFp8Block * elem_bytes));
       mbarrier_wait_parity(bars + stage, parity);  // every lane reads the staged chunk
       if (item == 0) trace.mark(kTrace_dispatch_first_loaded);
+      const int blocks = static_cast<int>(bytes / (kFp8Block * elem_bytes));
       const float my_scale = quantize_stage_fp8(stage_ptr, blocks, p.x_dtype, elem_bytes);
       if (item == 0) trace.mark(kTrace_dispatch_first_quantized);
       send_scales(p, win, mine, offset / (kFp8Block * elem_bytes), blocks, my_scale);
@@ -394,9 +374,9 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
     }
     if (lane == 0) {
       bulk_commit_group();
-      if (item + kDispatchStages < items.count) {
+      if (item + kDispatchStages < num_items) {
         bulk_wait_group_read<0>();  // this stage's stores have read it: refill it
-        issue_item_load(p, items, item + kDispatchStages, stages, bars);
+        issue_load(item + kDispatchStages);
       }
     }
     __syncwarp();  // quantize_fp8: no lane rewrites a stage before lane 0 saw its stores read it
@@ -428,12 +408,11 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kDispatchWarps;
   const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kDispatchWarps + warp_id();
   uint8_t* stages = dynamic_smem() + warp_id() * kDispatchStages * stage_bytes;
-  const SendItems items{SendUnits{global_warp, num_warps_total,
-                                  static_cast<int64_t>(p.num_tokens) * per_token, per_token, 1,
-                                  per_token != 1},
-                        p.x_row_bytes, stage_bytes};
-  send_tokens<IdxT>(p, win, items, p.token_rows, 0, stages, bars[warp_id()], use_tma,
-                    Tracer{nullptr});
+  const SendUnits units{global_warp, num_warps_total,
+                        static_cast<int64_t>(p.num_tokens) * per_token, per_token, 1,
+                        per_token != 1};
+  send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()], stage_bytes,
+                    use_tma, Tracer{nullptr});
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneDispatchData)) return;
   block_release_to_all_peers(c, c.off_data_flags, epoch);

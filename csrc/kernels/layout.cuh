@@ -49,56 +49,25 @@ __device__ __forceinline__ void warp_pair_range(int64_t num_pairs, int64_t* begi
   *end = num_pairs * (warp_id() + 1) / num_warps;
 }
 
-// Index loads a lane keeps in flight in the passes below: a warp's range of up to
-// kIndexBatch * 32 pairs costs one load latency, not one per 32 pairs.
-constexpr int kIndexBatch = 8;
-
-// Lane l's experts of pairs first + l + 32 i, i < kIndexBatch (those at or past end: -1).
-template <typename IdxT>
-__device__ __forceinline__ void load_index_batch(const void* topk_idx, int64_t first,
-                                                 int64_t end, int64_t (&e)[kIndexBatch]) {
-  const int64_t mine = first + lane_id();
-#pragma unroll
-  for (int i = 0; i < kIndexBatch; ++i) {
-    const int64_t pair = mine + static_cast<int64_t>(i) * kWarpSize;
-    e[i] = pair < end ? load_index<IdxT>(topk_idx, pair) : -1;
-  }
-}
-
 // Pass 1, whole block. hist: [num_warps][num_experts] shared ints; on return hist[w][e] holds the
 // number of pairs of expert e in the ranges of warps before w, and own_counts[e] the total.
 // Out-of-range indices count as no expert and are reported when report_to is not null.
-// The experts (-1: none) of a warp's first kIndexBatch * 32 pairs, lane l's pairs l + 32 i:
-// count_pairs keeps them in registers for rank_pairs, which then loads no index again when
-// the warp's range fits in one batch (calls up to kIndexBatch * 32 pairs per warp).
-struct FirstBatch {
-  int expert[kIndexBatch];
-};
-
 template <typename IdxT>
 __device__ void count_pairs(const void* topk_idx, int64_t num_pairs, int num_topk,
                             int num_experts, int* hist, int* own_counts,
-                            const CommParams* report_to, FirstBatch* keep = nullptr) {
+                            const CommParams* report_to) {
   const int num_warps = blockDim.x / kWarpSize;
   for (int i = threadIdx.x; i < num_warps * num_experts; i += blockDim.x) hist[i] = 0;
   __syncthreads();
   int64_t begin, end;
   warp_pair_range(num_pairs, &begin, &end);
   int* my_hist = hist + warp_id() * num_experts;
-  for (int64_t first = begin; first < end; first += kIndexBatch * kWarpSize) {
-    int64_t experts[kIndexBatch];
-    load_index_batch<IdxT>(topk_idx, first, end, experts);
-#pragma unroll
-    for (int i = 0; i < kIndexBatch; ++i) {
-      const int64_t e = experts[i];
-      if (keep != nullptr && first == begin)
-        keep->expert[i] = is_expert(e, num_experts) ? static_cast<int>(e) : -1;
-      if (is_expert(e, num_experts)) {
-        atomicAdd(my_hist + e, 1);
-      } else if (e != -1 && report_to != nullptr) {
-        const int64_t pair = first + lane_id() + static_cast<int64_t>(i) * kWarpSize;
-        report_status(*report_to, kStatusBadIndex, pair / num_topk, pair % num_topk, e);
-      }
+  for (int64_t pair = begin + lane_id(); pair < end; pair += kWarpSize) {
+    const int64_t e = load_index<IdxT>(topk_idx, pair);
+    if (is_expert(e, num_experts)) {
+      atomicAdd(my_hist + e, 1);
+    } else if (e != -1 && report_to != nullptr) {
+      report_status(*report_to, kStatusBadIndex, pair / num_topk, pair % num_topk, e);
     }
   }
   __syncthreads();
@@ -119,34 +88,26 @@ __device__ void count_pairs(const void* topk_idx, int64_t num_pairs, int num_top
 // this source's pairs of that expert before it in (token, slot) order.
 template <typename IdxT, typename OnPair>
 __device__ void rank_pairs(const void* topk_idx, int64_t num_pairs, int num_experts, int* hist,
-                           OnPair on_pair, const FirstBatch* kept = nullptr) {
+                           OnPair on_pair) {
   int64_t begin, end;
   warp_pair_range(num_pairs, &begin, &end);
   int* my_hist = hist + warp_id() * num_experts;
   const int lane = lane_id();
-  for (int64_t first = begin; first < end; first += kIndexBatch * kWarpSize) {
-    int64_t experts[kIndexBatch];
-    if (kept != nullptr && first == begin) {
-#pragma unroll
-      for (int i = 0; i < kIndexBatch; ++i) experts[i] = kept->expert[i];
-    } else {
-      load_index_batch<IdxT>(topk_idx, first, end, experts);
+  for (int64_t batch = begin; batch < end; batch += kWarpSize) {  // uniform over the warp
+    const int64_t pair = batch + lane;
+    const bool in_range = pair < end;
+    int expert = -1;
+    if (in_range) {
+      const int64_t e = load_index<IdxT>(topk_idx, pair);
+      if (is_expert(e, num_experts)) expert = static_cast<int>(e);
     }
-#pragma unroll
-    for (int i = 0; i < kIndexBatch; ++i) {
-      const int64_t batch = first + static_cast<int64_t>(i) * kWarpSize;  // uniform over the warp
-      if (batch >= end) break;
-      const int64_t pair = batch + lane;
-      const bool in_range = pair < end;
-      const int expert = is_expert(experts[i], num_experts) ? static_cast<int>(experts[i]) : -1;
-      const uint32_t peers = __match_any_sync(kFullMask, expert);
-      int rank = -1;
-      if (expert >= 0) rank = my_hist[expert] + __popc(peers & lanemask_lt());
-      __syncwarp();  // every lane has read its base before the leader advances it
-      if (expert >= 0 && lane == __ffs(peers) - 1) my_hist[expert] += __popc(peers);
-      __syncwarp();
-      if (in_range) on_pair(pair, expert, rank);
-    }
+    const uint32_t peers = __match_any_sync(kFullMask, expert);
+    int rank = -1;
+    if (expert >= 0) rank = my_hist[expert] + __popc(peers & lanemask_lt());
+    __syncwarp();  // every lane has read its base before the leader advances it
+    if (expert >= 0 && lane == __ffs(peers) - 1) my_hist[expert] += __popc(peers);
+    __syncwarp();
+    if (in_range) on_pair(pair, expert, rank);
   }
 }
 

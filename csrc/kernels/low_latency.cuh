@@ -1,15 +1,14 @@
 // Low-latency dispatch: one kernel, fixed grid, no host sync (CUDA-graph capturable).
 //
-// Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. The
-// blocks together store the counts, each tagged with the call's epoch (tag_count: the value is
-// its own flag, so no fence and no separate flag), into the peers' ll_counts[epoch & 1][rank],
-// and the grid size beside them. A block then computes the rows of its contiguous range of
-// units (tokens, pairs, pair chunks or token chunks: SendUnits): the packed row of a pair needs
-// the counts LOWER ranks send to the same expert, read with a bounded wait for their tag. It
-// sends them (same pipeline as the throughput path) and, once its stores are complete, adds 1
-// to ll_arrivals[rank] on every peer (a release at system scope). Block 0 finally sums
-// recv_counts from every source's counts and waits (bounded) until every source's arrivals
-// reach the grid size that source published.
+// Every block recomputes the (small) per-expert counts and ranks of this rank's pairs. Block 0
+// stores the counts, each tagged with the call's epoch (tag_count: the value is its own flag, so
+// no fence and no separate flag), into every peer's ll_counts[epoch & 1][rank], and its grid
+// size beside them. A block then computes the rows of its contiguous range of units (tokens,
+// pairs, pair chunks or token chunks: SendUnits): the packed row of a pair needs the counts
+// LOWER ranks send to the same expert, read with a bounded wait for their tag. It sends them (same pipeline as
+// the throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
+// peer (a release at system scope). Block 0 finally waits (bounded) until every source's
+// arrivals reach the grid size that source published, and writes recv_counts.
 //
 // ll_arrivals only grows; ll_expected (own) remembers how many arrivals earlier calls awaited,
 // so no counter is ever reset. A source's blocks of call e + 1 start after its call e ended, so
@@ -30,18 +29,14 @@
 
 namespace swiftep {
 
-// Shared ints before the stages: hist [num_warps][E], own [E], rows [`pairs`, the pairs a
-// block's units cover].
-__host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints_for_pairs(int num_experts,
-                                                                            int64_t pairs) {
-  return (static_cast<int64_t>(kDispatchWarps) + 1) * num_experts + pairs;
-}
+// Shared ints before the stages: hist [num_warps][E], own [E], rows [pairs a block's units
+// cover].
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_experts,
                                                                   int64_t units_per_block,
                                                                   int parts, bool one_slot,
                                                                   int num_topk) {
-  return ll_dispatch_smem_ints_for_pairs(
-      num_experts, max_pairs_of_units(units_per_block, parts, one_slot, num_topk));
+  return static_cast<int64_t>(kDispatchWarps) * num_experts + num_experts +
+         max_pairs_of_units(units_per_block, parts, one_slot, num_topk);
 }
 
 // Rows lower ranks send to `expert` this call (the start of this rank's rows there): their
@@ -101,43 +96,26 @@ __global__ void __launch_bounds__(kDispatchThreads)
   if (blockIdx.x == 0 && threadIdx.x == 0) reset_status(c);
   init_warp_barriers(bars[warp_id()], kDispatchStages);
 
+  count_pairs<IdxT>(p.topk_idx, num_pairs, p.num_topk, num_experts, hist, own,
+                    blockIdx.x == 0 ? &c : nullptr);  // block 0 alone reports bad indices
+  trace.mark(kTrace_dispatch_counted);
+
+  if (blockIdx.x == 0) {  // ll_counts[parity][rank][0, E] of every peer <- own, grid size
+    for (int e = threadIdx.x; e <= num_experts; e += blockDim.x) {
+      const int64_t value =
+          tag_count(epoch, e < num_experts ? own[e] : static_cast<int>(gridDim.x));
+      for (int peer = 0; peer < c.world_size; ++peer)
+        st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e, value);
+    }
+    trace.mark(kTrace_dispatch_published);
+  }
+
   // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end).
   const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
   const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
   const int64_t unit_end = min(unit_begin + units_per_block, num_units);
   int64_t pair_begin, pair_end;
   unit_pair_range(unit_begin, unit_end, parts, one_slot, p.num_topk, &pair_begin, &pair_end);
-  const SendItems items{
-      SendUnits{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts, one_slot},
-      p.x_row_bytes, stage_bytes};
-  uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
-
-  FirstBatch first_batch;  // the warp's first pair indices, kept for rank_pairs
-  count_pairs<IdxT>(p.topk_idx, num_pairs, p.num_topk, num_experts, hist, own,
-                    blockIdx.x == 0 ? &c : nullptr,  // block 0 alone reports bad indices
-                    &first_batch);
-  trace.mark(kTrace_dispatch_counted);
-
-  // ll_counts[parity][rank][0, E] of peers <- own, grid size, spread over every block (each
-  // has own[]): one store per thread or so, not hundreds in block 0. A peer reads count e of
-  // this rank when it is higher (rows before its own) or owns e (recv_counts); every peer
-  // reads the grid size (entry E).
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e <= num_experts;
-       e += gridDim.x * blockDim.x) {
-    const int64_t value = tag_count(epoch, e < num_experts ? own[e] : static_cast<int>(gridDim.x));
-    const int owner = e < num_experts ? e / num_local : -1;
-    for (int i = 1; i <= c.world_size; ++i) {  // higher ranks first: they wait for these
-      int peer = c.rank + i;
-      if (peer >= c.world_size) peer -= c.world_size;
-      if (peer > c.rank || peer == owner || e == num_experts)
-        st_volatile_i64(ll_counts_at(peer_base(c, peer), epoch, c.rank, c) + e, value);
-    }
-  }
-  trace.mark(kTrace_dispatch_published);
-
-  // x's loads start only once the rows are known (send_tokens): loading earlier floods memory
-  // while other ranks still exchange counts or finish their previous kernel
-  // (docs/perf-notes.md, v4).
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {
         if (pair < pair_begin || pair >= pair_end) return;
@@ -153,15 +131,17 @@ __global__ void __launch_bounds__(kDispatchThreads)
         }
         rows[pair - pair_begin] = row;
         p.token_rows[pair] = row;
-      },
-      &first_batch);
+      });
   __syncthreads();
   trace.mark(kTrace_dispatch_ranked);
 
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
-  send_tokens<IdxT>(p, win, items, rows, pair_begin, stages, bars[warp_id()], use_tma,
-                    warp_id() == 0 ? trace : Tracer{nullptr});
+  uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
+  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts,
+                        one_slot};
+  send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()], stage_bytes,
+                    use_tma, warp_id() == 0 ? trace : Tracer{nullptr});
   finish_bulk_stores();
 
   // Arrival: the barrier orders every warp's completed bulk stores and plain stores before the
@@ -174,20 +154,7 @@ __global__ void __launch_bounds__(kDispatchThreads)
   trace.mark(kTrace_dispatch_signalled);
   if (blockIdx.x != 0) return;
 
-  // Block 0. recv_counts: one thread per (local expert, source) reads its count (every source
-  // stored them before sending), a shared sum per expert; one load latency, and spent while
-  // other blocks' rows are still arriving.
-  int* totals = hist;  // count_pairs' histogram is no longer needed
-  for (int j = threadIdx.x; j < num_local; j += blockDim.x) totals[j] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < num_local * c.world_size; i += blockDim.x) {
-    const int s = i % c.world_size;
-    const int e = c.rank * num_local + i / c.world_size;
-    const int64_t count =
-        wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + e, epoch, s, kWaitLlCounts);
-    atomicAdd(totals + i / c.world_size, count < 0 ? 0 : static_cast<int>(count));
-  }
-  // Wait until every block of every source has arrived (this grid's own included).
+  // Block 0: wait until every block of every source has arrived (this grid's own included).
   bool ok = true;
   for (int s = threadIdx.x; s < c.world_size; s += blockDim.x) {
     const int64_t blocks = wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + num_experts,
@@ -203,8 +170,23 @@ __global__ void __launch_bounds__(kDispatchThreads)
                         epoch, s, kWaitLlData) &&
          ok;
   }
-  const bool all_arrived = __syncthreads_and(ok) != 0;  // also: every totals add is done
+  // recv_counts: one thread per (local expert, source) loads its count (every source's
+  // counts are here: its block 0 stored them before arriving), a shared sum per expert. One
+  // load latency instead of world_size dependent ones.
+  int* totals = hist;  // count_pairs' histogram is no longer needed
+  for (int j = threadIdx.x; j < num_local; j += blockDim.x) totals[j] = 0;
+  const bool all_arrived = __syncthreads_and(ok) != 0;
   trace.mark(kTrace_dispatch_arrived);
+  if (all_arrived) {
+    for (int i = threadIdx.x; i < num_local * c.world_size; i += blockDim.x) {
+      const int s = i % c.world_size;
+      const int e = c.rank * num_local + i / c.world_size;
+      const int64_t count =
+          wait_tagged(c, ll_counts_at(c.workspace, epoch, s, c) + e, epoch, s, kWaitLlCounts);
+      atomicAdd(totals + i / c.world_size, count < 0 ? 0 : static_cast<int>(count));
+    }
+  }
+  __syncthreads();
   for (int j = threadIdx.x; j < num_local; j += blockDim.x) {
     const int64_t total = all_arrived ? totals[j] : 0;
     if (total > rows_per_expert) report_status(c, kStatusCapacity, c.rank, total, rows_per_expert);

@@ -52,8 +52,8 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   // calls: bounded before the unit split is known (a block's pairs never exceed the call's).
   const int64_t token_blocks = clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms);
   const int64_t fixed_cap =
-      small ? round_up(ll_dispatch_smem_ints_for_pairs(p.comm.num_experts,
-                                                       num_pairs + 2 * p.num_topk),
+      small ? round_up((static_cast<int64_t>(kDispatchWarps) + 1) * p.comm.num_experts +
+                           num_pairs + 2 * p.num_topk,
                        kSmemAlign / 4) * 4
             : round_up(ll_dispatch_smem_ints(p.comm.num_experts,
                                              ceil_div(p.num_tokens, token_blocks), 1, false,
