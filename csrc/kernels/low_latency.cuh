@@ -5,10 +5,11 @@
 // no fence and no separate flag), into every peer's ll_counts[epoch & 1][rank], and its grid
 // size beside them. A block then computes the rows of its contiguous range of units (tokens,
 // pairs, pair chunks or token chunks: SendUnits): the packed row of a pair needs the counts
-// LOWER ranks send to the same expert, read with a bounded wait for their tag. It sends them (same pipeline as
-// the throughput path) and, once its stores are complete, adds 1 to ll_arrivals[rank] on every
-// peer (a release at system scope). Block 0 finally waits (bounded) until every source's
-// arrivals reach the grid size that source published, and writes recv_counts.
+// LOWER ranks send to the same expert, read with a bounded wait for their tag. It sends them
+// (same pipeline as the throughput path) and, once its stores are complete, adds 1 to
+// ll_arrivals[rank] on every peer (a release at system scope). Block 0 finally waits (bounded)
+// until every source's arrivals reach the grid size that source published, and writes
+// recv_counts.
 //
 // ll_arrivals only grows; ll_expected (own) remembers how many arrivals earlier calls awaited,
 // so no counter is ever reset. A source's blocks of call e + 1 start after its call e ended, so

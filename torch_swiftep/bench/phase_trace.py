@@ -40,9 +40,8 @@ def record(comms, replay) -> torch.Tensor:
 def summarize(rings: torch.Tensor) -> dict:
     """{point: (earliest rank us, latest rank us)} from the first rank's dispatch start of the
     same call, medians over the calls every rank stamped; 'per_rank' ({point: each rank's
-    median}); plus 'period' (us between one call's
-    first dispatch start and the next one's) and 'gap' (a rank's combine end to its next
-    dispatch start: the kernel launches in between)."""
+    median us}); 'period' (us between one call's first dispatch start and the next one's) and
+    'gap' (a rank's combine end to its next dispatch start: the kernel launches in between)."""
     names = plan_mod.TRACE_POINTS
     start, c_end = names.index("dispatch_start"), names.index("combine_end")
     # Rows are a ring by epoch: sort each rank's stamped rows by time, so row j is the same call
@@ -58,15 +57,14 @@ def summarize(rings: torch.Tensor) -> dict:
     t0 = [min(rows[j][start] for rows in per_rank) for j in range(calls)]
     out, by_rank = {}, {}
     for p, name in enumerate(names):
-        lo, hi, each = [], [], []
+        each = []  # per call stamped by every rank: us of rank r, in rank order
         for j in range(calls):
             stamps = [rows[j][p] for rows in per_rank if rows[j][p] > 0]
             if len(stamps) == len(per_rank):
-                lo.append((min(stamps) - t0[j]) / 1e3)
-                hi.append((max(stamps) - t0[j]) / 1e3)
                 each.append([(t - t0[j]) / 1e3 for t in stamps])
-        if lo:
-            out[name] = (statistics.median(lo), statistics.median(hi))
+        if each:
+            out[name] = (statistics.median(min(call) for call in each),
+                         statistics.median(max(call) for call in each))
             by_rank[name] = [statistics.median(call[r] for call in each)
                              for r in range(len(per_rank))]
     out["per_rank"] = by_rank  # {point: [median us of rank r]}: which rank is late, and where
