@@ -162,20 +162,33 @@ constexpr int kQuantBlocksPerPass = kWarpSize / kQuantLanesPerBlock;  // 4
 constexpr int kQuantPasses = 2;  // passes in flight at once, so their latency chains overlap
 static_assert(kFp8Block % kQuantLanesPerBlock == 0, "whole elements per lane");
 
-// Loads kQuantElemsPerLane consecutive elements of x's dtype (16-byte aligned) as floats.
-__device__ __forceinline__ void load16_as_float(const uint8_t* src, DType dtype, float* v) {
+// Raw bytes of one lane's kQuantElemsPerLane elements of x's dtype (16-bit: 32 bytes, fp32: 64).
+struct LanePiece {
+  uint4 w[4];
+};
+
+// Loads a lane's piece (16-byte aligned) from shared or global memory.
+__device__ __forceinline__ void load_lane_piece(const uint8_t* src, DType dtype, LanePiece* out) {
+  const int words = dtype == DType::kFloat32 ? 4 : 2;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (i < words) out->w[i] = reinterpret_cast<const uint4*>(src)[i];
+  }
+}
+
+// A lane's piece as floats.
+__device__ __forceinline__ void piece_to_float(const LanePiece& raw, DType dtype, float* v) {
   if (dtype == DType::kFloat32) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float4 f = reinterpret_cast<const float4*>(src)[i];
-      v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+      v[4 * i] = __uint_as_float(raw.w[i].x), v[4 * i + 1] = __uint_as_float(raw.w[i].y);
+      v[4 * i + 2] = __uint_as_float(raw.w[i].z), v[4 * i + 3] = __uint_as_float(raw.w[i].w);
     }
     return;
   }
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const uint4 raw = reinterpret_cast<const uint4*>(src)[half];
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    const uint32_t words[4] = {raw.w[half].x, raw.w[half].y, raw.w[half].z, raw.w[half].w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float2 f;
@@ -194,11 +207,43 @@ __device__ __forceinline__ void load16_as_float(const uint8_t* src, DType dtype,
   }
 }
 
+// Each lane's amax[q] becomes the max over its group of kQuantLanesPerBlock lanes (the lanes
+// sharing a 128-channel block); the N reductions interleave so their latency chains overlap.
+// Whole warp.
+template <int N>
+__device__ __forceinline__ void reduce_block_amax(float (&amax)[N]) {
+#pragma unroll
+  for (int m = 1; m < kQuantLanesPerBlock; m <<= 1) {
+#pragma unroll
+    for (int q = 0; q < N; ++q) amax[q] = fmaxf(amax[q], __shfl_xor_sync(kFullMask, amax[q], m));
+  }
+}
+
+// The FP8 recipe for one lane's kQuantElemsPerLane values of a block whose amax is `amax`: the
+// DeepSeek-V3 recipe exactly as torch_swiftep.fp8.quantize_fp8 computes it (same IEEE-rounded
+// operations, so the bytes are identical): a = max(amax, floor), q = e4m3(v * (448 / a)),
+// scale = a * float32(1 / 448) (plan.py). Returns the 16 e4m3 bytes; *scale the block's scale.
+__device__ __forceinline__ uint4 quantize16_e4m3(const float* v, float amax, float* scale) {
+  const float a = fmaxf(amax, kFp8AmaxFloor);
+  *scale = __fmul_rn(a, kFp8ScalePerAmax);
+  const float inverse = __fdiv_rn(kFp8Max, a);
+  uint32_t packed[kQuantElemsPerLane / 4];
+#pragma unroll
+  for (int i = 0; i < kQuantElemsPerLane / 4; ++i) {
+    const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
+        make_float2(__fmul_rn(v[4 * i], inverse), __fmul_rn(v[4 * i + 1], inverse)),
+        __NV_SATFINITE, __NV_E4M3);
+    const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+        make_float2(__fmul_rn(v[4 * i + 2], inverse), __fmul_rn(v[4 * i + 3], inverse)),
+        __NV_SATFINITE, __NV_E4M3);
+    packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  return make_uint4(packed[0], packed[1], packed[2], packed[3]);
+}
+
 // Quantizes, in place, a staged chunk of `blocks` 128-channel blocks of x (elem_bytes each)
-// to FP8 e4m3 with one float32 scale per block, the DeepSeek-V3 recipe exactly as
-// torch_swiftep.fp8.quantize_fp8 computes it (same IEEE-rounded operations, so the bytes are
-// identical): a = max(amax, floor), q = e4m3(v * (448 / a)), scale = a * float32(1 / 448)
-// (plan.py). Lane l holds elements [16 (l % 8), + 16) of block (l / 8) of each pass.
+// to FP8 e4m3 with one float32 scale per block (quantize16_e4m3). Lane l holds elements
+// [16 (l % 8), + 16) of block (l / 8) of each pass.
 // Block b's 128 output bytes land at stage + 128 * b, which only overlaps input of blocks
 // <= b, all loaded by every lane before the passes' __syncwarp.
 // Returns block (lane)'s scale to lane `lane` (blocks <= 32). Whole warp.
@@ -217,43 +262,26 @@ __device__ __forceinline__ float quantize_stage_fp8(uint8_t* stage, int blocks, 
       const int b = b0 + q * kQuantBlocksPerPass + sub;
       amax[q] = 0.f;
       if (b < blocks) {
-        load16_as_float(
+        LanePiece raw;
+        load_lane_piece(
             stage + (static_cast<int64_t>(b) * kFp8Block + piece * kQuantElemsPerLane) * elem_bytes,
-            dtype, v[q]);
+            dtype, &raw);
+        piece_to_float(raw, dtype, v[q]);
 #pragma unroll
         for (int i = 0; i < kQuantElemsPerLane; ++i) amax[q] = fmaxf(amax[q], fabsf(v[q][i]));
       }
     }
-#pragma unroll
-    for (int m = 1; m < kQuantLanesPerBlock; m <<= 1) {
-#pragma unroll
-      for (int q = 0; q < kQuantPasses; ++q)
-        amax[q] = fmaxf(amax[q], __shfl_xor_sync(kFullMask, amax[q], m));
-    }
+    reduce_block_amax(amax);
     __syncwarp();  // every lane's loads are done before any lane overwrites
 #pragma unroll
     for (int q = 0; q < kQuantPasses; ++q) {
       const int first = b0 + q * kQuantBlocksPerPass;  // block of lanes 0..7 in this pass
       const int b = first + sub;
-      const float a = fmaxf(amax[q], kFp8AmaxFloor);
-      const float scale = __fmul_rn(a, kFp8ScalePerAmax);
+      float scale;
+      const uint4 packed = quantize16_e4m3(v[q], amax[q], &scale);
       if (b < blocks) {
-        const float inverse = __fdiv_rn(kFp8Max, a);
-        uint32_t packed[kQuantElemsPerLane / 4];
-#pragma unroll
-        for (int i = 0; i < kQuantElemsPerLane / 4; ++i) {
-          const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
-              make_float2(__fmul_rn(v[q][4 * i], inverse), __fmul_rn(v[q][4 * i + 1], inverse)),
-              __NV_SATFINITE, __NV_E4M3);
-          const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
-              make_float2(__fmul_rn(v[q][4 * i + 2], inverse),
-                          __fmul_rn(v[q][4 * i + 3], inverse)),
-              __NV_SATFINITE, __NV_E4M3);
-          packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-        }
         *reinterpret_cast<uint4*>(stage + static_cast<int64_t>(b) * kFp8Block +
-                                  piece * kQuantElemsPerLane) =
-            make_uint4(packed[0], packed[1], packed[2], packed[3]);
+                                  piece * kQuantElemsPerLane) = packed;
       }
       // Block `lane`'s scale to lane `lane`: it sits in lane 8 * (lane - first).
       const float from = __shfl_sync(kFullMask, scale,

@@ -6,7 +6,8 @@
 // size beside them. A block then computes the rows of its contiguous range of units (tokens,
 // pairs, pair chunks or token chunks: SendUnits): the packed row of a pair needs the counts
 // LOWER ranks send to the same expert, read with a bounded wait for their tag. It sends them
-// (same pipeline as the throughput path) and, once its stores are complete, adds 1 to
+// (the staged pipeline of the throughput path; a call that quantizes to FP8 does it in
+// registers, quantize_send.cuh) and, once its stores are complete, adds 1 to
 // ll_arrivals[rank] on every peer (a release at system scope). Block 0 finally waits (bounded)
 // until every source's arrivals reach the grid size that source published, and writes
 // recv_counts.
@@ -26,18 +27,26 @@
 #include "common.cuh"
 #include "dispatch.cuh"
 #include "layout.cuh"
+#include "quantize_send.cuh"
 #include "swiftep/params.h"
 
 namespace swiftep {
 
-// Shared ints before the stages: hist [num_warps][E], own [E], rows [pairs a block's units
-// cover].
+// How one low-latency dispatch splits its work (chosen by the launcher, low_latency.cu).
+struct LlDispatchShape {
+  int64_t stage_bytes;      // a pipeline stage (staged path), or the chunk of a unit (parts > 1)
+  int64_t units_per_block;  // each block's contiguous range of units
+  int64_t rows_cap;         // rows[] entries in shared memory
+  int per_token;            // units per token (SendUnits)
+  int parts;                // chunks of the row per unit (SendUnits), or 1
+  bool one_slot;            // a unit covers one slot of a token (SendUnits), else all K
+  bool use_tma;             // staged path: bulk copies (else plain warp copies)
+};
+
+// Shared ints before the stages: hist [num_warps][E], own [E], rows [rows_cap].
 __host__ __device__ __forceinline__ int64_t ll_dispatch_smem_ints(int num_experts,
-                                                                  int64_t units_per_block,
-                                                                  int parts, bool one_slot,
-                                                                  int num_topk) {
-  return static_cast<int64_t>(kDispatchWarps) * num_experts + num_experts +
-         max_pairs_of_units(units_per_block, parts, one_slot, num_topk);
+                                                                  int64_t rows_cap) {
+  return static_cast<int64_t>(kDispatchWarps + 1) * num_experts + rows_cap;
 }
 
 // Rows lower ranks send to `expert` this call (the start of this rank's rows there): their
@@ -70,19 +79,19 @@ __device__ __forceinline__ int64_t lower_ranks_rows(const CommParams& c, int64_t
   return total;
 }
 
-template <typename IdxT>
+// kDirectFp8: the call quantizes, in registers (send_tokens_fp8_direct: no stages); else the
+// staged send_tokens. Two instantiations, so the staged one keeps its smaller register budget.
+template <typename IdxT, bool kDirectFp8>
 __global__ void __launch_bounds__(kDispatchThreads)
-    ll_dispatch_kernel(const __grid_constant__ DispatchParams p, int64_t stage_bytes,
-                       bool use_tma, int64_t units_per_block, int per_token, int parts,
-                       bool one_slot) {
+    ll_dispatch_kernel(const __grid_constant__ DispatchParams p,
+                       const __grid_constant__ LlDispatchShape shape) {
   __shared__ __align__(8) uint64_t bars[kDispatchWarps][kDispatchStages];
   const CommParams& c = p.comm;
   const int num_experts = c.num_experts;
   const int num_local = c.num_local_experts;
   const int64_t rows_per_expert = c.ll_rows_per_expert;  // S
   const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
-  const int64_t smem_ints =
-      ll_dispatch_smem_ints(num_experts, units_per_block, parts, one_slot, p.num_topk);
+  const int64_t smem_ints = ll_dispatch_smem_ints(num_experts, shape.rows_cap);
   int* hist = reinterpret_cast<int*>(dynamic_smem());
   int* own = hist + static_cast<int64_t>(kDispatchWarps) * num_experts;
   int32_t* rows = own + num_experts;
@@ -112,11 +121,13 @@ __global__ void __launch_bounds__(kDispatchThreads)
   }
 
   // This block's units [unit_begin, unit_end) cover pairs [pair_begin, pair_end).
-  const int64_t num_units = static_cast<int64_t>(p.num_tokens) * per_token;
-  const int64_t unit_begin = min(static_cast<int64_t>(blockIdx.x) * units_per_block, num_units);
-  const int64_t unit_end = min(unit_begin + units_per_block, num_units);
+  const int64_t num_units = static_cast<int64_t>(p.num_tokens) * shape.per_token;
+  const int64_t unit_begin =
+      min(static_cast<int64_t>(blockIdx.x) * shape.units_per_block, num_units);
+  const int64_t unit_end = min(unit_begin + shape.units_per_block, num_units);
   int64_t pair_begin, pair_end;
-  unit_pair_range(unit_begin, unit_end, parts, one_slot, p.num_topk, &pair_begin, &pair_end);
+  unit_pair_range(unit_begin, unit_end, shape.parts, shape.one_slot, p.num_topk, &pair_begin,
+                  &pair_end);
   rank_pairs<IdxT>(
       p.topk_idx, num_pairs, num_experts, hist, [&](int64_t pair, int expert, int order) {
         if (pair < pair_begin || pair >= pair_end) return;
@@ -138,11 +149,18 @@ __global__ void __launch_bounds__(kDispatchThreads)
 
   const SendWindow win{c.off_ll_recv_x, c.off_ll_recv_scales, c.off_ll_recv_src,
                        c.off_ll_recv_weights};
-  uint8_t* stages = stages_all + warp_id() * kDispatchStages * stage_bytes;
-  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, per_token, parts,
-                        one_slot};
-  send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()], stage_bytes,
-                    use_tma, warp_id() == 0 ? trace : Tracer{nullptr});
+  const SendUnits units{unit_begin + warp_id(), kDispatchWarps, unit_end, shape.per_token,
+                        shape.parts, shape.one_slot};
+  const Tracer warp_trace = warp_id() == 0 ? trace : Tracer{nullptr};
+  if constexpr (kDirectFp8) {
+    send_tokens_fp8_direct<IdxT>(p, win, units, rows, pair_begin,
+                                 shape.stage_bytes / (kFp8Block * dtype_bytes(p.x_dtype)),
+                                 warp_trace);
+  } else {
+    uint8_t* stages = stages_all + warp_id() * kDispatchStages * shape.stage_bytes;
+    send_tokens<IdxT>(p, win, units, rows, pair_begin, stages, bars[warp_id()],
+                      shape.stage_bytes, shape.use_tma, warp_trace);
+  }
   finish_bulk_stores();
 
   // Arrival: the barrier orders every warp's completed bulk stores and plain stores before the

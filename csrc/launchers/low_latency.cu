@@ -12,20 +12,24 @@ namespace {
 struct LowLatencyLaunch {
   SmemCheck check;
   int64_t blocks;
-  int per_token;           // units per token (SendUnits)
-  int parts;               // chunks of the row per unit (SendUnits), or 1
-  bool one_slot;           // a unit covers one slot of a token (SendUnits), else all K
-  int64_t units_per_block;  // contiguous unit range of each block
-  bool use_tma;
-  int64_t stage_bytes;
   int64_t smem;
+  bool direct_fp8;  // ll_dispatch_kernel<IdxT, true>: the call quantizes (no stages)
+  LlDispatchShape shape;
 };
+
+template <typename IdxT>
+const void* ll_kernel(bool direct_fp8) {
+  return direct_fp8 ? reinterpret_cast<const void*>(&ll_dispatch_kernel<IdxT, true>)
+                    : reinterpret_cast<const void*>(&ll_dispatch_kernel<IdxT, false>);
+}
 
 template <typename IdxT>
 cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   LowLatencyLaunch plan{};
+  LlDispatchShape& shape = plan.shape;
   KernelSmem info{};
-  cudaError_t err = kernel_smem(reinterpret_cast<const void*>(&ll_dispatch_kernel<IdxT>), &info);
+  plan.direct_fp8 = p.quantize_fp8;
+  cudaError_t err = kernel_smem(ll_kernel<IdxT>(plan.direct_fp8), &info);
   if (err != cudaSuccess) return err;
   // One unit per warp when num_sms allows: the latency of a call is one unit's work. A call
   // with fewer tokens than warps spreads each token's K stores over K warps, and each pair's
@@ -34,13 +38,18 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   const int64_t total_warps = static_cast<int64_t>(p.num_sms) * kDispatchWarps;
   const int64_t num_pairs = static_cast<int64_t>(p.num_tokens) * p.num_topk;
   const bool small = is_small_call(p.num_tokens, total_warps);
-  plan.one_slot = small && !p.quantize_fp8;
-  plan.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
-                 p.x_row_bytes % kBulkAlign == 0;
+  shape.use_tma = reinterpret_cast<uintptr_t>(p.x) % kBulkAlign == 0 &&
+                  p.x_row_bytes % kBulkAlign == 0;
+  if (p.quantize_fp8 && !shape.use_tma) {  // the binding prevents it
+    plan.check = {false, 0, 0};
+    *out = plan;
+    return cudaSuccess;
+  }
+  shape.one_slot = small && !p.quantize_fp8;
   int64_t parts_cap = kMaxDispatchStageBytes;  // chunk cap that spreads the units over the warps
-  if (plan.use_tma && small && p.num_tokens > 0) {
+  if (shape.use_tma && small && p.num_tokens > 0) {
     const int64_t wanted_parts =
-        ceil_div(total_warps, plan.one_slot ? num_pairs : static_cast<int64_t>(p.num_tokens));
+        ceil_div(total_warps, shape.one_slot ? num_pairs : static_cast<int64_t>(p.num_tokens));
     // Round the piece up (to 16 bytes, or to whole 128-channel blocks when quantizing), so the
     // row makes at most wanted_parts chunks: never more units than warps.
     const int64_t grain =
@@ -51,40 +60,38 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   // The stages get the shared memory the per-block arrays leave. Whole tokens: exact. Small
   // calls: bounded before the unit split is known (a block's pairs never exceed the call's).
   const int64_t token_blocks = clamp_blocks(ceil_div(p.num_tokens, kDispatchWarps), p.num_sms);
+  const int64_t rows_cap_bound =
+      small ? num_pairs + 2 * p.num_topk
+            : max_pairs_of_units(ceil_div(p.num_tokens, token_blocks), 1, false, p.num_topk);
   const int64_t fixed_cap =
-      small ? round_up((static_cast<int64_t>(kDispatchWarps) + 1) * p.comm.num_experts +
-                           num_pairs + 2 * p.num_topk,
-                       kSmemAlign / 4) * 4
-            : round_up(ll_dispatch_smem_ints(p.comm.num_experts,
-                                             ceil_div(p.num_tokens, token_blocks), 1, false,
-                                             p.num_topk) * 4,
-                       kSmemAlign);
+      round_up(ll_dispatch_smem_ints(p.comm.num_experts, rows_cap_bound) * 4, kSmemAlign);
   plan.check = {true, fixed_cap, info.max_dynamic};
-  if (!plan.use_tma && p.quantize_fp8) plan.check = {false, 0, 0};  // the binding prevents it
-  plan.stage_bytes = 0;
-  plan.parts = 1;
-  plan.per_token = plan.one_slot ? p.num_topk : 1;
-  if (plan.use_tma) {
+  shape.stage_bytes = 0;
+  shape.parts = 1;
+  shape.per_token = shape.one_slot ? p.num_topk : 1;
+  if (shape.use_tma) {
     const int64_t budget = info.max_dynamic - fixed_cap;
     int64_t cap = budget > 0 ? budget / (kDispatchWarps * kDispatchStages) : 0;
     if (cap > kMaxDispatchStageBytes) cap = kMaxDispatchStageBytes;
     if (small && cap > parts_cap) cap = parts_cap;
-    plan.stage_bytes = dispatch_chunk_bytes(p, cap);
-    if (plan.stage_bytes == 0) {
+    shape.stage_bytes = dispatch_chunk_bytes(p, cap);
+    if (shape.stage_bytes == 0) {
       plan.check = {false, fixed_cap + 16 * kDispatchWarps * kDispatchStages, info.max_dynamic};
     } else if (small) {
-      plan.parts = static_cast<int>(ceil_div(p.x_row_bytes, plan.stage_bytes));
-      plan.per_token = (plan.one_slot ? p.num_topk : 1) * plan.parts;
+      shape.parts = static_cast<int>(ceil_div(p.x_row_bytes, shape.stage_bytes));
+      shape.per_token = (shape.one_slot ? p.num_topk : 1) * shape.parts;
     }
   }
-  const int64_t units = static_cast<int64_t>(p.num_tokens) * plan.per_token;
+  const int64_t units = static_cast<int64_t>(p.num_tokens) * shape.per_token;
   plan.blocks = clamp_blocks(ceil_div(units, kDispatchWarps), p.num_sms);
-  plan.units_per_block = ceil_div(units, plan.blocks);
-  const int64_t fixed = round_up(ll_dispatch_smem_ints(p.comm.num_experts, plan.units_per_block,
-                                                       plan.parts, plan.one_slot, p.num_topk) *
-                                     4,
-                                 kSmemAlign);
-  plan.smem = fixed + plan.stage_bytes * kDispatchWarps * kDispatchStages;
+  shape.units_per_block = ceil_div(units, plan.blocks);
+  shape.rows_cap =
+      max_pairs_of_units(shape.units_per_block, shape.parts, shape.one_slot, p.num_topk);
+  const int64_t fixed =
+      round_up(ll_dispatch_smem_ints(p.comm.num_experts, shape.rows_cap) * 4, kSmemAlign);
+  const int64_t stages =
+      plan.direct_fp8 ? 0 : shape.stage_bytes * kDispatchWarps * kDispatchStages;
+  plan.smem = fixed + stages;
   if (fixed > fixed_cap || fixed > info.max_dynamic) plan.check = {false, fixed, info.max_dynamic};
   *out = plan;
   return cudaSuccess;
@@ -96,11 +103,14 @@ cudaError_t launch(const DispatchParams& p, cudaStream_t stream) {
   cudaError_t err = plan_low_latency<IdxT>(p, &plan);
   if (err != cudaSuccess) return err;
   if (!plan.check.ok || p.comm.ll_rows_per_expert <= 0) return cudaErrorInvalidValue;
-  err = ensure_dynamic_smem(reinterpret_cast<const void*>(&ll_dispatch_kernel<IdxT>), plan.smem);
+  err = ensure_dynamic_smem(ll_kernel<IdxT>(plan.direct_fp8), plan.smem);
   if (err != cudaSuccess) return err;
-  ll_dispatch_kernel<IdxT><<<static_cast<unsigned>(plan.blocks), kDispatchThreads, plan.smem,
-                             stream>>>(p, plan.stage_bytes, plan.use_tma, plan.units_per_block,
-                                       plan.per_token, plan.parts, plan.one_slot);
+  const dim3 grid(static_cast<unsigned>(plan.blocks));
+  if (plan.direct_fp8) {
+    ll_dispatch_kernel<IdxT, true><<<grid, kDispatchThreads, plan.smem, stream>>>(p, plan.shape);
+  } else {
+    ll_dispatch_kernel<IdxT, false><<<grid, kDispatchThreads, plan.smem, stream>>>(p, plan.shape);
+  }
   return cudaGetLastError();
 }
 
