@@ -160,26 +160,27 @@ __global__ void __launch_bounds__(kCombineThreads)
   const CommParams& c = p.comm;
   const int warp = warp_id();
   const int lane = lane_id();
+  // Low-latency calls: thread 0 of block 0 stamps the phase trace (ctrl.trace_on; its load is
+  // only waited for once the release is out). Past the wait below, its tracer is read back
+  // from shared memory (written before that wait's barrier): kept in a register across the
+  // wait, it made ptxas spill.
+  const bool tracer_thread =
+      blockIdx.x == 0 && threadIdx.x == 0 && win.epoch_slot == kEpochLowLatency;
+  const uint64_t start_ns = globaltimer_ns();
+  const int64_t trace_on = tracer_thread ? load_trace_on(c) : 0;
   const int64_t epoch = ctrl_epoch(c)[win.epoch_slot];  // the matching dispatch's epoch
-  // Low-latency calls: thread 0 of block 0 stamps the phase trace (ctrl.trace_on). Past the
-  // wait below, its tracer is read back from shared memory (written before that wait's
-  // barrier): kept in a register across the wait, it made ptxas spill.
-  const Tracer trace = blockIdx.x == 0 && threadIdx.x == 0 && win.epoch_slot == kEpochLowLatency
-                           ? make_tracer(c, epoch)
-                           : Tracer{nullptr};
-  trace.mark(kTrace_combine_start);
+
+  // No fence before the release: what it publishes (this rank's combine window) was written by
+  // kernels that finished before this one started (stream order).
+  if (blockIdx.x == 0) block_release_to_all_peers(c, win.off_flags, epoch);
+  const Tracer trace = tracer_thread ? make_tracer(c, epoch, trace_on) : Tracer{nullptr};
+  trace.mark_at(kTrace_combine_start, start_ns);
+  trace.mark(kTrace_combine_released);
   __shared__ Tracer trace_after_wait;
   if (threadIdx.x == 0) trace_after_wait = trace;
   auto mark = [&](int point) {
     if (threadIdx.x == 0) trace_after_wait.mark(point);
   };
-
-  // No fence before the release: what it publishes (this rank's combine window) was written by
-  // kernels that finished before this one started (stream order).
-  if (blockIdx.x == 0) {
-    block_release_to_all_peers(c, win.off_flags, epoch);
-    trace.mark(kTrace_combine_released);
-  }
   const bool peers_ready =
       block_wait_all_peers(c, at_offset<int64_t>(c.workspace, win.off_flags), epoch,
                            win.wait_what);  // on timeout: no remote reads, y = 0

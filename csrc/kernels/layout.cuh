@@ -1,5 +1,6 @@
-// Layout kernels: the local dispatch_layout op, the pair ranking shared by both dispatch paths,
-// and phase 1 of the throughput dispatch (counts all-gather + rows).
+// Layout kernels: the local dispatch_layout op, and phase 1 of the throughput dispatch (counts
+// all-gather + rows) with its pair ranking (the low-latency kernel ranks only a block's own
+// pairs: low_latency.cuh).
 //
 // Row order inside an expert is (source rank, source token, topk slot). On one source, the
 // (token, slot) pairs in flat order p = token * K + slot are split into contiguous ranges, one

@@ -64,7 +64,8 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
       small ? num_pairs + 2 * p.num_topk
             : max_pairs_of_units(ceil_div(p.num_tokens, token_blocks), 1, false, p.num_topk);
   const int64_t fixed_cap =
-      round_up(ll_dispatch_smem_ints(p.comm.num_experts, rows_cap_bound) * 4, kSmemAlign);
+      round_up(ll_dispatch_smem_ints(p.comm.world_size, p.comm.num_experts, rows_cap_bound) * 4,
+               kSmemAlign);
   plan.check = {true, fixed_cap, info.max_dynamic};
   shape.stage_bytes = 0;
   shape.parts = 1;
@@ -88,7 +89,8 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   shape.rows_cap =
       max_pairs_of_units(shape.units_per_block, shape.parts, shape.one_slot, p.num_topk);
   const int64_t fixed =
-      round_up(ll_dispatch_smem_ints(p.comm.num_experts, shape.rows_cap) * 4, kSmemAlign);
+      round_up(ll_dispatch_smem_ints(p.comm.world_size, p.comm.num_experts, shape.rows_cap) * 4,
+               kSmemAlign);
   const int64_t stages =
       plan.direct_fp8 ? 0 : shape.stage_bytes * kDispatchWarps * kDispatchStages;
   plan.smem = fixed + stages;

@@ -45,10 +45,21 @@ struct Tracer {
   __device__ __forceinline__ void mark(int point) const {
     if (row != nullptr) row[point] = static_cast<int64_t>(globaltimer_ns());
   }
+  // A stamp taken earlier (a kernel's start, before the tracer could be built).
+  __device__ __forceinline__ void mark_at(int point, uint64_t ns) const {
+    if (row != nullptr) row[point] = static_cast<int64_t>(ns);
+  }
 };
 
-__device__ __forceinline__ Tracer make_tracer(const CommParams& c, int64_t epoch) {
-  if (*at_offset<volatile int64_t>(c.workspace, c.off_trace_on) == 0) return Tracer{nullptr};
+// ctrl.trace_on, loaded at a kernel's start and used later (make_tracer): nothing on the call's
+// path waits for this load.
+__device__ __forceinline__ int64_t load_trace_on(const CommParams& c) {
+  return ld_volatile_i64(at_offset<const int64_t>(c.workspace, c.off_trace_on));
+}
+
+__device__ __forceinline__ Tracer make_tracer(const CommParams& c, int64_t epoch,
+                                              int64_t trace_on) {
+  if (trace_on == 0) return Tracer{nullptr};
   return Tracer{at_offset<int64_t>(c.workspace, c.off_trace) +
                 (epoch % kTraceCalls) * kTracePoints};
 }
