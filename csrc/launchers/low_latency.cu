@@ -71,9 +71,14 @@ cudaError_t plan_low_latency(const DispatchParams& p, LowLatencyLaunch* out) {
   shape.parts = 1;
   shape.per_token = shape.one_slot ? p.num_topk : 1;
   if (shape.use_tma) {
-    const int64_t budget = info.max_dynamic - fixed_cap;
-    int64_t cap = budget > 0 ? budget / (kDispatchWarps * kDispatchStages) : 0;
-    if (cap > kMaxDispatchStageBytes) cap = kMaxDispatchStageBytes;
+    // The staged kernel's stages share the block's shared memory with the arrays; the
+    // quantizing kernel keeps its chunks in registers, so only the cap bounds them.
+    int64_t cap = kMaxDispatchStageBytes;
+    if (!plan.direct_fp8) {
+      const int64_t budget = info.max_dynamic - fixed_cap;
+      const int64_t fits = budget > 0 ? budget / (kDispatchWarps * kDispatchStages) : 0;
+      if (fits < cap) cap = fits;
+    }
     if (small && cap > parts_cap) cap = parts_cap;
     shape.stage_bytes = dispatch_chunk_bytes(p, cap);
     if (shape.stage_bytes == 0) {
