@@ -17,14 +17,15 @@ namespace swiftep {
 
 constexpr int64_t kNsPerMs = 1000000;
 // A spin-wait looks at the call's status and the clock once per kPollsPerCheck polls: an
-// acquire load orders the status load after it, so checking every poll doubled the time
-// between two looks at the flag.
+// acquire load orders the status load after it, so checking at every poll would put a second
+// load latency between two looks at the flag.
 constexpr int kPollsPerCheck = 16;
 
 // Called by one thread at the start of a dispatch call, before any kernel of the call reports.
 // No fence: the block barrier after it orders it before its block's reports, and a fence
 // would not order it before another block's (which nothing in the grid waits for), while it
-// kept the publishing block one memory round trip behind the others.
+// kept the resetting block (in the low-latency dispatch, the one that publishes the counts)
+// one memory round trip behind the others.
 __device__ __forceinline__ void reset_status(const CommParams& c) {
   volatile int64_t* status = ctrl_status(c);
   for (int i = 0; i < 4; ++i) status[i] = 0;
