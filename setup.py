@@ -4,7 +4,7 @@ Pure Python unless a CUDA build of torch is importable at build time (install wi
 `pip install --no-build-isolation -e .` on a GPU machine): then the CUDA extension
 torch_swiftep._C is compiled from csrc/ for sm_90a. SWIFTEP_SKIP_CUDA=1 forces pure Python;
 SWIFTEP_CUDA_ARCH picks another arch; SWIFTEP_NVCC_FLAGS adds nvcc flags (tuning variants).
-The contracts in ops/ are installed as the subpackage torch_swiftep.ops.
+The contracts in ops/ are the subpackage torch_swiftep.ops (torch_swiftep/ops links to ../ops).
 """
 import glob
 import os
@@ -68,7 +68,6 @@ def cuda_extension():
 ext_modules, cmdclass = cuda_extension()
 setup(
     packages=PACKAGES,
-    package_dir={"torch_swiftep.ops": "ops"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

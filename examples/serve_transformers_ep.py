@@ -46,12 +46,57 @@ def parse_args():
     return p.parse_args()
 
 
+def checkpoint_path(args, rank: int):
+    """A path every rank can read: --model, or a tiny model rank 0 saves (and its temp dir)."""
+    if args.model is not None:
+        return args.model, None
+    from torch_swiftep.integrations.transformers_tiny import save_tiny_model
+
+    tmp, path = None, [None]
+    if rank == 0:
+        tmp = tempfile.TemporaryDirectory(prefix=f"tiny_{args.family}_")
+        path = [save_tiny_model(args.family, tmp.name)]
+    dist.broadcast_object_list(path, src=0)
+    return path[0], tmp
+
+
+def compare_with_whole_model(args, path, dtype, prompt, logits, tokens, gen_kwargs) -> str:
+    """Rank 0: the unsharded model on the same prompt (logits and greedy tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(prompt.device).eval()
+    with torch.no_grad():
+        ref_logits = ref(prompt).logits.float()
+        ref_tokens = ref.generate(prompt, **gen_kwargs)
+    diff = (logits - ref_logits).abs().max().item()
+    same = torch.equal(tokens, ref_tokens)
+    return f"max |logit diff| vs whole model: {diff:.3g}   greedy {args.new_tokens} tokens " \
+           f"equal: {same}"
+
+
+def report(args, world, device, kwargs, ref_line, per_rank, total_bytes, tokens, load_s, gen_s):
+    import transformers
+
+    what = kwargs.get("experts_implementation")
+    mechanism = (f"experts_implementation={what!r}" if what else
+                 f"DistributedConfig(ep_implementation="
+                 f"{kwargs['distributed_config'].ep_implementation!r})")
+    print(f"transformers {transformers.__version__}, {world} ranks on {device.type}, "
+          f"model {args.model or args.family} ({args.dtype}), {mechanism}, "
+          f"dense layers {args.dense}")
+    print(ref_line)
+    shares = ", ".join(f"{b / 2**10:.1f}" for b in per_rank)
+    print(f"expert parameter KiB per rank: [{shares}] of {total_bytes / 2**10:.1f} whole "
+          f"(1/{total_bytes / max(per_rank):.0f} each)")
+    print(f"generated tokens (rank 0, sequence 0): {tokens[0, args.prompt_len:].tolist()}")
+    print(f"load {load_s:.2f}s, generate {gen_s:.2f}s")
+
+
 def main():
     args = parse_args()
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -59,36 +104,24 @@ def main():
     from transformers.utils import logging
 
     import torch_swiftep.integrations.transformers as swiftep_hf
-    from torch_swiftep.integrations.transformers_tiny import save_tiny_model
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     swiftep_hf.register("swiftep", max_tokens_per_rank=args.max_tokens_per_rank)
     dtype = getattr(torch, args.dtype)
+    path, tmp = checkpoint_path(args, rank)
 
-    # ---- the checkpoint: a path every rank can read
-    tmp = None
-    path = [args.model]
-    if args.model is None:
-        if rank == 0:
-            tmp = tempfile.TemporaryDirectory(prefix=f"tiny_{args.family}_")
-            path = [save_tiny_model(args.family, tmp.name)]
-        dist.broadcast_object_list(path, src=0)
-    path = path[0]
-
-    # ---- expert-parallel load: each rank reads only its experts' slices
+    # expert-parallel load: each rank reads only its experts' slices
     kwargs = swiftep_hf.expert_parallel_kwargs(path, world_size=world, mechanism=args.mechanism,
                                                dense=args.dense)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     load_s = time.perf_counter() - t0
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    prompt = torch.randint(3, vocab, (args.batch, args.prompt_len),
+    prompt = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
     gen_kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
-                      "do_sample": False}
-
+                  "do_sample": False}
     with torch.no_grad():
         logits = model(prompt).logits.float()
         t0 = time.perf_counter()
@@ -98,32 +131,12 @@ def main():
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local_bytes)
 
-    ref_line = "whole-model comparison skipped (--no-reference)"
-    if rank == 0 and not args.no_reference:
-        ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        with torch.no_grad():
-            ref_logits = ref(prompt).logits.float()
-            ref_tokens = ref.generate(prompt, **gen_kwargs)
-        diff = (logits - ref_logits).abs().max().item()
-        same = torch.equal(tokens, ref_tokens)
-        ref_line = (f"max |logit diff| vs whole model: {diff:.3g}   "
-                    f"greedy {args.new_tokens} tokens equal: {same}")
     if rank == 0:
-        import transformers
-
-        what = kwargs.get("experts_implementation")
-        mechanism = (f"experts_implementation={what!r}" if what else
-                     f"DistributedConfig(ep_implementation="
-                     f"{kwargs['distributed_config'].ep_implementation!r})")
-        print(f"transformers {transformers.__version__}, {world} ranks on {device.type}, "
-              f"model {args.model or args.family} ({args.dtype}), {mechanism}, "
-              f"dense layers {args.dense}")
-        print(ref_line)
-        shares = ", ".join(f"{b / 2**10:.1f}" for b in per_rank)
-        print(f"expert parameter KiB per rank: [{shares}] of {total_bytes / 2**10:.1f} whole "
-              f"(1/{total_bytes / max(per_rank):.0f} each)")
-        print(f"generated tokens (rank 0, sequence 0): {tokens[0, args.prompt_len:].tolist()}")
-        print(f"load {load_s:.2f}s, generate {gen_s:.2f}s")
+        ref_line = ("whole-model comparison skipped (--no-reference)" if args.no_reference else
+                    compare_with_whole_model(args, path, dtype, prompt, logits, tokens,
+                                             gen_kwargs))
+        report(args, world, device, kwargs, ref_line, per_rank, total_bytes, tokens, load_s,
+               gen_s)
     swiftep_hf.clear_communicators()
     dist.barrier()
     if tmp is not None:

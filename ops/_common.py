@@ -1,9 +1,8 @@
 """Argument blocks shared by the communication ops' schemas and docs."""
-from torch_swiftep.plan import plan_value
 
 # The communicator state every communication op takes after its tensors: the rank's workspace
 # (mutated: peers and this rank write into it), the peer table, the process group (CPU backend)
-# and the plan (torch_swiftep/plan.py), plus the SM budget of this call.
+# and the plan (ops/protocol.py PLAN_FIELDS), plus the SM budget of this call.
 COMM_ARGS = """Tensor(a!) workspace,
     Tensor peer_ptrs,
     str group_name,
@@ -11,17 +10,12 @@ COMM_ARGS = """Tensor(a!) workspace,
     int num_sms"""
 
 COMM_DOC = """workspace: [workspace_bytes], uint8: this rank's fused buffer (symmetric on GPUs); its
-  regions (torch_swiftep/plan.py) are the windows the results are read from.
+  regions (ops/protocol.py REGIONS) are the windows the results are read from.
 peer_ptrs: [world_size], int64, on the workspace's device: base address of every rank's
   workspace (CUDA backend); empty on CPU.
 group_name: the process group (CPU backend; "" for a world of one).
-plan: the integer list of torch_swiftep.plan.Plan.as_list().
+plan: the integer list of torch_swiftep.plan.Plan.as_list() (fields: ops/protocol.py).
 num_sms: SMs the kernels may use (CUDA backend)."""
-
-
-def num_local_experts(plan) -> int:
-    return plan_value(plan, "num_experts") // plan_value(plan, "world_size")
-
 
 QUANTIZE_DOC = """quantize_fp8: x is bf16/fp16/fp32 (no x_scales); the kernel quantizes each token
   to FP8 e4m3 with one float32 scale per 128 channels (torch_swiftep.fp8.quantize_fp8, bit for

@@ -1,7 +1,9 @@
 import torch
 
-from ._common import COMM_ARGS, COMM_DOC, QUANTIZE_DOC, num_local_experts
+from ._checks import check_dispatch, dispatch_shape_facts
+from ._common import COMM_ARGS, COMM_DOC, QUANTIZE_DOC
 from ._contract import OpContract
+from .protocol import num_local_experts
 
 SCHEMA = f"""dispatch(
     Tensor x,
@@ -34,12 +36,19 @@ Returns:
 """
 
 
+def check(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name, plan, num_sms,
+          quantize_fp8=False):
+    check_dispatch(x, x_scales, topk_idx, topk_weights, workspace, plan, num_sms, quantize_fp8,
+                   low_latency=False)
+
+
 def fake(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name, plan, num_sms,
          quantize_fp8=False):
+    dispatch_shape_facts(x, x_scales, topk_idx, topk_weights, plan)
     return (
         x.new_empty([num_local_experts(plan) + 1], dtype=torch.int32),
         x.new_empty(list(topk_idx.shape), dtype=torch.int32),
     )
 
 
-CONTRACT = OpContract("dispatch", SCHEMA, DOC, fake)
+CONTRACT = OpContract("dispatch", SCHEMA, DOC, check, fake)

@@ -1,6 +1,8 @@
 import torch
 
+from ._checks import check_tensor
 from ._contract import OpContract
+from .protocol import INDEX_DTYPES
 
 SCHEMA = """dispatch_layout(
     Tensor topk_idx,
@@ -18,7 +20,17 @@ Returns:
 """
 
 
+def check(topk_idx, num_experts, world_size):
+    check_tensor("topk_idx", topk_idx, dim=2, dtypes=INDEX_DTYPES)
+    for name, value in (("num_experts", num_experts), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_experts % world_size != 0:
+        raise ValueError(f"num_experts={num_experts} is not divisible by world_size={world_size}")
+
+
 def fake(topk_idx, num_experts, world_size):
+    torch._check(topk_idx.dim() == 2, lambda: "topk_idx must be 2-D")
     n = topk_idx.size(0)
     return (
         topk_idx.new_empty([world_size], dtype=torch.int32),
@@ -27,4 +39,4 @@ def fake(topk_idx, num_experts, world_size):
     )
 
 
-CONTRACT = OpContract("dispatch_layout", SCHEMA, DOC, fake)
+CONTRACT = OpContract("dispatch_layout", SCHEMA, DOC, check, fake)

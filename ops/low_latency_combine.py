@@ -1,3 +1,4 @@
+from ._checks import check_combine, combine_shape_facts
 from ._common import COMM_ARGS, COMM_DOC
 from ._contract import OpContract
 
@@ -23,9 +24,16 @@ Returns y: [num_tokens, hidden], expert_out's dtype.
 """
 
 
+def check(expert_out, topk_idx, topk_weights, token_rows, recv_counts, workspace, peer_ptrs,
+          group_name, plan, num_sms):
+    check_combine(expert_out, topk_idx, topk_weights, token_rows, recv_counts, workspace, plan,
+                  num_sms, low_latency=True)
+
+
 def fake(expert_out, topk_idx, topk_weights, token_rows, recv_counts, workspace, peer_ptrs,
          group_name, plan, num_sms):
+    combine_shape_facts(expert_out, topk_idx, topk_weights, token_rows, plan)
     return expert_out.new_empty([topk_idx.size(0), expert_out.size(-1)])
 
 
-CONTRACT = OpContract("low_latency_combine", SCHEMA, DOC, fake)
+CONTRACT = OpContract("low_latency_combine", SCHEMA, DOC, check, fake)

@@ -1,32 +1,61 @@
-"""Files generated from a single source stay in sync with it."""
+"""Files generated from a single source stay in sync with it, and the contracts stay a leaf."""
+import ast
 import pathlib
+import sys
 
-from torch_swiftep import docgen, plan
+from torch_swiftep import codegen, plan
+from torch_swiftep.ops import protocol
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_plan_header_is_current():
-    header = ROOT / "csrc" / "include" / "swiftep" / "plan_fields.h"
-    assert header.read_text() == plan.emit_header(), (
-        "csrc/include/swiftep/plan_fields.h is stale: "
-        "python -m torch_swiftep.plan --emit-header > csrc/include/swiftep/plan_fields.h")
-
-
-def test_ops_doc_is_current():
-    assert docgen.DOC_PATH.read_text() == docgen.render(), (
-        "docs/ops.md is stale: python -m torch_swiftep.docgen")
+def test_generated_files_are_current():
+    stale = [str(p.relative_to(ROOT)) for p in codegen.stale_files()]
+    assert not stale, f"{stale} stale: run python3 -m torch_swiftep.codegen"
 
 
 def test_plan_fields_unique_and_offsets_aligned():
-    assert len(set(plan.PLAN_FIELDS)) == len(plan.PLAN_FIELDS)
+    assert len(set(protocol.PLAN_FIELDS)) == len(protocol.PLAN_FIELDS)
     cfg = plan.CommConfig(num_experts=24, hidden=7168, num_topk=8, max_tokens_per_rank=33,
                           ll_max_tokens_per_rank=5)
     p = plan.Plan.build(cfg, rank=1, world_size=3)
-    values = dict(zip(plan.PLAN_FIELDS, p.as_list()))
+    values = dict(zip(protocol.PLAN_FIELDS, p.as_list()))
     for name, value in values.items():
         if name.startswith("off_ctrl_"):
-            assert value % 8 == 0, name
+            assert value % protocol.CTRL_ALIGN == 0, name
         elif name.startswith("off_"):
-            assert value % plan.REGION_ALIGN == 0, name
+            assert value % protocol.REGION_ALIGN == 0, name
             assert value < values["workspace_bytes"], name
+    regions = [values[f"off_{r}"] for r in protocol.REGIONS] + [values["off_ctrl"]]
+    assert regions == sorted(regions), "regions are laid out in protocol.REGIONS order"
+
+
+def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(level, module) of every import in a file; level > 0 for relative imports."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module or ""))
+    return found
+
+
+def test_contracts_are_a_leaf():
+    """ops/ imports torch, the standard library and itself, never torch_swiftep."""
+    allowed = {"torch", "__future__", "dataclasses", "struct", "typing"}
+    for path in sorted((ROOT / "ops").glob("*.py")):
+        for level, module in _imports(path):
+            if level == 0:
+                assert module.split(".")[0] in allowed, f"ops/{path.name} imports {module}"
+
+
+def test_each_contract_module_is_loaded_once():
+    import torch_swiftep  # noqa: F401
+
+    top_level = [name for name in sys.modules if name == "ops" or name.startswith("ops.")]
+    assert not top_level, f"contracts loaded a second time as {top_level}"
+    from torch_swiftep import ops
+
+    assert ops.protocol is protocol
+    assert pathlib.Path(ops.__file__).resolve().parent == ROOT / "ops"

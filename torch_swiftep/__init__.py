@@ -6,24 +6,20 @@
     out = experts(handle.recv_x, handle.expert_offsets)      # e.g. torch._grouped_mm(offs=)
     y = comm.combine(out, handle)                            # weighted, float32 accumulation
 
-The ops are torch.ops.swiftep.* (schemas in ops/, docs/ops.md); torch_swiftep.reference is the
+The ops are torch.ops.swiftep.* (contracts in ops/, docs/ops.md); torch_swiftep.reference is the
 pure-torch reference every backend is tested against.
 """
-from ._source_checkout import mount_ops_contracts
-
-mount_ops_contracts()
-
-from . import _library, reference  # noqa: E402, F401  (_library registers the ops)
-from ._library import CUDA_EXTENSION_ERROR, registered_ops  # noqa: E402
-from .communicator import (  # noqa: E402
+from . import _library, reference  # noqa: F401  (_library registers the ops)
+from ._library import CUDA_EXTENSION_ERROR, registered_ops
+from .communicator import (
     Communicator,
     DispatchResult,
     LowLatencyDispatchResult,
     PendingCall,
 )
-from .fp8 import dequantize_fp8, quantize_fp8  # noqa: E402
-from .plan import CommConfig, Plan  # noqa: E402
-from .status import SwiftepError  # noqa: E402
+from .fp8 import dequantize_fp8, quantize_fp8
+from .plan import CommConfig, Plan
+from .status import SwiftepError, SwiftepIndexError
 
 __version__ = "0.1.0"
 
@@ -36,6 +32,7 @@ __all__ = [
     "PendingCall",
     "Plan",
     "SwiftepError",
+    "SwiftepIndexError",
     "dequantize_fp8",
     "quantize_fp8",
     "reference",

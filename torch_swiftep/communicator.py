@@ -7,8 +7,10 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from . import checks
-from .plan import FP8_BLOCK, FP8_DTYPE, CommConfig, Plan, ctrl_region, typed_region
+from .ops import BY_NAME as CONTRACTS
+from .ops._checks import check_low_latency_windows
+from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE
+from .plan import CommConfig, Plan, ctrl_region, typed_region
 from .status import raise_if_error
 
 
@@ -64,8 +66,8 @@ class PendingCall:
     of the next micro-batch) on the SMs the communication kernels leave free.
     """
 
-    def __init__(self, result, event, inputs):
-        self._result, self._event, self._inputs = result, event, inputs
+    def __init__(self, result, event):
+        self._result, self._event = result, event
 
     def wait(self):
         if self._event is not None:
@@ -168,6 +170,15 @@ class Communicator:
             torch._dynamo.mark_static_address(peer_ptrs)
 
     # ------------------------------------------------------------------ throughput path
+    def dispatch_layout(self, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+        """Counts of this rank's routing, local (no communication): (num_tokens_per_rank
+        [world_size] int32, num_tokens_per_expert [num_experts] int32, is_token_in_rank
+        [num_tokens, world_size] bool). topk_idx: [num_tokens, K] int64/int32, -1 = none."""
+        args = (topk_idx, self.config.num_experts, self.world_size)
+        CONTRACTS["dispatch_layout"].check(*args)
+        return torch.ops.swiftep.dispatch_layout(*args)
+
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  x_scales: Optional[torch.Tensor] = None, quantize_fp8: bool = False,
                  num_sms: Optional[int] = None) -> DispatchResult:
@@ -181,10 +192,8 @@ class Communicator:
             scales) as it is sent, inside the dispatch kernel: half the bytes on the wire and
             no extra kernels. recv_x is then float8_e4m3fn with recv_scales.
         """
-        self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights, low_latency=False)
-        offsets, token_rows = torch.ops.swiftep.dispatch(
-            x, x_scales, topk_idx, topk_weights, self.workspace, self.peer_ptrs,
-            self.group_name, self._plan_list, self._sms(num_sms), quantize_fp8)
+        offsets, token_rows = self._call("dispatch", x, x_scales, topk_idx, topk_weights,
+                                         *self._state(num_sms), quantize_fp8)
         cap, hidden = self.plan.capacity, self.config.hidden
         p = self._plan_list
         fp8 = quantize_fp8 or x.dtype == FP8_DTYPE
@@ -214,15 +223,9 @@ class Communicator:
         """y[n] = sum_k w[n, k] * expert_out_owner[row(n, k)] (float32 accumulation), in
         expert_out's dtype. expert_out: [capacity, hidden], row i the output of dispatch row i
         (use combine_buffer() to skip a copy); topk_weights defaults to the dispatch's."""
-        self._check_status()
         weights = handle.topk_weights if topk_weights is None else topk_weights
-        checks.check_combine_inputs(expert_out, handle.topk_idx, weights, handle.token_rows,
-                                    self._plan_list, min_rows=self.plan.capacity,
-                                    device=self.device)
-        return torch.ops.swiftep.combine(
-            expert_out, handle.topk_idx, weights, handle.token_rows, handle.expert_offsets,
-            self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
-            self._sms(num_sms))
+        return self._call("combine", expert_out, handle.topk_idx, weights, handle.token_rows,
+                          handle.expert_offsets, *self._state(num_sms))
 
     # ---------------------------------------------------------------- low-latency path
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
@@ -231,11 +234,8 @@ class Communicator:
                              num_sms: Optional[int] = None) -> LowLatencyDispatchResult:
         """Decode schedule: static output shapes, one pass, CUDA-graph capturable.
         Arguments as dispatch(); num_tokens <= ll_max_tokens_per_rank."""
-        self._require_low_latency()
-        self._prepare(x, x_scales, quantize_fp8, topk_idx, topk_weights, low_latency=True)
-        counts, token_rows = torch.ops.swiftep.low_latency_dispatch(
-            x, x_scales, topk_idx, topk_weights, self.workspace, self.peer_ptrs,
-            self.group_name, self._plan_list, self._sms(num_sms), quantize_fp8)
+        counts, token_rows = self._call("low_latency_dispatch", x, x_scales, topk_idx,
+                                        topk_weights, *self._state(num_sms), quantize_fp8)
         local, rows, hidden = self.num_local_experts, self.plan.ll_rows_per_expert, \
             self.config.hidden
         p = self._plan_list
@@ -259,7 +259,7 @@ class Communicator:
     def low_latency_combine_buffer(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """[L, world_size * ll_max_tokens_per_rank, hidden] view of the low-latency combine
         window (zero-copy combine when experts write here)."""
-        self._require_low_latency()
+        check_low_latency_windows(self._plan_list)
         return typed_region(self.workspace, self._plan_list, "off_ll_combine_x",
                             dtype or self.config.dtype,
                             (self.num_local_experts, self.plan.ll_rows_per_expert,
@@ -269,17 +269,9 @@ class Communicator:
                             *, topk_weights: Optional[torch.Tensor] = None,
                             num_sms: Optional[int] = None) -> torch.Tensor:
         """Weighted combine of the low-latency layout; expert_out: [L, S, hidden]."""
-        self._require_low_latency()
-        self._check_status()
         weights = handle.topk_weights if topk_weights is None else topk_weights
-        checks.check_combine_inputs(
-            expert_out, handle.topk_idx, weights, handle.token_rows, self._plan_list,
-            min_rows=self.num_local_experts * self.plan.ll_rows_per_expert, device=self.device,
-            dim=3)
-        return torch.ops.swiftep.low_latency_combine(
-            expert_out, handle.topk_idx, weights, handle.token_rows, handle.recv_counts,
-            self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
-            self._sms(num_sms))
+        return self._call("low_latency_combine", expert_out, handle.topk_idx, weights,
+                          handle.token_rows, handle.recv_counts, *self._state(num_sms))
 
     # ------------------------------------------------------------------------- overlap
     def start(self, method, *args, **kwargs) -> PendingCall:
@@ -298,19 +290,18 @@ class Communicator:
             raise ValueError("start() takes a method of this Communicator, e.g. "
                              f"comm.low_latency_dispatch; got {method!r}")
         if self.device.type != "cuda":
-            return PendingCall(method(*args, **kwargs), None, ())
+            return PendingCall(method(*args, **kwargs), None)
         if getattr(self, "_side_stream", None) is None:
             self._side_stream = torch.cuda.Stream(self.device)
         side, current = self._side_stream, torch.cuda.current_stream(self.device)
         side.wait_stream(current)  # the inputs are ready
         with torch.cuda.stream(side):
             result = method(*args, **kwargs)
-        inputs = _tensors(list(args) + list(kwargs.values()))
-        for t in inputs:  # the caller may free its inputs before the side stream is done
-            t.record_stream(side)
+        for t in _tensors(list(args) + list(kwargs.values())):
+            t.record_stream(side)  # the caller may free its inputs before the side stream is done
         event = torch.cuda.Event()
         event.record(side)
-        return PendingCall(result, event, inputs)
+        return PendingCall(result, event)
 
     # ------------------------------------------------------------------------- helpers
     def check(self) -> None:
@@ -322,35 +313,25 @@ class Communicator:
 
     def epochs(self) -> tuple[int, int]:
         """(throughput calls, low-latency calls) this workspace has seen. Syncs."""
-        e = ctrl_region(self.workspace, self._plan_list, "epoch", torch.int64, (4,))
-        return int(e[0]), int(e[1])
+        e = ctrl_region(self.workspace, self._plan_list, "epoch", torch.int64,
+                        (EPOCH_CAPACITY,))
+        return (int(e[EPOCH_SLOTS.index("throughput")]),
+                int(e[EPOCH_SLOTS.index("low_latency")]))
 
     def _check_status(self) -> None:
         if self._host_status is not None and not torch.compiler.is_compiling():
             raise_if_error(self._host_status, self.rank)
 
-    def _prepare(self, x, x_scales, quantize, topk_idx, topk_weights, low_latency) -> None:
-        """Checks a dispatch's inputs (shapes, dtypes, devices: no device work)."""
+    def _state(self, num_sms: Optional[int]) -> tuple:
+        """The communicator arguments every communication op takes after its tensors."""
+        return (self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
+                self.config.num_sms if num_sms is None else num_sms)
+
+    def _call(self, name: str, *args):
+        """Raise a reported kernel error, run the op's contract checks (ops/), then the op."""
         self._check_status()
-        if not isinstance(quantize, bool):
-            raise TypeError(f"quantize_fp8 must be a bool, got {quantize!r}")
-        if quantize:  # the op quantizes inside its kernel (CUDA) or first thing (CPU)
-            checks.check_quantize_input(x, x_scales)
-        max_tokens = (self.config.ll_max_tokens_per_rank if low_latency
-                      else self.config.max_tokens_per_rank)
-        checks.check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, self._plan_list,
-                                     max_tokens=max_tokens, device=self.device)
-
-    def _sms(self, num_sms: Optional[int]) -> int:
-        value = self.config.num_sms if num_sms is None else num_sms
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"num_sms must be a positive int, got {value!r}")
-        return value
-
-    def _require_low_latency(self) -> None:
-        if self.config.ll_max_tokens_per_rank <= 0:
-            raise ValueError("this Communicator has no low-latency windows: build it with "
-                             "CommConfig(ll_max_tokens_per_rank=T) with T > 0")
+        CONTRACTS[name].check(*args)
+        return getattr(torch.ops.swiftep, name)(*args)
 
 
 def _default_device(group) -> torch.device:

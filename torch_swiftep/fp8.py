@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import FP8_AMAX_FLOOR, FP8_BLOCK, FP8_DTYPE, FP8_MAX, FP8_SCALE_PER_AMAX
+from .ops.protocol import FP8_AMAX_FLOOR, FP8_BLOCK, FP8_DTYPE, FP8_MAX, FP8_SCALE_PER_AMAX
 
 assert FP8_MAX == torch.finfo(FP8_DTYPE).max
 
@@ -19,7 +19,7 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, h = x.shape
     blocks = x.float().view(n, h // FP8_BLOCK, FP8_BLOCK)
     amax = blocks.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR)
-    # plan.py's recipe, op for op: the CUDA dispatch quantizes in-kernel to the same bytes
+    # ops/protocol.py's recipe, op for op: the CUDA dispatch quantizes to the same bytes
     inverse = torch.full_like(amax, FP8_MAX) / amax  # tensor / tensor: IEEE on every device
     q = (blocks * inverse.unsqueeze(-1)).to(FP8_DTYPE).view(n, h)
     scales = amax * FP8_SCALE_PER_AMAX

@@ -4,41 +4,50 @@ A CUDA kernel that finds a problem (capacity overflow, an index out of range, a 
 arrived within timeout_s) stops touching memory it must not touch, writes a status record into
 the workspace's ctrl region and into a host-mapped mirror, and exits. The communicator reads
 the mirror (plain host memory, no sync) at the start of every eager call and in check(), and
-raises SwiftepError naming the problem.
+raises SwiftepError naming the problem. The CPU backend raises the same classes at once.
 """
 from __future__ import annotations
 
 import torch
 
-from .plan import STATUS_BAD_INDEX, STATUS_CAPACITY, STATUS_OK, STATUS_TIMEOUT, WAIT_NAMES
+from .ops.protocol import STATUS, WAIT_NAMES
 
 
 class SwiftepError(RuntimeError):
     """A communication kernel reported an error (see the message)."""
 
 
-def describe(status: list[int], rank: int) -> str | None:
+class SwiftepIndexError(SwiftepError, IndexError):
+    """A topk_idx entry is neither -1 nor an expert: IndexError on every backend."""
+
+
+def describe(status: list[int], rank: int) -> tuple[type, str] | None:
+    """(exception class, message) of a status record, or None when it reports no error."""
     code, a0, a1, a2 = (int(v) for v in status[:4])
-    if code == STATUS_OK:
+    if code == STATUS["ok"]:
         return None
-    if code == STATUS_CAPACITY:
-        return (f"rank {rank}: capacity overflow: rank {a0} would receive {a1} rows, more than "
-                f"capacity={a2}; no row past the window was written. Build the Communicator "
-                "with a larger capacity")
-    if code == STATUS_TIMEOUT:
+    if code == STATUS["capacity"]:
+        return SwiftepError, (
+            f"rank {rank}: capacity overflow: rank {a0} would receive {a1} rows, more than "
+            f"capacity={a2}; no row past the window was written. Build the Communicator with "
+            "a larger capacity")
+    if code == STATUS["timeout"]:
         what = WAIT_NAMES[a1] if 0 <= a1 < len(WAIT_NAMES) else f"wait #{a1}"
-        return (f"rank {rank}: timed out waiting for rank {a0} ({what}, call {a2}): that rank "
-                "never arrived within timeout_s; results of this call are invalid")
-    if code == STATUS_BAD_INDEX:
-        return (f"rank {rank}: topk_idx[{a0}, {a1}] = {a2} is out of range: entries must be -1 "
-                "or in [0, num_experts); the token was not sent")
-    return f"rank {rank}: unknown status code {code} ({a0}, {a1}, {a2})"
+        return SwiftepError, (
+            f"rank {rank}: timed out waiting for rank {a0} ({what}, call {a2}): that rank "
+            "never arrived within timeout_s; results of this call are invalid")
+    if code == STATUS["bad_index"]:
+        return SwiftepIndexError, (
+            f"rank {rank}: topk_idx[{a0}, {a1}] = {a2} is out of range: entries must be -1 or "
+            "in [0, num_experts); the token was not sent")
+    return SwiftepError, f"rank {rank}: unknown status code {code} ({a0}, {a1}, {a2})"
 
 
 def raise_if_error(host_status: torch.Tensor, rank: int, clear: bool = True) -> None:
-    message = describe(host_status.tolist(), rank)
-    if message is None:
+    found = describe(host_status.tolist(), rank)
+    if found is None:
         return
     if clear:
         host_status.zero_()
-    raise SwiftepError(message)
+    exc, message = found
+    raise exc(message)

@@ -5,16 +5,25 @@ prefix sums the CUDA layout kernel does), then one all_to_all_single moves the p
 moves (token, row, weight) so the owner can place every row. Combine sends each row back to its
 source, which knows the order of what it will receive (its own rows sorted by row index), so no
 index travels back.
+
+Arguments were checked by the op's contract (ops/) in the Python wrapper; like the CUDA
+kernels, this backend checks only what needs the data: index values and capacity.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .. import checks
 from ..fp8 import quantize_fp8
-from ..plan import ctrl_region, plan_value, typed_region
-from ..status import SwiftepError
+from ..ops.protocol import (
+    EPOCH_CAPACITY,
+    EPOCH_SLOTS,
+    ll_rows_per_expert,
+    num_local_experts,
+    plan_value,
+)
+from ..plan import ctrl_region, typed_region
+from ..status import SwiftepError, SwiftepIndexError
 
 
 def _group(group_name: str, world_size: int):
@@ -48,9 +57,20 @@ def _all_to_all(send: torch.Tensor, send_counts, recv_counts, group) -> torch.Te
     return out.view(send.dtype).view(-1, width)
 
 
+def check_index_values(topk_idx: torch.Tensor, num_experts: int) -> None:
+    """Every entry is -1 or in [0, num_experts) (the CUDA kernels report the same)."""
+    if topk_idx.numel() == 0:
+        return
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    if bool(bad.any()):
+        n, k = (int(v) for v in bad.nonzero()[0])
+        raise SwiftepIndexError(
+            f"topk_idx[{n}, {k}] = {int(topk_idx[n, k])} is out of range: entries must be -1 "
+            f"(no expert) or in [0, num_experts={num_experts})")
+
+
 def dispatch_layout(topk_idx, num_experts, world_size):
-    checks.check_tensor("topk_idx", topk_idx, dim=2, dtypes=checks.INDEX_DTYPES)
-    checks.check_index_values(topk_idx, num_experts)
+    check_index_values(topk_idx, num_experts)
     idx = topk_idx.long()
     valid = idx >= 0
     per_expert = torch.bincount(idx[valid], minlength=num_experts).to(torch.int32)
@@ -115,9 +135,7 @@ class _Route:
 
 def _dispatch(x, x_scales, topk_idx, topk_weights, workspace, group_name, plan, low_latency):
     world, experts = plan_value(plan, "world_size"), plan_value(plan, "num_experts")
-    checks.check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, plan, max_tokens=(
-        plan_value(plan, "ll_max_tokens_per_rank" if low_latency else "max_tokens_per_rank")))
-    checks.check_index_values(topk_idx, experts)
+    check_index_values(topk_idx, experts)
     group = _group(group_name, world)
     route = _Route(topk_idx, plan, low_latency, group)
     order = route.order
@@ -158,14 +176,13 @@ def _dispatch(x, x_scales, topk_idx, topk_weights, workspace, group_name, plan, 
 def _window_rows(plan, low_latency: bool) -> int:
     if not low_latency:
         return plan_value(plan, "capacity")
-    local = plan_value(plan, "num_experts") // plan_value(plan, "world_size")
-    return local * plan_value(plan, "world_size") * plan_value(plan, "ll_max_tokens_per_rank")
+    return num_local_experts(plan) * ll_rows_per_expert(plan)
 
 
 def _bump_epoch(workspace, plan, low_latency: bool) -> None:
     # Same bookkeeping as the CUDA kernels, so a workspace's epoch counts calls on any backend.
-    epoch = ctrl_region(workspace, plan, "epoch", torch.int64, (4,))
-    epoch[1 if low_latency else 0] += 1
+    epoch = ctrl_region(workspace, plan, "epoch", torch.int64, (EPOCH_CAPACITY,))
+    epoch[EPOCH_SLOTS.index("low_latency" if low_latency else "throughput")] += 1
 
 
 def _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspace, group_name,
@@ -202,10 +219,7 @@ def _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspa
 
 def _quantized(x, x_scales, quantize):
     """The ops' quantize_fp8=True: the same bytes the CUDA kernels produce in-kernel."""
-    if not quantize:
-        return x, x_scales
-    checks.check_quantize_input(x, x_scales)
-    return quantize_fp8(x)
+    return quantize_fp8(x) if quantize else (x, x_scales)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -218,8 +232,6 @@ def dispatch(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_na
 
 def combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, workspace, peer_ptrs,
             group_name, plan, num_sms):
-    checks.check_combine_inputs(expert_out, topk_idx, topk_weights, token_rows, plan,
-                                min_rows=int(expert_offsets[-1]))
     valid_rows = torch.arange(int(expert_offsets[-1]))
     return _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspace,
                     group_name, plan, False)
@@ -236,8 +248,6 @@ def low_latency_dispatch(x, x_scales, topk_idx, topk_weights, workspace, peer_pt
 def low_latency_combine(expert_out, topk_idx, topk_weights, token_rows, recv_counts, workspace,
                         peer_ptrs, group_name, plan, num_sms):
     rows_total = _window_rows(plan, True)
-    checks.check_combine_inputs(expert_out, topk_idx, topk_weights, token_rows, plan,
-                                min_rows=rows_total, dim=3)
     local = recv_counts.numel()
     per_expert = rows_total // local
     valid_rows = torch.cat([

@@ -1,0 +1,170 @@
+"""Files generated from the contracts in ops/: the C++ protocol header and the ops reference.
+
+    python -m torch_swiftep.codegen           # rewrite both
+    python -m torch_swiftep.codegen --check   # exit 1 if either is stale (a test runs this)
+
+- ``csrc/include/swiftep/protocol.h`` from ``ops/protocol.py``: plan field indices, the
+  CommParams struct and its decoding from ``int[] plan``, ctrl slots, status codes, wait names,
+  the FP8 recipe, the top-k limit and the phase-trace points;
+- ``docs/ops.md`` from every contract's schema and doc.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+
+from .ops import CONTRACTS, NAMESPACE, protocol
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HEADER_PATH = ROOT / "csrc" / "include" / "swiftep" / "protocol.h"
+OPS_DOC_PATH = ROOT / "docs" / "ops.md"
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _plan_enum() -> list[str]:
+    lines = ["// Indices into the `int[] plan` every communication op takes.",
+             "enum PlanField : int {"]
+    lines += [f"  kPlan_{name} = {i}," for i, name in enumerate(protocol.PLAN_FIELDS)]
+    lines += [f"  kPlanNumFields = {len(protocol.PLAN_FIELDS)},", "};", ""]
+    return lines
+
+
+def _comm_params() -> list[str]:
+    lines = [
+        "// The communicator state every communication kernel takes: this rank's workspace, the",
+        "// peer table and the decoded plan. Offsets are byte offsets from a workspace base; every",
+        "// rank's workspace has the same layout, so peer_base + offset addresses a peer's region.",
+        "struct CommParams {",
+        "  uint8_t* workspace;        // this rank's workspace base (device)",
+        "  const int64_t* peer_ptrs;  // [world_size] on the device: every rank's workspace base",
+    ]
+    lines += [f"  {ctype} {name};  // {meaning}"
+              for ctype, name, _, meaning in protocol.COMM_PARAMS]
+    lines += ["};", "",
+              "// plan: kPlanNumFields values (the caller checks the length). Pointers are device",
+              "// addresses.",
+              "inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace,",
+              "                              const int64_t* peer_ptrs) {",
+              "  CommParams c{};",
+              "  c.workspace = workspace;",
+              "  c.peer_ptrs = peer_ptrs;"]
+    for ctype, name, expr, _ in protocol.COMM_PARAMS:
+        expr = re.sub(r"p\[(\w+)\]", r"plan[kPlan_\1]", expr)
+        lines.append(f"  c.{name} = static_cast<{ctype}>({expr});")
+    lines += ["  return c;", "}", ""]
+    return lines
+
+
+def _slots() -> list[str]:
+    lines = ["// Slots of ctrl.epoch and ctrl.blocks_done."]
+    lines += [f"constexpr int kEpoch{_camel(n)} = {i};" for i, n in enumerate(protocol.EPOCH_SLOTS)]
+    lines += [f"constexpr int kDone{_camel(n)} = {i};"
+              for i, n in enumerate(protocol.BLOCKS_DONE_SLOTS)]
+    lines += [f"constexpr int kStatusWords = {protocol.STATUS_WORDS};", ""]
+    lines += ["// Status codes a kernel leaves in ctrl.status; arguments in the comments.",
+              "enum StatusCode : int64_t {"]
+    for code, (name, args) in enumerate(protocol.STATUS_CODES):
+        lines.append(f"  kStatus{_camel(name)} = {code},"
+                     + (f"  // [{', '.join(args)}]" if args else ""))
+    lines += ["};", "", "// What a cross-rank wait waits for (the `what` of a timeout).",
+              "enum WaitWhat : int64_t {"]
+    lines += [f"  kWait{_camel(name)} = {i}," for i, (name, _) in enumerate(protocol.WAITS)]
+    lines += ["};", "", "SWIFTEP_HOST_DEVICE inline const char* wait_name(int64_t what) {",
+              "  switch (what) {"]
+    lines += [f"    case kWait{_camel(name)}: return \"{text}\";" for name, text in protocol.WAITS]
+    lines += ["    default: return \"unknown\";", "  }", "}", ""]
+    return lines
+
+
+def _limits() -> list[str]:
+    p = protocol
+    lines = [
+        "// FP8 recipe (ops/protocol.py FP8_*).",
+        f"constexpr int kFp8Block = {p.FP8_BLOCK};",
+        f"constexpr float kFp8Max = {p.FP8_MAX.hex()}f;  // {p.FP8_MAX}",
+        f"constexpr float kFp8ScalePerAmax = {p.FP8_SCALE_PER_AMAX.hex()}f;  // float32(1 / 448)",
+        f"constexpr float kFp8AmaxFloor = {p.FP8_AMAX_FLOOR.hex()}f;  // float32(1e-4)",
+        "",
+        "// Most top-k slots a token may have: the kernels give one lane of a warp to each.",
+        f"constexpr int kMaxTopk = {p.MAX_TOPK};",
+        "",
+        "// Low-latency phase trace (ops/protocol.py TRACE_*).",
+        f"constexpr int kTraceCalls = {p.TRACE_CALLS};",
+        f"constexpr int kTracePoints = {len(p.TRACE_POINTS)};",
+        "enum TracePoint : int {",
+    ]
+    lines += [f"  kTrace_{name} = {i}," for i, name in enumerate(p.TRACE_POINTS)]
+    lines += ["};", ""]
+    return lines
+
+
+def render_header() -> str:
+    lines = [
+        "// Generated by `python -m torch_swiftep.codegen` from ops/protocol.py; do not edit.",
+        "// Everything the host and the device must agree on: plan fields, CommParams, ctrl",
+        "// slots, status codes, wait names, the FP8 recipe and limits.",
+        "#pragma once",
+        "",
+        "#include <cstdint>",
+        "",
+        "#if defined(__CUDACC__)",
+        "#define SWIFTEP_HOST_DEVICE __host__ __device__",
+        "#else",
+        "#define SWIFTEP_HOST_DEVICE  // the binding (plain C++) includes this header too",
+        "#endif",
+        "",
+        "namespace swiftep {",
+        "",
+    ]
+    lines += _plan_enum() + _comm_params() + _slots() + _limits()
+    lines += ["}  // namespace swiftep", ""]
+    return "\n".join(lines)
+
+
+def render_ops_doc() -> str:
+    parts = [
+        "# torch.ops.swiftep reference",
+        "",
+        "Generated from `ops/` by `python -m torch_swiftep.codegen`; do not edit by hand.",
+        "Users normally call these through `torch_swiftep.Communicator`, which owns the",
+        "workspace, peer table and plan arguments and runs each contract's checks once.",
+        "",
+    ]
+    for c in CONTRACTS:
+        parts += [f"## `{NAMESPACE}::{c.name}`", "", "```", f"{NAMESPACE}::{c.schema}", "```",
+                  "", c.doc.strip(), ""]
+    return "\n".join(parts)
+
+
+GENERATED = ((HEADER_PATH, render_header), (OPS_DOC_PATH, render_ops_doc))
+
+
+def stale_files() -> list[pathlib.Path]:
+    return [path for path, render in GENERATED
+            if not path.exists() or path.read_text() != render()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torch_swiftep.codegen",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a generated file is stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_files()
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run python3 -m torch_swiftep.codegen")
+        return 1 if stale else 0
+    for path, render in GENERATED:
+        path.write_text(render())
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
