@@ -46,11 +46,12 @@ def cuda_extension():
     if torch.version.cuda is None:
         return [], {}
     arch = os.environ.get("SWIFTEP_CUDA_ARCH", "90a")
-    sources = sorted(glob.glob("csrc/launchers/*.cu")) + sorted(glob.glob("csrc/binding/*.cpp"))
+    sources = (sorted(glob.glob("csrc/**/*.cu", recursive=True))
+               + sorted(glob.glob("csrc/binding/*.cpp")))
     ext = CUDAExtension(
         name="torch_swiftep._C",
         sources=sources,
-        include_dirs=[os.path.abspath("csrc/include")],
+        include_dirs=[os.path.abspath("csrc/include"), os.path.abspath("csrc")],
         extra_link_args=shared_libstdcxx_link_args(),
         extra_compile_args={
             # No -std: torch's extension builder picks the standard its headers expect

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Compiles the CUDA side without a GPU (what CI runs):
-#  1. every csrc/launchers/*.cu with plain nvcc for sm_90a (kernels + launchers, no torch),
-#     keeping the `-Xptxas -v` report (registers, shared memory, spills, stack frames);
-#  2. a g++ syntax check of csrc/binding/*.cpp against torch's headers (skipped, with a message,
-#     when torch is not importable).
+#  1. every .cu under csrc/ (one launcher translation unit per op folder, csrc/ops/<op>/*.cu:
+#     kernels + launchers, no torch) with plain nvcc for sm_90a, keeping the `-Xptxas -v`
+#     report (registers, shared memory, spills, stack frames) as <op>.log;
+#  2. a g++ syntax check of every csrc/binding/*.cpp against torch's headers (skipped, with a
+#     message, when torch is not importable).
 # Exits non-zero on any failure, or when ptxas reports spills. Usage: scripts/check_cuda_compile.sh
 # Env: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), CXX (default g++),
 #      CUDA_HOME (default /usr/local/cuda: its include/ serves the binding check),
@@ -28,18 +29,33 @@ trap 'rm -rf "$obj_dir"' EXIT
 mkdir -p "$log_dir"
 
 nvcc_flags=(-gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr
-            -Icsrc/include -Xptxas -v -Werror all-warnings)
+            -Icsrc/include -Icsrc -Xptxas -v -Werror all-warnings)
+
+# The log (and object) name of a translation unit: its path under csrc/ops without .cu, with
+# a trailing /launcher dropped and the other slashes as underscores (ops/dispatch/launcher.cu:
+# dispatch).
+log_name() {
+  local name="${1#csrc/}"
+  name="${name#ops/}"
+  name="${name%.cu}"
+  name="${name%/launcher}"
+  echo "${name//\//_}"
+}
 
 status=0
 pids=()
-sources=(csrc/launchers/*.cu)
+mapfile -t sources < <(find csrc -name '*.cu' | LC_ALL=C sort)
+if [ "${#sources[@]}" -eq 0 ]; then
+  echo "FAIL  no .cu files under csrc/"
+  exit 1
+fi
 for src in "${sources[@]}"; do
-  name="$(basename "$src" .cu)"
+  name="$(log_name "$src")"
   ( "$nvcc_bin" "${nvcc_flags[@]}" -c "$src" -o "$obj_dir/$name.o" > "$log_dir/$name.log" 2>&1 ) &
   pids+=("$!")
 done
 for i in "${!sources[@]}"; do
-  name="$(basename "${sources[$i]}" .cu)"
+  name="$(log_name "${sources[$i]}")"
   if wait "${pids[$i]}"; then
     echo "ok    nvcc ${sources[$i]}"
   else
@@ -60,7 +76,7 @@ echo "ptxas summary (registers / static smem per kernel):"
 for log in "$log_dir"/*.log; do
   awk -v file="$(basename "$log" .log)" '
     /Compiling entry function/ { fn = $0; sub(/^[^\x27]*\x27/, "", fn); sub(/\x27.*$/, "", fn) }
-    /Used [0-9]+ registers/ && fn != "" { sub(/^ptxas info *: */, ""); printf "  %-12s %s: %s\n", file, fn, $0; fn = "" }
+    /Used [0-9]+ registers/ && fn != "" { sub(/^ptxas info *: */, ""); printf "  %-20s %s: %s\n", file, fn, $0; fn = "" }
   ' "$log"
 done | (command -v c++filt > /dev/null && c++filt || cat)
 
@@ -68,6 +84,7 @@ python_bin="${PYTHON:-python}"
 if torch_includes="$("$python_bin" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))' 2>/dev/null)"; then
   python_include="$("$python_bin" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
   # Third-party headers as system headers: their warnings are not ours.
+  # The binding sees the host interface only (csrc/include), never csrc/device or csrc/ops.
   inc=(-Icsrc/include -isystem "$cuda_home/include" -isystem "$python_include")
   for dir in $torch_includes; do inc+=(-isystem "$dir"); done
   # A CPU build of torch ships c10/cuda headers without the build-generated
@@ -78,7 +95,12 @@ if torch_includes="$("$python_bin" -c 'from torch.utils.cpp_extension import inc
     echo "#pragma once" > "$obj_dir/stub/c10/cuda/impl/cuda_cmake_macros.h"
     inc+=(-isystem "$obj_dir/stub")
   fi
-  for src in csrc/binding/*.cpp; do
+  mapfile -t bindings < <(find csrc/binding -name '*.cpp' | LC_ALL=C sort)
+  if [ "${#bindings[@]}" -eq 0 ]; then
+    echo "FAIL  no binding .cpp files under csrc/binding/"
+    status=1
+  fi
+  for src in "${bindings[@]}"; do
     if "$cxx_bin" -std=c++17 -fsyntax-only -Wall -Wextra -Wno-unused-parameter "${inc[@]}" "$src"; then
       echo "ok    $cxx_bin -fsyntax-only $src"
     else

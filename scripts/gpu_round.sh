@@ -6,15 +6,19 @@
 #   STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
 #   PYTEST_ARGS="-k missing_rank" STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
 #
-# Steps: build, tests, sanitize, transformers, bench, bench_quick. NVLink multicast stays off (some shared
-# hosts must never use it).
+# Steps: build, tests, sanitize, transformers (tests/test_transformers_gpu.py), bench,
+# bench_quick. NVLink multicast stays off: the environment comes from
+# torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
 STEPS=${STEPS:-build,tests,sanitize,transformers,bench}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
+env_lines=$(python3 -m torch_swiftep.launch --print-env 2> "$OUT/env.log") \
+  || { cat "$OUT/env.log"; exit 1; }
+eval "$env_lines"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 status=0
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, never stop the round
@@ -55,7 +59,7 @@ if has sanitize; then
   run sanitize sanitize
 fi
 if has transformers; then
-  run transformers python3 scripts/gpu_transformers_check.py
+  run transformers python3 -m pytest -q -p no:cacheprovider -rs tests/test_transformers_gpu.py
 fi
 if has bench; then
   run bench python3 -m torch_swiftep.bench --out "$OUT"

@@ -5,7 +5,6 @@ import os
 # their own value.
 os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Multi-process tests spawn fresh interpreters; keep each to one thread so a 2-core CI
@@ -13,11 +12,3 @@ import torch  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-
-def has_cuda_extension() -> bool:
-    import torch_swiftep
-
-    return torch.cuda.is_available() and torch_swiftep.CUDA_EXTENSION_ERROR is None
-
-
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,86 +17,28 @@ TOKENS = [5, 0, 17, 3]  # uneven, one rank with no tokens at all
 
 def _cases(world):
     experts = 12 if world == 3 else 16
+    shapes = [(dtype, hidden, k, routing, False)
+              for dtype, hidden in ((torch.bfloat16, 40), (torch.float32, 36),
+                                    (torch.bfloat16, 136))
+              for k, routing in ((1, "uniform"), (2, "skewed"), (8, "holes"), (3, "one_rank"))]
+    shapes += [(torch.bfloat16, 256, 4, "holes", True),
+               (torch.float16, 64, 2, "uniform", False),
+               (torch.bfloat16, 256, 3, "skewed", "fused")]  # quantize_fp8=True inside dispatch
     cases = []
-    seed = 100 * world
-    for dtype, hidden in ((torch.bfloat16, 40), (torch.float32, 36), (torch.bfloat16, 136)):
-        for k, routing in ((1, "uniform"), (2, "skewed"), (8, "holes"), (3, "one_rank")):
-            seed += 1
-            cases.append(dict(seed=seed, dtype=dtype, hidden=hidden, topk=k, routing=routing,
-                              experts=experts, fp8=False))
-    cases.append(dict(seed=seed + 1, dtype=torch.bfloat16, hidden=256, topk=4, routing="holes",
-                      experts=experts, fp8=True))
-    cases.append(dict(seed=seed + 2, dtype=torch.float16, hidden=64, topk=2, routing="uniform",
-                      experts=experts, fp8=False))
-    cases.append(dict(seed=seed + 3, dtype=torch.bfloat16, hidden=256, topk=3, routing="skewed",
-                      experts=experts, fp8="fused"))  # quantize_fp8=True inside dispatch
+    for seed, (dtype, hidden, k, routing, fp8) in enumerate(shapes, start=100 * world + 1):
+        # rotate so that, over the cases, every rank is sometimes the empty one
+        tokens = tuple(TOKENS[(r + seed) % len(TOKENS)] for r in range(world))
+        cases.append(testing.Case(seed, dtype, hidden, k, routing, experts, tokens, fp8))
     return cases
-
-
-def _run_case(rank, world, case):
-    # rotate so that, over the cases, every rank is sometimes the empty one
-    tokens = [TOKENS[(r + case["seed"]) % len(TOKENS)] for r in range(world)]
-    fused = case["fp8"] == "fused"
-    inp = testing.world_inputs(case["seed"], tokens, case["hidden"], case["experts"],
-                               case["topk"], case["dtype"], case["routing"], case["fp8"] is True)
-    sent_xs, sent_scales = inp.xs, inp.x_scales  # what lands in the windows
-    if fused:
-        quantized = [ts.quantize_fp8(x) for x in inp.xs]
-        sent_xs, sent_scales = [q for q, _ in quantized], [s for _, s in quantized]
-    config = ts.CommConfig(num_experts=case["experts"], hidden=case["hidden"],
-                           num_topk=case["topk"], max_tokens_per_rank=max(max(tokens), 1),
-                           dtype=case["dtype"], ll_max_tokens_per_rank=max(max(tokens), 1))
-    comm = ts.Communicator(dist.group.WORLD, config)
-    tag = f"case {case}"
-    errors = []
-    scales = inp.x_scales[rank] if case["fp8"] is True else None
-
-    # throughput path
-    ref, ref_rows = reference.dispatch(sent_xs, inp.topk_idx, inp.topk_weights,
-                                       case["experts"], sent_scales)
-    got = comm.dispatch(inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank],
-                        x_scales=scales, quantize_fp8=fused)
-    errors += testing.compare_dispatch(rank, got, ref[rank], ref_rows[rank])
-    out_dtype = torch.bfloat16 if case["fp8"] else case["dtype"]
-    ref_outs = [testing.fake_expert(r.recv_x, r.expert_offsets, out_dtype, r.recv_scales)
-                for r in ref]
-    ref_y = reference.combine(ref_outs, inp.topk_idx, inp.topk_weights, ref_rows,
-                              case["experts"])[rank]
-    mine = testing.fake_expert(got.recv_x, got.expert_offsets, out_dtype, got.recv_scales)
-    if case["seed"] % 2:  # zero-copy: experts write straight into the combine window
-        expert_out = comm.combine_buffer(out_dtype)
-        expert_out.copy_(mine)
-    else:
-        expert_out = mine
-    y = comm.combine(expert_out, got)
-    msg = testing.close(y, ref_y, out_dtype)
-    if msg:
-        errors.append(f"rank {rank}: combine {msg}")
-
-    # low-latency path
-    ll_ref, ll_rows = reference.low_latency_dispatch(
-        sent_xs, inp.topk_idx, inp.topk_weights, case["experts"], max(max(tokens), 1),
-        sent_scales)
-    ll = comm.low_latency_dispatch(inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank],
-                                   x_scales=scales, quantize_fp8=fused)
-    errors += testing.compare_low_latency(rank, ll, ll_ref[rank], ll_rows[rank])
-    local = config.num_experts // world
-    flat = ll.recv_x.reshape(-1, case["hidden"])
-    flat_offsets = torch.arange(local + 1, dtype=torch.int32) * comm.plan.ll_rows_per_expert
-    ll_scales = ll.recv_scales.reshape(flat.size(0), -1) if ll.recv_scales is not None else None
-    ll_out = testing.fake_expert(flat, flat_offsets, out_dtype, ll_scales).view(
-        local, -1, case["hidden"])
-    y_ll = comm.low_latency_combine(ll_out, ll)
-    msg = testing.close(y_ll, ref_y, out_dtype)
-    if msg:
-        errors.append(f"rank {rank}: low_latency_combine {msg}")
-    return [f"{tag}: {e}" for e in errors]
 
 
 def _all_cases(rank, world):
     errors = []
     for case in _cases(world):
-        errors += _run_case(rank, world, case)
+        comm = ts.Communicator(dist.group.WORLD, case.config())
+        # odd seeds: zero-copy (the expert writes straight into the combine window)
+        errors += testing.run_step(comm, rank, testing.expected(case),
+                                   zero_copy=case.seed % 2 == 1)
     return errors
 
 
@@ -161,24 +103,11 @@ def _fuzz(rank, world):
         dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
         hidden = int(torch.randint(1, 40, (1,), generator=gen)) * (16 // dtype.itemsize)
         routing = testing.ROUTINGS[int(torch.randint(0, 4, (1,), generator=gen))]
-        tokens = [int(t) for t in torch.randint(0, 30, (world,), generator=gen)]
-        c = dict(seed=9000 + case, dtype=dtype, hidden=hidden, topk=topk, routing=routing,
-                 experts=experts, fp8=False)
-        inp = testing.world_inputs(c["seed"], tokens, hidden, experts, topk, dtype, routing)
-        comm = ts.Communicator(dist.group.WORLD, ts.CommConfig(
-            num_experts=experts, hidden=hidden, num_topk=topk,
-            max_tokens_per_rank=max(max(tokens), 1), dtype=dtype))
-        ref, ref_rows = reference.dispatch(inp.xs, inp.topk_idx, inp.topk_weights, experts)
-        got = comm.dispatch(inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank])
-        errors += [f"fuzz {c} tokens {tokens}: {e}" for e in
-                   testing.compare_dispatch(rank, got, ref[rank], ref_rows[rank])]
-        outs = [testing.fake_expert(r.recv_x, r.expert_offsets, dtype) for r in ref]
-        ref_y = reference.combine(outs, inp.topk_idx, inp.topk_weights, ref_rows, experts)
-        out = comm.combine_buffer()
-        out.copy_(testing.fake_expert(got.recv_x, got.expert_offsets, dtype))
-        msg = testing.close(comm.combine(out, got), ref_y[rank], dtype)
-        if msg:
-            errors.append(f"fuzz {c} tokens {tokens}: rank {rank}: combine {msg}")
+        tokens = tuple(int(t) for t in torch.randint(0, 30, (world,), generator=gen))
+        c = testing.Case(9000 + case, dtype, hidden, topk, routing, experts, tokens)
+        comm = ts.Communicator(dist.group.WORLD, c.config(ll_max_tokens_per_rank=0))
+        errors += testing.run_step(comm, rank, testing.expected(c), zero_copy=True,
+                                   schedules=("throughput",))
     return errors
 
 

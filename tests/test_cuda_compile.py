@@ -1,5 +1,6 @@
-"""The CUDA kernels and launchers compile with plain nvcc for sm_90a (no torch headers, no
-GPU needed), and the binding layer passes a syntax check against torch's headers."""
+"""The CUDA kernels and launchers (csrc/device, csrc/ops) compile with plain nvcc for sm_90a (no
+torch headers, no GPU needed), and the binding layer (csrc/binding) passes a syntax check against
+torch's headers."""
 import os
 import pathlib
 import shutil
@@ -23,11 +24,23 @@ def test_kernels_compile_with_nvcc(tmp_path):
 
 
 def test_kernels_include_no_torch_headers():
-    for path in list((ROOT / "csrc" / "kernels").glob("*")) + \
-            list((ROOT / "csrc" / "launchers").glob("*")) + \
-            list((ROOT / "csrc" / "include").rglob("*")):
-        if path.is_file():
-            text = path.read_text()
-            for banned in ("#include <torch", "#include <ATen", "#include <c10",
-                           '#include "torch', '#include "ATen'):
-                assert banned not in text, f"{path.relative_to(ROOT)} includes {banned}"
+    """Only csrc/binding sees torch: kernels, launchers and the host interface are torch-free."""
+    for path in (ROOT / "csrc").rglob("*"):
+        if not path.is_file() or (ROOT / "csrc" / "binding") in path.parents:
+            continue
+        text = path.read_text()
+        for banned in ("#include <torch", "#include <ATen", "#include <c10",
+                       '#include "torch', '#include "ATen'):
+            assert banned not in text, f"{path.relative_to(ROOT)} includes {banned}"
+
+
+def test_binding_includes_only_the_host_interface():
+    """The binding includes the host interface (csrc/include/swiftep), never device internals
+    (csrc/device) or an op's kernels and launchers (csrc/ops)."""
+    binding = list((ROOT / "csrc" / "binding").glob("*"))
+    assert any(p.suffix == ".cpp" for p in binding), "csrc/binding has no .cpp files"
+    for path in binding:
+        for line in path.read_text().splitlines():
+            if line.startswith("#include"):
+                assert '"device/' not in line and '"ops/' not in line and ".cuh" not in line, \
+                    f"{path.relative_to(ROOT)}: {line}"

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 import torch_swiftep as ts
-from torch_swiftep import reference, testing
-from torch_swiftep.launch import run_world
+from torch_swiftep import testing
+from torch_swiftep.launch import NO_MULTICAST_ENV, run_world
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,8 +19,7 @@ pytestmark = [
                        reason=f"CUDA extension not built: {ts.CUDA_EXTENSION_ERROR}"),
 ]
 
-ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-       "NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1",
+ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", **NO_MULTICAST_ENV,
        "CUDA_MODULE_LOADING": "LAZY"}  # one rank per process: lazy loading is harmless
 TOKENS = [37, 0, 128, 5, 64, 1, 99, 20]
 
@@ -31,9 +30,14 @@ def _device(rank):
     return device
 
 
+def _case(world, seed, dtype, hidden, k, routing, fp8):
+    tokens = tuple(TOKENS[(r + seed) % len(TOKENS)] for r in range(world))
+    return testing.Case(seed, dtype, hidden, k, routing, 4 * world if k < 8 else 8 * world,
+                        tokens, fp8)
+
+
 def _cases(world):
-    cases, seed = [], 1000 * world
-    for dtype, hidden, k, routing, fp8 in (
+    shapes = (
         (torch.bfloat16, 200, 1, "uniform", False),   # 400-byte rows: odd multiple of 16
         (torch.bfloat16, 7168, 8, "uniform", False),  # the DeepSeek-V3 row
         (torch.bfloat16, 1024, 2, "skewed", False),
@@ -45,84 +49,33 @@ def _cases(world):
         (torch.bfloat16, 7168, 8, "uniform", "fused"),  # quantize_fp8=True: in the kernel
         (torch.float32, 384, 2, "holes", "fused"),
         (torch.float16, 256, 4, "skewed", "fused"),
-    ):
-        seed += 1
-        cases.append(dict(seed=seed, dtype=dtype, hidden=hidden, topk=k, routing=routing,
-                          fp8=fp8, experts=4 * world if k < 8 else 8 * world))
-    return cases
+    )
+    return [_case(world, seed, *shape)
+            for seed, shape in enumerate(shapes, start=1000 * world + 1)]
 
 
-def _check_case(rank, world, comm_cache, case, device):
-    tokens = [TOKENS[(r + case["seed"]) % len(TOKENS)] for r in range(world)]
-    fused = case["fp8"] == "fused"
-    inp = testing.world_inputs(case["seed"], tokens, case["hidden"], case["experts"],
-                               case["topk"], case["dtype"], case["routing"], case["fp8"] is True)
-    # What lands in the windows: x as given, or x quantized by the torch recipe (the kernel
-    # that quantizes must produce exactly these bytes).
-    sent_xs, sent_scales = inp.xs, inp.x_scales
-    if fused:
-        quantized = [ts.quantize_fp8(x) for x in inp.xs]
-        sent_xs, sent_scales = [q for q, _ in quantized], [s for _, s in quantized]
-    key = (case["hidden"], case["experts"], case["topk"], case["dtype"])
+def _check_case(rank, comm_cache, case, device):
+    """Both schedules of one case; one Communicator per shape, reused across cases (windows
+    of max(TOKENS) tokens per rank). Odd seeds: zero-copy combine."""
+    key = (case.hidden, case.experts, case.topk, case.dtype)
     if key not in comm_cache:
-        cfg = ts.CommConfig(num_experts=case["experts"], hidden=case["hidden"],
-                            num_topk=case["topk"], max_tokens_per_rank=max(TOKENS),
-                            dtype=case["dtype"], ll_max_tokens_per_rank=max(TOKENS),
-                            num_sms=3, timeout_s=60)
+        cfg = case.config(max_tokens_per_rank=max(TOKENS), ll_max_tokens_per_rank=max(TOKENS),
+                          num_sms=3, timeout_s=60)
         comm_cache[key] = ts.Communicator(dist.group.WORLD, cfg, device=device)
-    comm = comm_cache[key]
-    x = inp.xs[rank].to(device)
-    idx, w = inp.topk_idx[rank].to(device), inp.topk_weights[rank].to(device)
-    scales = inp.x_scales[rank].to(device) if case["fp8"] is True else None
-    out_dtype = torch.bfloat16 if case["fp8"] else case["dtype"]
-    errors = []
-
-    ref, ref_rows = reference.dispatch(sent_xs, inp.topk_idx, inp.topk_weights, case["experts"],
-                                       sent_scales)
-    handle = comm.dispatch(x, idx, w, x_scales=scales, quantize_fp8=fused)
-    mine = testing.fake_expert(handle.recv_x, handle.expert_offsets, out_dtype,
-                               handle.recv_scales)
-    zero_copy = case["seed"] % 2 == 1
-    expert_out = comm.combine_buffer(out_dtype) if zero_copy else torch.empty_like(mine)
-    expert_out.copy_(mine)
-    y = comm.combine(expert_out, handle)
-    comm.check()
-    errors += testing.compare_dispatch(rank, handle, ref[rank], ref_rows[rank])
-    ref_outs = [testing.fake_expert(r.recv_x, r.expert_offsets, out_dtype, r.recv_scales)
-                for r in ref]
-    ref_y = reference.combine(ref_outs, inp.topk_idx, inp.topk_weights, ref_rows,
-                              case["experts"])
-    msg = testing.close(y, ref_y[rank], out_dtype)
-    if msg:
-        errors.append(f"rank {rank}: combine {msg}")
-
-    ll_ref, ll_rows = reference.low_latency_dispatch(
-        sent_xs, inp.topk_idx, inp.topk_weights, case["experts"], max(TOKENS), sent_scales)
-    ll = comm.low_latency_dispatch(x, idx, w, x_scales=scales, quantize_fp8=fused)
-    local, hidden = comm.num_local_experts, case["hidden"]
-    flat = ll.recv_x.reshape(-1, hidden)
-    offsets = torch.arange(local + 1, dtype=torch.int32) * comm.plan.ll_rows_per_expert
-    sc = ll.recv_scales.reshape(flat.size(0), -1) if ll.recv_scales is not None else None
-    ll_out = testing.fake_expert(flat, offsets, out_dtype, sc).view(local, -1, hidden)
-    target = comm.low_latency_combine_buffer(out_dtype) if zero_copy else ll_out.clone()
-    target.copy_(ll_out)
-    y_ll = comm.low_latency_combine(target, ll)
-    comm.check()
-    errors += testing.compare_low_latency(rank, ll, ll_ref[rank], ll_rows[rank])
-    msg = testing.close(y_ll, ref_y[rank], out_dtype)
-    if msg:
-        errors.append(f"rank {rank}: low_latency_combine {msg}")
-    return [f"{case}: {e}" for e in errors]
+    return testing.run_step(comm_cache[key], rank, testing.expected(case),
+                            zero_copy=case.seed % 2 == 1, device=device)
 
 
 def _all_cases(rank, world):
     device = _device(rank)
     cache, errors = {}, []
     for case in _cases(world):
-        errors += _check_case(rank, world, cache, case, device)
+        errors += _check_case(rank, cache, case, device)
     # consecutive calls reuse the windows with no barrier in between
     for case in _cases(world)[:3]:
-        errors += _check_case(rank, world, cache, dict(case, seed=case["seed"] + 50), device)
+        again = _case(world, case.seed + 50, case.dtype, case.hidden, case.topk, case.routing,
+                      case.fp8)
+        errors += _check_case(rank, cache, again, device)
     return errors
 
 
@@ -266,82 +219,79 @@ def test_cuda_graph_replay_and_reduce_overhead():
 
 def test_emulated_world_in_one_process():
     """All ranks in one process, on their own streams, as the benchmark runs them."""
-    from torch_swiftep.bench.gpu_world import EmulatedWorld, graph_ms
+    from torch_swiftep.bench.emulated_world import EmulatedWorld
+    from torch_swiftep.bench.timing import graph_ms
 
     w = EmulatedWorld(4, 300, 7168, 8, 64, torch.bfloat16, torch.device("cuda"), seed=3,
                       routing="holes")
+    _, handles = graph_ms(w.dispatch_step(4), iters=3)
+    w.fill_combine_windows(handles)
     _, pairs = graph_ms(w.dispatch_combine_step(4), iters=3)
     torch.cuda.synchronize()
-    errors = w.check([h for h, _ in pairs], range(4)) + w.check_combine(pairs, range(4))
+    errors = w.check(pairs, range(4))
     assert not errors, "\n".join(errors[:10])
 
 
 if os.environ.get("SWIFTEP_GPU_SMALL_CASE"):
     # compute-sanitizer entry point: scripts/gpu_round.sh runs this file's small case alone
     def test_small_case_for_sanitizers():
-        from torch_swiftep.bench.gpu_world import EmulatedWorld, fork_join, graph_ms
-        from torch_swiftep.bench.low_latency import _check
+        from torch_swiftep.bench.emulated_world import EmulatedWorld
+        from torch_swiftep.bench.timing import fork_join
 
         w = EmulatedWorld(2, 16, 256, 2, 8, torch.bfloat16, torch.device("cuda"), seed=1,
                           ll_tokens=16)
-        step = w.dispatch_combine_step(2)
-        pairs = step()
+        w.fill_combine_windows(w.dispatch_step(2)())
+        pairs = w.dispatch_combine_step(2)()
         torch.cuda.synchronize()
-        assert not w.check([h for h, _ in pairs], range(2))
+        assert not w.check(pairs, range(2))
         # low latency with in-kernel FP8 quantization: (token, slot) units (3 SMs: 24 warps for
         # 16 tokens), whole-token units (1 SM: 8 warps), and, in a 2-token world with 2 KB rows,
         # row chunks of each pair (8 SMs: 64 warps for 4 pairs)
         small = EmulatedWorld(2, 2, 1024, 2, 8, torch.bfloat16, torch.device("cuda"), seed=2,
                               ll_tokens=2)
         for world, sms in ((w, 3), (w, 1), (small, 8)):
-            for comm in world.comms:
-                comm.low_latency_combine_buffer().normal_()
+            def dispatch(r, world=world, sms=sms):
+                return world.comms[r].low_latency_dispatch(
+                    world.xs[r], world.idx[r], world.w[r], quantize_fp8=True, num_sms=sms)
 
             def call(r, world=world, sms=sms):
+                h = dispatch(r)
                 comm = world.comms[r]
-                h = comm.low_latency_dispatch(world.xs[r], world.idx[r], world.w[r],
-                                              quantize_fp8=True, num_sms=sms)
                 return h, comm.low_latency_combine(comm.low_latency_combine_buffer(), h,
                                                    num_sms=sms)
+            world.fill_combine_windows(
+                fork_join([(lambda r=r: dispatch(r)) for r in range(2)], world.streams))
             pairs = fork_join([(lambda r=r: call(r)) for r in range(2)], world.streams)
             torch.cuda.synchronize()
-            errors = _check(world, pairs, True)
+            errors = world.check(pairs, range(2), fp8=True)
             assert not errors, errors[:5]
-        del graph_ms
 
 
 def _overlap(rank, world):
     """Communicator.start: dispatch/combine on the side stream while the caller's stream runs
     a GEMM; results equal the reference, eagerly and inside a captured CUDA graph."""
     device = _device(rank)
-    experts, hidden, k, tokens = 4 * world, 512, 4, 48
-    cfg = ts.CommConfig(num_experts=experts, hidden=hidden, num_topk=k,
-                        max_tokens_per_rank=tokens, ll_max_tokens_per_rank=tokens, timeout_s=60)
+    tokens = 48
+    case = testing.Case(77, torch.bfloat16, 512, 4, "holes", 4 * world, (tokens,) * world)
+    cfg = case.config(timeout_s=60)
     comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
-    inp = testing.world_inputs(77, [tokens] * world, hidden, experts, k, torch.bfloat16, "holes")
-    x, idx, w = (t[rank].to(device) for t in (inp.xs, inp.topk_idx, inp.topk_weights))
+    exp = testing.expected(case)
+    x, idx, w, _ = exp.rank_inputs(rank, device)
     a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16)
-    ref, ref_rows = reference.low_latency_dispatch(inp.xs, inp.topk_idx, inp.topk_weights,
-                                                   experts, tokens)
-    ref_y = reference.combine([r.recv_x for r in ref], inp.topk_idx, inp.topk_weights, ref_rows,
-                              experts)[rank]
 
     def step():
         pending = comm.start(comm.low_latency_dispatch, x, idx, w)
         busy = a @ a  # the caller's stream keeps computing meanwhile
         handle = pending.wait()
         out = comm.low_latency_combine_buffer()
-        out.copy_(handle.recv_x)
+        out.copy_(testing.expert_output(handle, out.dtype))
         y = comm.start(comm.low_latency_combine, out, handle).wait()
         return handle, y, busy
 
-    errors = []
     handle, y, _ = step()
     torch.cuda.synchronize()
     comm.check()
-    errors += testing.compare_low_latency(rank, handle, ref[rank], ref_rows[rank])
-    if (msg := testing.close(y, ref_y, torch.bfloat16)):
-        errors.append(f"rank {rank}: eager overlap combine {msg}")
+    errors = [f"eager: {e}" for e in testing.check_step(rank, exp, handle, y)]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         handle, y, _ = step()
@@ -349,8 +299,7 @@ def _overlap(rank, world):
         graph.replay()
     torch.cuda.synchronize()
     comm.check()
-    if (msg := testing.close(y, ref_y, torch.bfloat16)):
-        errors.append(f"rank {rank}: graph overlap combine {msg}")
+    errors += [f"graph: {e}" for e in testing.check_step(rank, exp, handle, y)]
     return errors
 
 
@@ -378,16 +327,16 @@ def _ll_graph_bit_exact(rank, world):
         handle = comm.low_latency_dispatch(static_x, static_idx, static_w)
     errors = []
     for step, routing in enumerate(("holes", "skewed", "uniform", "holes")):
-        inp = testing.world_inputs(500 + step, [tokens] * world, hidden, experts, k,
-                                   torch.bfloat16, routing)
-        static_x.copy_(inp.xs[rank])
-        static_idx.copy_(inp.topk_idx[rank])
-        static_w.copy_(inp.topk_weights[rank])
+        exp = testing.expected(testing.Case(500 + step, torch.bfloat16, hidden, k, routing,
+                                            experts, (tokens,) * world))
+        x, idx, w, _ = exp.rank_inputs(rank)
+        static_x.copy_(x)
+        static_idx.copy_(idx)
+        static_w.copy_(w)
         graph.replay()
         torch.cuda.synchronize()
         comm.check()
-        ref, ref_rows = reference.low_latency_dispatch(inp.xs, inp.topk_idx, inp.topk_weights,
-                                                       experts, tokens)
+        ref, ref_rows = exp.low_latency(tokens)
         errors += [f"replay {step} ({routing}): {e}" for e in
                    testing.compare_low_latency(rank, handle, ref[rank], ref_rows[rank])]
         # A low-latency dispatch writes into the owners' windows as soon as the lower ranks'
@@ -414,7 +363,7 @@ def _cuda_op_errors(rank, world):
     try:
         torch.ops.swiftep.dispatch_layout(bad.to(device), 64, 8)
         problems.append("dispatch_layout accepted topk_idx value 64 with num_experts=64")
-    except RuntimeError as e:
+    except IndexError as e:  # the CPU backend's class for the same input
         if "topk_idx has values in [-1, 64]" not in str(e):
             problems.append(f"dispatch_layout: unexpected message {e}")
     cfg = ts.CommConfig(num_experts=8, hidden=128, num_topk=2, max_tokens_per_rank=4,
@@ -427,9 +376,15 @@ def _cuda_op_errors(rank, world):
         torch.ops.swiftep.low_latency_dispatch(x, None, idx, w, comm.workspace, comm.peer_ptrs,
                                                "", comm.plan.as_list(), 4)
         problems.append("low_latency_dispatch accepted x of hidden 64 for hidden=128")
-    except RuntimeError as e:
+    except ValueError as e:
         if "x must be [num_tokens, 128]" not in str(e):
             problems.append(f"low_latency_dispatch: unexpected message {e}")
+    try:  # through the wrapper: the contract's check, the same class and text as on CPU
+        comm.low_latency_dispatch(x, idx, w)
+        problems.append("Communicator.low_latency_dispatch accepted x of hidden 64")
+    except ValueError as e:
+        if "x has hidden=64" not in str(e):
+            problems.append(f"Communicator.low_latency_dispatch: unexpected message {e}")
     return problems
 
 
@@ -440,7 +395,7 @@ def test_dispatch_layout_matches_cpu_and_rejects_bad_indices():
     want = torch.ops.swiftep.dispatch_layout(idx, 64, 8)
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w)
-    with pytest.raises(RuntimeError, match="topk_idx must be int64 or int32"):
+    with pytest.raises(TypeError, match="topk_idx must be int64 or int32"):
         torch.ops.swiftep.dispatch_layout(idx.cuda().float(), 64, 8)  # a C++ check, raised
     problems = run_world(1, _cuda_op_errors, env=ENV, timeout_s=120)[0]
     assert not problems, problems

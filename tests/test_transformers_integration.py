@@ -80,9 +80,8 @@ def _compare(rank, world, ep, ref, prompt) -> dict:
     shared_whole = all(not hasattr(p, "to_local") and torch.equal(p, ref_shared[n])
                        for n, p in shared.items())
     return {"diff": diff, "same_tokens": same_tokens, "dispatched": dispatched, "local": local,
-                "total": total,
-                "ref_total": ref_total, "ref_local": ref_local, "right_experts": right_experts,
-                "shared": len(shared), "shared_whole": shared_whole}
+            "total": total, "ref_total": ref_total, "ref_local": ref_local,
+            "right_experts": right_experts, "shared": len(shared), "shared_whole": shared_whole}
 
 
 def _serve_all(rank, world, checkpoints, mechanisms):

@@ -6,17 +6,27 @@
 its own process (start method spawn); the return values come back in rank order. A rank that
 raises, dies or outlives timeout_s makes run_world raise WorldError naming it, after the other
 ranks are killed: a broken rank fails the caller instead of hanging it.
+
+NO_MULTICAST_ENV is the environment that keeps NVLink multicast off; the shell scripts take it
+from `eval "$(python3 -m torch_swiftep.launch --print-env)"`.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import queue
+import shlex
 import socket
+import sys
 import time
 import traceback
 
 import torch.multiprocessing as mp
+
+# NVLink multicast stays off (NCCL, torch symmetric memory, NVSHMEM): on shared hosts a program
+# using it can take the host's GPUs down. Nothing in torch_swiftep uses multicast.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                    "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class WorldError(RuntimeError):
@@ -34,22 +44,19 @@ def _worker(rank, world_size, port, backend, group_timeout_s, env, fn, args, res
 
     os.environ.update(env)
     try:
-        kwargs = {}
         if backend == "nccl":
             import torch
 
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=group_timeout_s), **kwargs)
+            timeout=datetime.timedelta(seconds=group_timeout_s))
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
     except BaseException:  # report everything, including SystemExit from a test helper
         results.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:
@@ -108,3 +115,20 @@ def run_world(world_size: int, fn, *args, backend: str = "gloo", timeout_s: floa
     if failure is not None:
         raise WorldError(failure)
     return [got[r][1] for r in range(world_size)]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python3 -m torch_swiftep.launch",
+                                     description="Environment for the GPU scripts.")
+    parser.add_argument("--print-env", action="store_true", required=True,
+                        help="print `export` lines for NO_MULTICAST_ENV (NVLink multicast off), "
+                             'for eval "$(...)" in a shell script')
+    parser.parse_args(argv)
+    print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in NO_MULTICAST_ENV.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,19 +1,29 @@
-"""Inputs and checks shared by the tests, the GPU round and the benchmark.
+"""The test recipe shared by the tests, the GPU round and the benchmarks, written once.
 
-Every rank can build every rank's inputs from one seed, so a rank compares its own results with
-the whole-world reference without any extra communication.
+Every rank builds every rank's inputs from one seed, so a rank compares its own results with
+the whole-world reference without any extra communication:
+
+    case = testing.Case(seed=1, dtype=torch.bfloat16, hidden=256, topk=2, routing="holes",
+                        experts=8, tokens=(5, 0, 17))
+    exp = testing.expected(case)             # every rank's inputs and reference outputs
+    comm = Communicator(group, case.config())
+    errors = testing.run_step(comm, rank, exp, zero_copy=True)   # [] when everything matches
+
+A step dispatches the rank's tokens, runs the fake expert on the received rows and combines;
+dispatch must match the reference bit for bit, combine within `close`'s tolerance.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
 
 import torch
 
-from . import reference
-from .fp8 import quantize_fp8
+from . import CommConfig, LowLatencyDispatchResult, quantize_fp8, reference
 
 ROUTINGS = ("uniform", "skewed", "holes", "one_rank")
+SCHEDULES = ("throughput", "low_latency")
+FP8_MODES = (False, True, "fused")
 
 
 def random_routing(gen: torch.Generator, num_tokens: int, num_experts: int, num_topk: int,
@@ -69,10 +79,172 @@ def world_inputs(seed: int, tokens_per_rank: Sequence[int], hidden: int, num_exp
     return WorldInputs(xs, scales if fp8 else None, idxs, ws)
 
 
+@dataclass(frozen=True)
+class Case:
+    """One world's configuration; its inputs are drawn from seed.
+
+    fp8: False (x in dtype), True (x given in FP8 with its scales) or "fused" (x in dtype,
+    dispatch quantizes: quantize_fp8=True). tokens: per rank; the world size is len(tokens).
+    """
+
+    seed: int
+    dtype: torch.dtype
+    hidden: int
+    topk: int
+    routing: str
+    experts: int
+    tokens: tuple
+    fp8: Union[bool, str] = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        if self.fp8 not in FP8_MODES or self.routing not in ROUTINGS:
+            raise ValueError(f"fp8 must be one of {FP8_MODES} and routing one of {ROUTINGS}: "
+                             f"{self}")
+
+    @property
+    def world(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def fused(self) -> bool:
+        return self.fp8 == "fused"
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The fake expert's output dtype: bf16 after an FP8 dispatch, else x's dtype."""
+        return torch.bfloat16 if self.fp8 else self.dtype
+
+    def inputs(self) -> WorldInputs:
+        """Every rank's inputs (world_inputs of the case)."""
+        return world_inputs(self.seed, self.tokens, self.hidden, self.experts, self.topk,
+                            self.dtype, self.routing, fp8=self.fp8 is True)
+
+    def config(self, **overrides) -> CommConfig:
+        """A CommConfig that fits the case (both schedules' windows hold max(tokens))."""
+        most = max(max(self.tokens), 1)
+        kwargs = dict(num_experts=self.experts, hidden=self.hidden, num_topk=self.topk,
+                      max_tokens_per_rank=most, dtype=self.dtype, ll_max_tokens_per_rank=most)
+        return CommConfig(**{**kwargs, **overrides})
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"case(seed={self.seed}, {dtype}, hidden={self.hidden}, topk={self.topk}, "
+                f"{self.routing}, experts={self.experts}, fp8={self.fp8}, "
+                f"tokens={list(self.tokens)})")
+
+
+@dataclass
+class Expected:
+    """A case's world inputs and every rank's reference outputs (pure torch, on the CPU).
+
+    sent_xs / sent_scales: the bytes dispatch moves (x as given, or x quantized by the torch
+    recipe, which the quantizing kernels must reproduce exactly). y: per rank, the reference
+    combine of the fake expert's outputs, the target of both schedules' combine."""
+
+    case: Case
+    inputs: WorldInputs
+    sent_xs: list
+    sent_scales: Optional[list]
+    dispatch: list  # per rank: reference.RefDispatch
+    token_rows: list  # per rank: [N, K] int32
+    y: list
+    _low_latency: dict = field(default_factory=dict, repr=False)
+
+    def low_latency(self, ll_tokens: int) -> tuple[list, list]:
+        """(per rank RefLowLatencyDispatch, per rank token_rows) for windows of ll_tokens
+        tokens per rank (CommConfig.ll_max_tokens_per_rank)."""
+        if ll_tokens not in self._low_latency:
+            inp = self.inputs
+            self._low_latency[ll_tokens] = reference.low_latency_dispatch(
+                self.sent_xs, inp.topk_idx, inp.topk_weights, self.case.experts, ll_tokens,
+                self.sent_scales)
+        return self._low_latency[ll_tokens]
+
+    def rank_inputs(self, rank: int, device=None) -> tuple:
+        """(x, topk_idx, topk_weights, x_scales or None) of one rank, on device."""
+        inp = self.inputs
+        scales = inp.x_scales[rank] if self.case.fp8 is True else None
+        tensors = (inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank], scales)
+        return tuple(t.to(device) if t is not None and device is not None else t
+                     for t in tensors)
+
+
+def expected(case: Case) -> Expected:
+    """The case's inputs, the reference dispatch and the reference combine of the fake
+    expert's outputs (the low-latency reference comes on demand: Expected.low_latency)."""
+    inp = case.inputs()
+    sent_xs, sent_scales = inp.xs, inp.x_scales
+    if case.fused:
+        quantized = [quantize_fp8(x) for x in inp.xs]
+        sent_xs, sent_scales = [q for q, _ in quantized], [s for _, s in quantized]
+    ref, rows = reference.dispatch(sent_xs, inp.topk_idx, inp.topk_weights, case.experts,
+                                   sent_scales)
+    outs = [fake_expert(r.recv_x, r.expert_offsets, case.out_dtype, r.recv_scales) for r in ref]
+    y = reference.combine(outs, inp.topk_idx, inp.topk_weights, rows, case.experts)
+    return Expected(case, inp, sent_xs, sent_scales, ref, rows, y)
+
+
+def run_step(comm, rank: int, exp: Expected, *, zero_copy: bool,
+             schedules: Sequence[str] = SCHEDULES, device=None) -> list[str]:
+    """One rank's step on comm, per schedule: dispatch its inputs, run the fake expert on the
+    received rows, combine, then compare with the reference. zero_copy: the expert's output is
+    copied into the combine window (what a zero-copy expert writes), else it is passed as a
+    fresh tensor. Returns the mismatch messages, each naming the case (empty: all matched)."""
+    x, idx, w, scales = exp.rank_inputs(rank, device)
+    out_dtype, errors = exp.case.out_dtype, []
+    for schedule in schedules:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        ll = schedule == "low_latency"
+        dispatch = comm.low_latency_dispatch if ll else comm.dispatch
+        handle = dispatch(x, idx, w, x_scales=scales, quantize_fp8=exp.case.fused)
+        expert_out = expert_output(handle, out_dtype)
+        if zero_copy:
+            window = comm.low_latency_combine_buffer if ll else comm.combine_buffer
+            expert_out = window(out_dtype).copy_(expert_out)
+        y = (comm.low_latency_combine if ll else comm.combine)(expert_out, handle)
+        comm.check()
+        errors += check_step(rank, exp, handle, y)
+    return [f"{exp.case}: {e}" for e in errors]
+
+
+def check_step(rank: int, exp: Expected, handle, y: torch.Tensor) -> list[str]:
+    """One rank's dispatch result (either schedule) bit for bit, and its combine output y (of
+    the fake expert's outputs) within `close`, against the reference."""
+    if isinstance(handle, LowLatencyDispatchResult):
+        ll_tokens = handle.recv_x.size(1) // exp.case.world
+        ref, ref_rows = exp.low_latency(ll_tokens)
+        errors = compare_low_latency(rank, handle, ref[rank], ref_rows[rank])
+        op = "low_latency_combine"
+    else:
+        errors = compare_dispatch(rank, handle, exp.dispatch[rank], exp.token_rows[rank])
+        op = "combine"
+    msg = close(y, exp.y[rank], exp.case.out_dtype)
+    if msg:
+        errors.append(f"rank {rank}: {op} {msg}")
+    return errors
+
+
+def expert_output(handle, out_dtype: torch.dtype) -> torch.Tensor:
+    """The fake expert applied to a dispatch result of either schedule, shaped as that
+    schedule's combine input (no host copy: capturable in a CUDA graph)."""
+    if not isinstance(handle, LowLatencyDispatchResult):
+        return fake_expert(handle.recv_x, handle.expert_offsets, out_dtype, handle.recv_scales)
+    local, rows, hidden = handle.recv_x.shape  # expert j's rows packed at [j, :recv_counts[j]]
+    flat = handle.recv_x.reshape(-1, hidden)
+    offsets = torch.arange(local + 1, dtype=torch.int32, device=flat.device) * rows
+    scales = handle.recv_scales
+    if scales is not None:
+        scales = scales.reshape(flat.size(0), -1)
+    return fake_expert(flat, offsets, out_dtype, scales).view(local, rows, hidden)
+
+
 def fake_expert(recv_x: torch.Tensor, expert_offsets: torch.Tensor, out_dtype: torch.dtype,
                 recv_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A cheap, expert-dependent function of the rows: row * (1 + j/8) for local expert j.
-    Returns [rows, hidden] in out_dtype (rows past expert_offsets[-1] are zeros)."""
+    Returns [rows, hidden] in out_dtype (rows past expert_offsets[-1] are zeros). With
+    expert_offsets on recv_x's device it copies nothing from the host (CUDA-graph capturable)."""
     rows = recv_x.size(0)
     x = recv_x.float()
     if recv_scales is not None:
@@ -82,7 +254,7 @@ def fake_expert(recv_x: torch.Tensor, expert_offsets: torch.Tensor, out_dtype: t
     offs = expert_offsets.long().to(recv_x.device)
     row_ids = torch.arange(rows, device=recv_x.device)
     expert = torch.bucketize(row_ids, offs[1:], right=True)
-    scale = torch.where(row_ids < offs[-1], 1.0 + expert.float() / 8, torch.zeros(()).to(x))
+    scale = torch.where(row_ids < offs[-1], 1.0 + expert.float() / 8, x.new_zeros(()))
     return (x * scale.unsqueeze(1)).to(out_dtype)
 
 
@@ -112,6 +284,7 @@ def compare_dispatch(rank: int, got, ref: reference.RefDispatch, ref_token_rows)
 
 def compare_low_latency(rank: int, got, ref: reference.RefLowLatencyDispatch,
                         ref_token_rows) -> list[str]:
+    """Bit-exact comparison of one rank's LowLatencyDispatchResult with the reference."""
     errors = []
     counts = got.recv_counts.cpu()
     if not torch.equal(counts, ref.recv_counts):

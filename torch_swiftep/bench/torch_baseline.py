@@ -1,10 +1,14 @@
 """What a user writes in plain torch without this library: sort (token, slot) pairs by expert,
 gather them into per-destination send buffers (top-k fan-out), "all-to-all" them (on one GPU: a
 copy of each rank's chunk into the destination's buffer, as NCCL would), then permute the
-received rows to expert-major; combine undoes each step and reduces with the weights."""
+received rows to expert-major; combine undoes each step and reduces with the weights.
+torch_baseline_ms times it on a GPU, all ranks back to back."""
 from __future__ import annotations
 
 import torch
+
+from .. import testing
+from .timing import time_fn
 
 
 def torch_dispatch(xs, topk_idx, num_experts):
@@ -60,3 +64,20 @@ def torch_combine(expert_outs, plan, topk_weights):
         w = topk_weights[s].reshape(n * k, 1)
         ys.append((full.float() * w).view(n, k, rows.size(1)).sum(1).to(rows.dtype))
     return ys
+
+
+def torch_baseline_ms(world, tokens, hidden, topk, experts, dtype, device) -> dict:
+    """{"dispatch": ms, "combine": ms} of the plain-torch path on the whole GPU."""
+    inp = testing.world_inputs(tokens, [tokens] * world, hidden, experts, topk, dtype)
+    xs = [x.to(device) for x in inp.xs]
+    idx = [i.to(device) for i in inp.topk_idx]
+    ws = [w.to(device) for w in inp.topk_weights]
+    state = {}
+
+    def dispatch():
+        state["d"] = torch_dispatch(xs, idx, experts)
+
+    d_ms = time_fn(dispatch)
+    recv, plan = state["d"]
+    c_ms = time_fn(lambda: torch_combine(recv, plan, ws))
+    return dict(dispatch=d_ms, combine=c_ms)

@@ -1,46 +1,20 @@
-// Plain parameter structs the launchers and kernels take (raw pointers, no torch).
-// Filled by the binding from the op arguments and the plan (torch_swiftep/plan.py).
+// The host interface, part 1: the plain parameter structs the launchers take (raw pointers, no
+// torch), filled by the binding from the op arguments and the decoded plan (CommParams, in the
+// generated protocol.h).
 #pragma once
 
 #include <cstdint>
+
+#include "swiftep/protocol.h"
 
 namespace swiftep {
 
 // Element type of expert outputs / combine results.
 enum class DType : int32_t { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
 
-#if defined(__CUDACC__)
-#define SWIFTEP_HOST_DEVICE __host__ __device__
-#else
-#define SWIFTEP_HOST_DEVICE  // the binding (plain C++) includes this header too
-#endif
-
 SWIFTEP_HOST_DEVICE inline int dtype_bytes(DType dtype) {
   return dtype == DType::kFloat32 ? 4 : 2;
 }
-
-// The communicator state every communication op shares: this rank's workspace, the peer table
-// and the decoded plan. Region and ctrl offsets are byte offsets from a workspace base; every
-// rank's workspace has the same layout, so peer_base + offset addresses a peer's region.
-struct CommParams {
-  uint8_t* workspace;         // this rank's workspace base (device)
-  const int64_t* peer_ptrs;   // [world_size] on the device: every rank's workspace base (own too)
-  int32_t rank;
-  int32_t world_size;
-  int32_t num_experts;
-  int32_t num_local_experts;  // L = num_experts / world_size
-  int64_t capacity;           // rows of the throughput windows
-  int64_t ll_rows_per_expert; // S = world_size * ll_max_tokens_per_rank (0: no ll windows)
-  int64_t timeout_ms;         // bound of every wait for a peer
-
-  int64_t off_recv_x, off_recv_scales, off_recv_src, off_recv_weights, off_combine_x;
-  int64_t off_ll_recv_x, off_ll_recv_scales, off_ll_recv_src, off_ll_recv_weights,
-      off_ll_combine_x;
-  int64_t off_counts, off_count_flags, off_data_flags, off_combine_flags;
-  int64_t off_ll_counts, off_ll_arrivals, off_ll_expected, off_ll_combine_flags;
-  int64_t off_epoch, off_blocks_done, off_status, off_host_status_ptr;
-  int64_t off_trace_on, off_trace;  // low-latency phase trace (plan.py TRACE_*)
-};
 
 // dispatch and low_latency_dispatch.
 struct DispatchParams {

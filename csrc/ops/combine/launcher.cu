@@ -1,0 +1,119 @@
+// Launchers of both combines (throughput and low latency: one kernel, kernel.cuh, over two
+// windows) and of the staging copy (copy_rows.cuh).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "ops/combine/copy_rows.cuh"
+#include "ops/combine/kernel.cuh"
+#include "ops/launch_utils.h"
+#include "swiftep/launchers.h"
+
+namespace swiftep {
+
+namespace {
+
+// The launch configuration of one combine call.
+struct CombineConfig {
+  SmemCheck smem;
+  CombineShape shape;
+  int64_t smem_bytes;
+  int64_t blocks;
+};
+
+template <typename T, typename IdxT>
+cudaError_t configure_combine(const CombineParams& p, CombineConfig* out) {
+  CombineConfig cfg{};
+  KernelSmem info{};
+  cudaError_t err = kernel_smem(reinterpret_cast<const void*>(&combine_kernel<T, IdxT>), &info);
+  if (err != cudaSuccess) return err;
+  cfg.smem = {true, 0, info.max_dynamic};
+  cfg.shape.use_tma = p.out_row_bytes % kBulkAlign == 0 &&
+                      reinterpret_cast<uintptr_t>(p.y) % kBulkAlign == 0;
+  int64_t chunks = 1;
+  if (cfg.shape.use_tma) {
+    int64_t cap =
+        info.max_dynamic / (static_cast<int64_t>(kCombineWarps) * kCombineStages * p.num_topk);
+    if (cap > kMaxCombineChunkBytes) cap = kMaxCombineChunkBytes;
+    // A call with fewer (token, chunk) items than the grid has warps (decode) cuts rows finer,
+    // down to one 16-byte vector per lane, so every warp reduces a piece: a warp's latency is
+    // its K bulk loads plus its reduction, both shorter for a smaller chunk.
+    const int64_t total_warps = static_cast<int64_t>(p.num_sms) * kCombineWarps;
+    if (cap >= kBulkAlign && p.num_tokens > 0 &&
+        p.num_tokens * ceil_div(p.out_row_bytes, cap) < total_warps) {
+      const int64_t wanted_chunks = ceil_div(total_warps, p.num_tokens);
+      int64_t small = round_up(ceil_div(p.out_row_bytes, wanted_chunks), kBulkAlign);
+      if (small < kMinCombineChunkBytes) small = kMinCombineChunkBytes;
+      if (small < cap) cap = small;
+    }
+    cfg.shape.chunk_bytes = even_chunk_bytes(p.out_row_bytes, cap);
+    cfg.smem_bytes = static_cast<int64_t>(kCombineWarps) * kCombineStages * p.num_topk *
+                     cfg.shape.chunk_bytes;
+    if (cfg.shape.chunk_bytes == 0) {
+      cfg.smem = {false, static_cast<int64_t>(kCombineWarps) * kCombineStages * p.num_topk * 16,
+                  info.max_dynamic};
+    } else {
+      chunks = ceil_div(p.out_row_bytes, cfg.shape.chunk_bytes);
+    }
+  }
+  cfg.blocks = clamp_blocks(ceil_div(static_cast<int64_t>(p.num_tokens) * chunks, kCombineWarps),
+                            p.num_sms);
+  *out = cfg;
+  return cudaSuccess;
+}
+
+template <typename T, typename IdxT>
+LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win, cudaStream_t stream) {
+  CombineConfig cfg{};
+  cudaError_t err = configure_combine<T, IdxT>(p, &cfg);
+  if (err != cudaSuccess) return launch_result(err);
+  if (!cfg.smem.ok) return smem_refused(cfg.smem);
+  err = ensure_dynamic_smem(reinterpret_cast<const void*>(&combine_kernel<T, IdxT>),
+                            cfg.smem_bytes);
+  if (err != cudaSuccess) return launch_result(err);
+  combine_kernel<T, IdxT><<<static_cast<unsigned>(cfg.blocks), kCombineThreads, cfg.smem_bytes,
+                            stream>>>(p, win, cfg.shape);
+  return launch_result(cudaGetLastError());
+}
+
+template <typename IdxT>
+LaunchResult launch_by_dtype(const CombineParams& p, const CombineWindow& win,
+                             cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16, IdxT>(p, win, stream);
+    case DType::kFloat16: return launch_typed<__half, IdxT>(p, win, stream);
+    case DType::kFloat32: return launch_typed<float, IdxT>(p, win, stream);
+  }
+  return launch_result(cudaErrorInvalidValue);
+}
+
+LaunchResult launch_window(const CombineParams& p, const CombineWindow& win,
+                           cudaStream_t stream) {
+  return p.topk_idx_is_int64 ? launch_by_dtype<int64_t>(p, win, stream)
+                             : launch_by_dtype<int32_t>(p, win, stream);
+}
+
+}  // namespace
+
+LaunchResult launch_combine(const CombineParams& params, cudaStream_t stream) {
+  const CommParams& c = params.comm;
+  const CombineWindow win{c.off_combine_x, c.off_combine_flags, kEpochThroughput, kWaitCombine,
+                          c.capacity};
+  return launch_window(params, win, stream);
+}
+
+LaunchResult launch_low_latency_combine(const CombineParams& params, cudaStream_t stream) {
+  const CommParams& c = params.comm;
+  const CombineWindow win{c.off_ll_combine_x, c.off_ll_combine_flags, kEpochLowLatency,
+                          kWaitLlCombine, c.ll_rows_per_expert * c.num_local_experts};
+  return launch_window(params, win, stream);
+}
+
+LaunchResult launch_copy_rows(const CopyRowsParams& params, cudaStream_t stream) {
+  if (params.num_groups <= 0) return launch_result(cudaSuccess);
+  const int64_t blocks = clamp_blocks(params.num_sms, params.num_sms);
+  copy_rows_kernel<<<static_cast<unsigned>(blocks), kCopyThreads, 0, stream>>>(params);
+  return launch_result(cudaGetLastError());
+}
+
+}  // namespace swiftep

@@ -1,0 +1,48 @@
+"""The main job's command line (python -m torch_swiftep.bench) on the CPU backend."""
+import json
+
+import pytest
+
+from torch_swiftep.bench.__main__ import main
+
+TINY = ["--cpu", "--world", "2", "--tokens", "6", "--decode-tokens", "3", "--hidden", "256",
+        "--topk", "2", "--experts", "4"]
+
+
+@pytest.mark.slow
+def test_cpu_main_job_writes_json_and_passes(tmp_path, capfd):
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cpu_backend.json").read_text())
+    assert result["check"] == "passed" and result["errors"] == []
+    assert [r["op"] for r in result["records"]] == [
+        "dispatch", "combine", "low_latency_dispatch", "low_latency_combine"]
+    assert all(r["check"] == "passed" and r["ms"] > 0 for r in result["records"])
+    out = capfd.readouterr().out
+    assert "throughput: 6 tokens/rank" in out and "low_latency: 3 tokens/rank" in out
+    assert "check: passed" in out
+    assert (tmp_path / "cpu_backend.png").exists() or "no plot written" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--trace"], "--trace reads the GPU kernels' timestamps"),
+    (["--low-latency-only", "--throughput-only"], "not allowed with argument"),
+    (["--trace", "--throughput-only"], "cannot go with --throughput-only"),
+    (["--experts", "5"], "this shape does not fit"),
+    (["--tokens", "0"], "--tokens must be positive"),
+])
+def test_cpu_main_job_refuses_bad_flags(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + flags)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--world", "--tokens", "--decode-tokens", "--hidden", "--topk", "--experts",
+                 "--cpu", "--out", "--quick", "--no-check", "--low-latency-only",
+                 "--throughput-only", "--trace"):
+        assert flag in text
+    assert "(default: 7168)" in text and "(default: 8)" in text and "(default: 256)" in text
