@@ -7,7 +7,9 @@
 #   bash scripts/gpu_ab.sh BASE OUT_DIR
 #   STEPS=build,throughput bash scripts/gpu_ab.sh HEAD~3 OUT_DIR
 #
-# Steps: build, tests, throughput, low_latency (default: all). Each build is kept between runs
+# Steps, run in the order given: build, tests, throughput, low_latency (default: all in this
+# order); ROUNDS=N alternations of each
+# benchmark (default 2). Each build is kept between runs
 # (BASE under AB_WORK, default /tmp/swiftep_ab; this checkout in place), so a second run with
 # STEPS=throughput does not rebuild. NVLink multicast stays off.
 set -uo pipefail
@@ -20,7 +22,6 @@ mkdir -p "$OUT" "$AB_WORK"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-8}
 eval "$(cd "$ROOT" && python3 -m torch_swiftep.launch --print-env)"
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
 status=0
 log() { echo "$*" | tee -a "$OUT/ab_summary.log"; }
 run() {  # run NAME DIR CMD...: in DIR with PYTHONPATH=DIR, log to $OUT/NAME.log
@@ -56,12 +57,11 @@ fi
   echo "A (base): $(cat "$base_dir/.ab_source")"; echo "B (this checkout): $ROOT"; } \
   | tee -a "$OUT/ab_summary.log"
 
-if has build; then
-  # Both builds at once: each gets half the cores.
+build() {  # both trees at once: each gets half the cores
   (cd "$base_dir" && python3 setup.py -q build_ext --inplace > "$OUT/build_A.log" 2>&1) &
-  pid_a=$!
+  local pid_a=$!
   (cd "$ROOT" && python3 setup.py -q build_ext --inplace > "$OUT/build_B.log" 2>&1) &
-  pid_b=$!
+  local pid_b=$!
   wait $pid_a || { log "build A failed"; tail -n 30 "$OUT/build_A.log"; exit 1; }
   wait $pid_b || { log "build B failed"; tail -n 30 "$OUT/build_B.log"; exit 1; }
   for side in A:"$base_dir" B:"$ROOT"; do
@@ -69,13 +69,10 @@ if has build; then
       || { log "build ${side%%:*}: the extension does not load"; exit 1; }
   done
   log "built A and B"
-fi
-if has tests; then
-  run tests_B "$ROOT" python3 -m pytest -q -x -p no:cacheprovider -m gpu tests ${PYTEST_ARGS:-}
-fi
-bench() {  # bench KIND FLAG: A, B, A, B
+}
+bench() {  # bench KIND FLAG: A, B, A, B, ...
   local kind=$1 flag=$2
-  for round in 1 2; do
+  for round in $(seq 1 "${ROUNDS:-2}"); do
     for side in A:"$base_dir" B:"$ROOT"; do
       local name="${kind}_${side%%:*}${round}"
       mkdir -p "$OUT/$name"
@@ -83,6 +80,14 @@ bench() {  # bench KIND FLAG: A, B, A, B
     done
   done
 }
-has throughput && bench throughput --throughput-only
-has low_latency && bench low_latency --low-latency-only
+for step in ${STEPS//,/ }; do  # in the order STEPS lists them
+  case $step in
+    build) build ;;
+    tests) run tests_B "$ROOT" python3 -m pytest -q -x -p no:cacheprovider -m gpu tests \
+             ${PYTEST_ARGS:-} ;;
+    throughput) bench throughput --throughput-only ;;
+    low_latency) bench low_latency --low-latency-only ;;
+    *) log "unknown step $step"; status=1 ;;
+  esac
+done
 exit $status
