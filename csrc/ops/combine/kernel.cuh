@@ -155,185 +155,15 @@ __device__ __forceinline__ const uint8_t* combine_source(const CombineParams& p,
   return at_offset<uint8_t>(peer_base(p.comm, peer), win.off_x) + row * p.out_row_bytes;
 }
 
-// ------------------------------------------------------------------------- plain path
-// Rows not 16-byte aligned: each warp takes whole tokens and loads elements straight from the
-// owners' windows. sources/weights: the warp's kMaxTopk slots of shared memory.
-template <typename T, typename IdxT>
-__device__ __forceinline__ void combine_plain(const CombineParams& p, const CombineWindow& win,
-                                              bool peers_ready, const uint8_t** sources,
-                                              float* weights) {
-  const int lane = lane_id();
-  const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
-  const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kCombineWarps + warp_id();
-  uint8_t* y = static_cast<uint8_t*>(p.y);
-  const int hidden = p.hidden;
-  for (int64_t n = global_warp; n < p.num_tokens; n += num_warps_total) {
-    const uint8_t* src = combine_source<IdxT>(p, win, n, lane, peers_ready);
-    if (lane < p.num_topk) {
-      sources[lane] = src;
-      weights[lane] = p.topk_weights[n * p.num_topk + lane];
-    }
-    __syncwarp();
-    T* out = reinterpret_cast<T*>(y + n * p.out_row_bytes);
-    for (int i = lane; i < hidden; i += kWarpSize) {
-      float acc = 0.f;
-      for (int k = 0; k < p.num_topk; ++k) {
-        const T* row = reinterpret_cast<const T*>(sources[k]);
-        if (row != nullptr) acc += weights[k] * ElemOps<T>::load_cg(row + i);
-      }
-      out[i] = ElemOps<T>::from_float(acc);
-    }
-    __syncwarp();  // sources/weights are rewritten by the next token
-  }
-}
-
-// ------------------------------------------------------------------------ staged path
-// The (token, chunk) items of one warp, in the order it takes them. With at least as many
-// tokens as warps, a warp takes whole tokens (its i-th item: token global_warp + (i / chunks) *
-// num_warps_total, chunk i % chunks), so a token's metadata is read once. A smaller call
-// (decode) deals the items of all tokens round robin over every warp instead: one token's
-// chunks are then reduced side by side, not one after another on one warp.
-struct CombineItems {
-  int64_t global_warp;
-  int64_t num_warps_total;
-  int64_t chunks;  // chunks of a row
-  int64_t chunk_bytes;
-  bool by_token;
-
-  __device__ __forceinline__ int64_t token(int64_t item) const {
-    return by_token ? global_warp + (item / chunks) * num_warps_total
-                    : (global_warp + item * num_warps_total) / chunks;
-  }
-  __device__ __forceinline__ int64_t offset(int64_t item) const {
-    return (by_token ? item % chunks : (global_warp + item * num_warps_total) % chunks) *
-           chunk_bytes;
-  }
-  // How many items the warp takes of a call of num_tokens tokens.
-  __device__ __forceinline__ int64_t count(int64_t num_tokens) const {
-    const int64_t total_items = num_tokens * chunks;
-    if (by_token) {
-      const int64_t num_mine =
-          global_warp < num_tokens ? ceil_div(num_tokens - global_warp, num_warps_total) : 0;
-      return num_mine * chunks;
-    }
-    return global_warp < total_items ? ceil_div(total_items - global_warp, num_warps_total) : 0;
-  }
-};
-
-// One staged item: y's chunk at out (num_vecs 16-byte vectors) = the weighted sum of the valid
-// slots' chunks in the stage (slot k at stage_base + k * chunk_bytes). Slots outer, the lane's
-// vectors inner, accumulators in registers: one weight load and one base address per slot,
-// and no per-vector branch on the slot's validity (the combine was issue-bound on exactly that
-// bookkeeping; docs/perf-notes.md, v3). Whole warp; valid is warp-uniform.
-template <typename T>
-__device__ __forceinline__ void reduce_stage(const uint8_t* stage_base, int64_t chunk_bytes,
-                                             uint32_t valid, const float* weights, int num_vecs,
-                                             uint4* out, int lane) {
-  constexpr int kElemsPerVec = 16 / sizeof(T);
-  float acc[kMaxCombineVecsPerLane][kElemsPerVec];
-#pragma unroll
-  for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
-#pragma unroll
-    for (int e = 0; e < kElemsPerVec; ++e) acc[i][e] = 0.f;
-  }
-  for (uint32_t rest = valid; rest != 0; rest &= rest - 1) {  // warp-uniform: valid slots
-    const int k = __ffs(rest) - 1;
-    const float w = weights[k];
-    const uint4* src = reinterpret_cast<const uint4*>(stage_base + k * chunk_bytes);
-#pragma unroll
-    for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
-      const int v = lane + i * kWarpSize;
-      if (v < num_vecs) accumulate_vec16<T>(acc[i], src[v], w);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
-    const int v = lane + i * kWarpSize;
-    if (v < num_vecs) out[v] = pack_vec16<T>(acc[i]);
-  }
-}
-
-// 16-byte aligned rows: lane 0 bulk-loads each item's K row chunks into the warp's stage
-// (kCombineStages items ahead), the warp reduces them (reduce_stage). bars: the warp's
-// kCombineStages mbarriers; weights: its kMaxTopk slots of shared memory; warp, lane: the
-// kernel's, computed at its start (recomputing them here changed ptxas's register allocation).
-template <typename T, typename IdxT>
-__device__ __forceinline__ void combine_staged(const CombineParams& p, const CombineWindow& win,
-                                               int64_t chunk_bytes, bool peers_ready,
-                                               uint64_t* bars, float* weights, int warp,
-                                               int lane) {
-  const int64_t row_bytes = p.out_row_bytes;
-  const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
-  const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kCombineWarps + warp;
-  uint8_t* y = static_cast<uint8_t*>(p.y);
-  init_warp_barriers(bars, kCombineStages);
-  const int64_t stage_bytes = chunk_bytes * p.num_topk;
-  uint8_t* stages = dynamic_smem() + warp * kCombineStages * stage_bytes;
-  const CombineItems items{global_warp, num_warps_total, ceil_div(row_bytes, chunk_bytes),
-                           chunk_bytes, p.num_tokens >= num_warps_total};
-  const int64_t num_items = items.count(p.num_tokens);
-
-  // By token, a token's chunks are consecutive items, so its metadata (lane k: the source row of
-  // slot k) is read from global memory once per token, not once per chunk: those dependent
-  // loads sat on every item's critical path. The load side runs kCombineStages items ahead of the
-  // reduce side, so each keeps its own copy.
-  int64_t load_token = -1;
-  const uint8_t* load_src = nullptr;
-  uint32_t load_valid = 0;
-
-  // Whole warp (shuffles); lane 0 issues the bulk loads of item's valid rows on its stage.
-  auto issue_loads = [&](int64_t item) {
-    const int stage = static_cast<int>(item % kCombineStages);
-    const int64_t n = items.token(item);
-    const int64_t offset = items.offset(item);
-    const uint32_t bytes = static_cast<uint32_t>(min(chunk_bytes, row_bytes - offset));
-    if (n != load_token) {  // warp-uniform
-      load_token = n;
-      load_src = combine_source<IdxT>(p, win, n, lane, peers_ready);
-      load_valid = __ballot_sync(kFullMask, load_src != nullptr);
-    }
-    uint8_t* stage_base = stages + stage * stage_bytes;
-    if (lane == 0) mbarrier_arrive_expect_tx(bars + stage, __popc(load_valid) * bytes);
-    for (int k = 0; k < p.num_topk; ++k) {
-      const uint8_t* src = reinterpret_cast<const uint8_t*>(
-          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(load_src), k));
-      if (lane == 0 && src != nullptr)
-        tma_load_1d(stage_base + k * chunk_bytes, src + offset, bytes, bars + stage);
-    }
-  };
-
-  for (int64_t item = 0; item < num_items && item < kCombineStages; ++item) issue_loads(item);
-  int64_t token = -1;  // the reduce side's token and its valid slots
-  uint32_t valid = 0;
-  for (int64_t item = 0; item < num_items; ++item) {
-    const int stage = static_cast<int>(item % kCombineStages);
-    const uint32_t parity = static_cast<uint32_t>((item / kCombineStages) & 1);
-    const int64_t n = items.token(item);
-    const int64_t offset = items.offset(item);
-    const int64_t bytes = min(chunk_bytes, row_bytes - offset);
-    if (n != token) {  // warp-uniform; the previous item's trailing __syncwarp freed weights
-      token = n;
-      valid = __ballot_sync(kFullMask,
-                            combine_source<IdxT>(p, win, n, lane, peers_ready) != nullptr);
-      if (lane < p.num_topk) weights[lane] = p.topk_weights[n * p.num_topk + lane];
-    }
-    mbarrier_wait_parity(bars + stage, parity);  // every lane: the TMA bytes are visible
-    __syncwarp();                                // and so are the weights
-    reduce_stage<T>(stages + stage * stage_bytes, chunk_bytes, valid, weights,
-                    static_cast<int>(bytes / 16),
-                    reinterpret_cast<uint4*>(y + n * row_bytes + offset), lane);
-    __syncwarp();  // every lane is done with this stage (and the weights) before the refill
-    if (item + kCombineStages < num_items) issue_loads(item + kCombineStages);
-  }
-}
-
 // --------------------------------------------------------------------------- the kernel
-// shape is __grid_constant__ (read in place): passed as a plain value, ptxas allocated two
-// registers fewer for the float kernel than with the scalar arguments it replaces.
+// One function on purpose (longer than the project's ~80 lines): split into plain/staged helpers
+// it compiled to a different schedule and measured 1.5-2% slower on the H200 at every
+// throughput point (same registers), so the kernel stays as it was measured
+// (docs/perf-notes.md, "Structure change").
 template <typename T, typename IdxT>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const __grid_constant__ CombineParams p, CombineWindow win,
-                   const __grid_constant__ CombineShape shape) {
+                   int64_t chunk_bytes, bool use_tma) {
   __shared__ __align__(8) uint64_t bars[kCombineWarps][kCombineStages];
   __shared__ float weights[kCombineWarps][kMaxTopk];
   __shared__ const uint8_t* sources[kCombineWarps][kMaxTopk];
@@ -366,13 +196,141 @@ __global__ void __launch_bounds__(kCombineThreads)
                            win.wait_what);  // on timeout: no remote reads, y = 0
   mark(kTrace_combine_arrived);
 
-  if (!shape.use_tma) {  // rows not 16-byte aligned: element loads straight from the owners
-    combine_plain<T, IdxT>(p, win, peers_ready, sources[warp], weights[warp]);
+  const int64_t row_bytes = p.out_row_bytes;
+  const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
+  const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kCombineWarps + warp;
+  uint8_t* y = static_cast<uint8_t*>(p.y);
+
+  if (!use_tma) {  // rows not 16-byte aligned: element loads straight from the owners
+    const int hidden = p.hidden;
+    for (int64_t n = global_warp; n < p.num_tokens; n += num_warps_total) {
+      const uint8_t* src = combine_source<IdxT>(p, win, n, lane, peers_ready);
+      if (lane < p.num_topk) {
+        sources[warp][lane] = src;
+        weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
+      }
+      __syncwarp();
+      T* out = reinterpret_cast<T*>(y + n * row_bytes);
+      for (int i = lane; i < hidden; i += kWarpSize) {
+        float acc = 0.f;
+        for (int k = 0; k < p.num_topk; ++k) {
+          const T* row = reinterpret_cast<const T*>(sources[warp][k]);
+          if (row != nullptr) acc += weights[warp][k] * ElemOps<T>::load_cg(row + i);
+        }
+        out[i] = ElemOps<T>::from_float(acc);
+      }
+      __syncwarp();  // sources/weights are rewritten by the next token
+    }
     mark(kTrace_combine_end);
     return;
   }
-  combine_staged<T, IdxT>(p, win, shape.chunk_bytes, peers_ready, bars[warp], weights[warp],
-                          warp, lane);
+
+  uint64_t* my_bars = bars[warp];
+  init_warp_barriers(my_bars, kCombineStages);
+  const int64_t stage_bytes = chunk_bytes * p.num_topk;
+  uint8_t* stages = dynamic_smem() + warp * kCombineStages * stage_bytes;
+  const int64_t chunks = ceil_div(row_bytes, chunk_bytes);
+  // Items are (token, chunk). With at least as many tokens as warps, a warp takes whole tokens
+  // (its i-th item: token global_warp + (i / chunks) * num_warps_total, chunk i % chunks), so a
+  // token's metadata is read once. A smaller call (decode) deals the items of all tokens round
+  // robin over every warp instead: one token's chunks are then reduced side by side, not one
+  // after another on one warp.
+  const bool by_token = p.num_tokens >= num_warps_total;
+  const int64_t total_items = static_cast<int64_t>(p.num_tokens) * chunks;
+  int64_t num_items = 0;
+  if (by_token) {
+    const int64_t num_mine =
+        global_warp < p.num_tokens ? ceil_div(p.num_tokens - global_warp, num_warps_total) : 0;
+    num_items = num_mine * chunks;
+  } else if (global_warp < total_items) {
+    num_items = ceil_div(total_items - global_warp, num_warps_total);
+  }
+  auto item_token = [&](int64_t item) -> int64_t {
+    return by_token ? global_warp + (item / chunks) * num_warps_total
+                    : (global_warp + item * num_warps_total) / chunks;
+  };
+  auto item_offset = [&](int64_t item) -> int64_t {
+    return (by_token ? item % chunks : (global_warp + item * num_warps_total) % chunks) *
+           chunk_bytes;
+  };
+
+  // By token, a token's chunks are consecutive items, so its metadata (lane k: the source row of
+  // slot k) is read from global memory once per token, not once per chunk: those dependent
+  // loads sat on every item's critical path. The load side runs kCombineStages items ahead of the
+  // reduce side, so each keeps its own copy.
+  int64_t load_token = -1;
+  const uint8_t* load_src = nullptr;
+  uint32_t load_valid = 0;
+
+  // Whole warp (shuffles); lane 0 issues the bulk loads of item's valid rows on its stage.
+  auto issue_loads = [&](int64_t item) {
+    const int stage = static_cast<int>(item % kCombineStages);
+    const int64_t n = item_token(item);
+    const int64_t offset = item_offset(item);
+    const uint32_t bytes = static_cast<uint32_t>(min(chunk_bytes, row_bytes - offset));
+    if (n != load_token) {  // warp-uniform
+      load_token = n;
+      load_src = combine_source<IdxT>(p, win, n, lane, peers_ready);
+      load_valid = __ballot_sync(kFullMask, load_src != nullptr);
+    }
+    uint8_t* stage_base = stages + stage * stage_bytes;
+    if (lane == 0) mbarrier_arrive_expect_tx(my_bars + stage, __popc(load_valid) * bytes);
+    for (int k = 0; k < p.num_topk; ++k) {
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(
+          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(load_src), k));
+      if (lane == 0 && src != nullptr)
+        tma_load_1d(stage_base + k * chunk_bytes, src + offset, bytes, my_bars + stage);
+    }
+  };
+
+  for (int64_t item = 0; item < num_items && item < kCombineStages; ++item) issue_loads(item);
+  constexpr int kElemsPerVec = 16 / sizeof(T);
+  int64_t token = -1;  // the reduce side's token and its valid slots
+  uint32_t valid = 0;
+  for (int64_t item = 0; item < num_items; ++item) {
+    const int stage = static_cast<int>(item % kCombineStages);
+    const uint32_t parity = static_cast<uint32_t>((item / kCombineStages) & 1);
+    const int64_t n = item_token(item);
+    const int64_t offset = item_offset(item);
+    const int64_t bytes = min(chunk_bytes, row_bytes - offset);
+    if (n != token) {  // warp-uniform; the previous item's trailing __syncwarp freed weights
+      token = n;
+      valid = __ballot_sync(kFullMask,
+                            combine_source<IdxT>(p, win, n, lane, peers_ready) != nullptr);
+      if (lane < p.num_topk) weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
+    }
+    mbarrier_wait_parity(my_bars + stage, parity);  // every lane: the TMA bytes are visible
+    __syncwarp();                                   // and so are the weights
+    const uint8_t* stage_base = stages + stage * stage_bytes;
+    uint4* out = reinterpret_cast<uint4*>(y + n * row_bytes + offset);
+    // Slots outer, the lane's vectors inner, accumulators in registers: one weight load and one
+    // base address per slot, and no per-vector branch on the slot's validity (the combine was
+    // issue-bound on exactly that bookkeeping; docs/perf-notes.md, v3).
+    const int num_vecs = static_cast<int>(bytes / 16);
+    float acc[kMaxCombineVecsPerLane][kElemsPerVec];
+#pragma unroll
+    for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
+#pragma unroll
+      for (int e = 0; e < kElemsPerVec; ++e) acc[i][e] = 0.f;
+    }
+    for (uint32_t rest = valid; rest != 0; rest &= rest - 1) {  // warp-uniform: valid slots
+      const int k = __ffs(rest) - 1;
+      const float w = weights[warp][k];
+      const uint4* src = reinterpret_cast<const uint4*>(stage_base + k * chunk_bytes);
+#pragma unroll
+      for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
+        const int v = lane + i * kWarpSize;
+        if (v < num_vecs) accumulate_vec16<T>(acc[i], src[v], w);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxCombineVecsPerLane; ++i) {
+      const int v = lane + i * kWarpSize;
+      if (v < num_vecs) out[v] = pack_vec16<T>(acc[i]);
+    }
+    __syncwarp();  // every lane is done with this stage (and the weights) before the refill
+    if (item + kCombineStages < num_items) issue_loads(item + kCombineStages);
+  }
   mark(kTrace_combine_end);
 }
 

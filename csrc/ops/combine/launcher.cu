@@ -72,7 +72,7 @@ LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win, cuda
                             cfg.smem_bytes);
   if (err != cudaSuccess) return launch_result(err);
   combine_kernel<T, IdxT><<<static_cast<unsigned>(cfg.blocks), kCombineThreads, cfg.smem_bytes,
-                            stream>>>(p, win, cfg.shape);
+                            stream>>>(p, win, cfg.shape.chunk_bytes, cfg.shape.use_tma);
   return launch_result(cudaGetLastError());
 }
 
