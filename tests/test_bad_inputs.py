@@ -153,3 +153,24 @@ def test_start_takes_only_this_communicators_methods(comm):
     x, idx, w = inputs()
     with pytest.raises(ValueError, match="start\\(\\) takes a method of this Communicator"):
         comm.start(other.dispatch, x, idx, w)
+
+
+def test_out_of_range_index_is_a_swiftep_index_error(comm):
+    """The class a GPU kernel reports for the same input (status word -> SwiftepIndexError)."""
+    x, idx, w = inputs()
+    idx[4, 0] = E
+    with pytest.raises(ts.SwiftepIndexError, match=r"topk_idx\[4, 0\] = 8 is out of range"):
+        comm.dispatch(x, idx, w)
+    assert issubclass(ts.SwiftepIndexError, ts.SwiftepError)
+    assert issubclass(ts.SwiftepIndexError, IndexError)
+
+
+def test_dispatch_layout_method_checks_once(comm):
+    _, idx, _ = inputs()
+    per_rank, per_expert, in_rank = comm.dispatch_layout(idx)
+    assert per_rank.tolist() == [idx.size(0)] and int(per_expert.sum()) == idx.numel()
+    assert in_rank.shape == (idx.size(0), 1)
+    with pytest.raises(ValueError, match=r"topk_idx must have 2 dimensions, got shape \(12,\)"):
+        comm.dispatch_layout(idx.flatten())
+    with pytest.raises(TypeError, match=r"topk_idx must have dtype in"):
+        comm.dispatch_layout(idx.float())

@@ -14,9 +14,7 @@ import sys
 
 # Several ranks share this process and spin on each other's flags: lazy kernel loading would
 # synchronize the context in the middle of that and stall them (see Communicator.emulated_world).
-os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
-
-import torch  # noqa: E402
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")  # torch is imported after it, in main()
 
 EPILOG = """\
 Defaults that depend on the machine: a GPU run emulates 8 ranks with 4096 tokens/rank and sweeps
@@ -67,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import torch
+
     parser = _parser()
     args = parser.parse_args(argv)
     for name in ("world", "tokens", "decode_tokens", "hidden", "topk", "experts"):
