@@ -174,3 +174,21 @@ def test_dispatch_layout_method_checks_once(comm):
         comm.dispatch_layout(idx.flatten())
     with pytest.raises(TypeError, match=r"topk_idx must have dtype in"):
         comm.dispatch_layout(idx.float())
+
+
+def test_combine_refuses_a_foreign_or_stale_handle(comm):
+    x, idx, w = inputs()
+    other = ts.Communicator(None, comm.config)
+    foreign = other.dispatch(x, idx, w)
+    with pytest.raises(ValueError, match=r"the handle comes from another Communicator"):
+        comm.combine(comm.combine_buffer(), foreign)
+    old = comm.dispatch(x, idx, w)
+    new = comm.dispatch(x, idx, w)
+    with pytest.raises(ValueError, match=r"stale handle: it comes from call \d+ \(dispatch\), "
+                                         r"but the dispatch of call \d+ has since overwritten"):
+        comm.combine(comm.combine_buffer(), old)
+    comm.combine(comm.combine_buffer(), new)
+    ll_old = comm.low_latency_dispatch(x, idx, w)
+    comm.low_latency_dispatch(x, idx, w)
+    with pytest.raises(ValueError, match=r"stale handle.*low_latency_dispatch"):
+        comm.low_latency_combine(comm.low_latency_combine_buffer(), ll_old)

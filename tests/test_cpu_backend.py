@@ -23,7 +23,8 @@ def _cases(world):
               for k, routing in ((1, "uniform"), (2, "skewed"), (8, "holes"), (3, "one_rank"))]
     shapes += [(torch.bfloat16, 256, 4, "holes", True),
                (torch.float16, 64, 2, "uniform", False),
-               (torch.bfloat16, 256, 3, "skewed", "fused")]  # quantize_fp8=True inside dispatch
+               (torch.bfloat16, 256, 3, "skewed", "fused"),  # quantize_fp8=True inside dispatch
+               (torch.bfloat16, 48, 4, "duplicates", False)]  # an expert twice in a token
     cases = []
     for seed, (dtype, hidden, k, routing, fp8) in enumerate(shapes, start=100 * world + 1):
         # rotate so that, over the cases, every rank is sometimes the empty one

@@ -49,6 +49,8 @@ def _cases(world):
         (torch.bfloat16, 7168, 8, "uniform", "fused"),  # quantize_fp8=True: in the kernel
         (torch.float32, 384, 2, "holes", "fused"),
         (torch.float16, 256, 4, "skewed", "fused"),
+        (torch.bfloat16, 512, 4, "duplicates", False),  # an expert twice in one token's top-k
+        (torch.bfloat16, 256, 3, "duplicates", "fused"),
     )
     return [_case(world, seed, *shape)
             for seed, shape in enumerate(shapes, start=1000 * world + 1)]

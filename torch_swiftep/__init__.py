@@ -11,6 +11,7 @@ pure-torch reference every backend is tested against.
 """
 from . import _library, reference  # noqa: F401  (_library registers the ops)
 from ._library import CUDA_EXTENSION_ERROR, registered_ops
+from .agreement import BrokenCommunicatorError
 from .communicator import (
     Communicator,
     DispatchResult,
@@ -24,6 +25,7 @@ from .status import SwiftepError, SwiftepIndexError
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokenCommunicatorError",
     "CUDA_EXTENSION_ERROR",
     "CommConfig",
     "Communicator",

@@ -7,11 +7,13 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from .agreement import Agreement, CallLedger, config_fingerprint
+from .backends.cpu import check_index_values
 from .ops import BY_NAME as CONTRACTS
 from .ops._checks import check_low_latency_windows
 from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE
 from .plan import CommConfig, Plan, ctrl_region, typed_region
-from .status import raise_if_error
+from .status import SwiftepError, raise_if_error
 
 
 class DispatchResult(NamedTuple):
@@ -26,6 +28,8 @@ class DispatchResult(NamedTuple):
     expert_offsets: [L + 1] int32 on the device; expert_offsets[1:] is grouped_mm's `offs`.
     token_rows: [num_tokens, K] int32: row of each (token, slot) on its owner, -1 for none.
     topk_idx, topk_weights: the routing, kept for combine.
+    comm_id, call: the Communicator and the dispatch this handle comes from (combine refuses a
+        foreign or stale handle; call is -1 for a dispatch traced by torch.compile).
     """
 
     recv_x: torch.Tensor
@@ -36,6 +40,8 @@ class DispatchResult(NamedTuple):
     token_rows: torch.Tensor
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
+    comm_id: int = -1
+    call: int = -1
 
 
 class LowLatencyDispatchResult(NamedTuple):
@@ -46,6 +52,7 @@ class LowLatencyDispatchResult(NamedTuple):
     recv_src: [L, S, 2] int32; recv_weights: [L, S] float32.
     recv_counts: [L] int32 on the device.
     token_rows: [num_tokens, K] int32: flat row j * S + slot on the owner, -1 for none.
+    comm_id, call: where the handle comes from, as in DispatchResult.
     """
 
     recv_x: torch.Tensor
@@ -56,6 +63,8 @@ class LowLatencyDispatchResult(NamedTuple):
     token_rows: torch.Tensor
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
+    comm_id: int = -1
+    call: int = -1
 
 
 class PendingCall:
@@ -111,6 +120,10 @@ class Communicator:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         plan = Plan.build(config, rank, world)
+        agreement = None
+        if world > 1:  # every rank built the same configuration, before anything is allocated
+            agreement = Agreement(group, config.timeout_s)
+            agreement.check_same_config(config_fingerprint(config, device))
         host_status = None
         if device.type == "cuda" and world > 1:
             workspace, peer_ptrs = _symmetric_workspace(plan, group, device)
@@ -123,6 +136,8 @@ class Communicator:
             if world > 1:
                 dist.barrier(group)  # every rank's ctrl region is zeroed before anyone writes
         self._init(config, plan, workspace, peer_ptrs, group_name, host_status)
+        # CPU backend: every call first agrees that all ranks are there with good inputs
+        self._agreement = agreement if device.type == "cpu" else None
 
     @classmethod
     def emulated_world(cls, config: CommConfig, world_size: int,
@@ -163,6 +178,8 @@ class Communicator:
         self.group_name = group_name
         self._plan_list = plan.as_list()
         self._host_status = host_status
+        self._agreement = None
+        self._ledger = CallLedger()
         if workspace.is_cuda:
             # The workspace never moves: compiled graphs (and CUDA graph trees under
             # mode="reduce-overhead") may keep its address instead of copying it in.
@@ -209,6 +226,8 @@ class Communicator:
             token_rows=token_rows,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
+            comm_id=self._ledger.comm_id,
+            call=self._ledger.handle_call("dispatch"),
         )
 
     def combine_buffer(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -223,6 +242,7 @@ class Communicator:
         """y[n] = sum_k w[n, k] * expert_out_owner[row(n, k)] (float32 accumulation), in
         expert_out's dtype. expert_out: [capacity, hidden], row i the output of dispatch row i
         (use combine_buffer() to skip a copy); topk_weights defaults to the dispatch's."""
+        self._ledger.check_handle(handle, "dispatch")
         weights = handle.topk_weights if topk_weights is None else topk_weights
         return self._call("combine", expert_out, handle.topk_idx, weights, handle.token_rows,
                           handle.expert_offsets, *self._state(num_sms))
@@ -254,6 +274,8 @@ class Communicator:
             token_rows=token_rows,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
+            comm_id=self._ledger.comm_id,
+            call=self._ledger.handle_call("low_latency_dispatch"),
         )
 
     def low_latency_combine_buffer(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -269,6 +291,7 @@ class Communicator:
                             *, topk_weights: Optional[torch.Tensor] = None,
                             num_sms: Optional[int] = None) -> torch.Tensor:
         """Weighted combine of the low-latency layout; expert_out: [L, S, hidden]."""
+        self._ledger.check_handle(handle, "low_latency_dispatch")
         weights = handle.topk_weights if topk_weights is None else topk_weights
         return self._call("low_latency_combine", expert_out, handle.topk_idx, weights,
                           handle.token_rows, handle.recv_counts, *self._state(num_sms))
@@ -328,10 +351,30 @@ class Communicator:
                 self.config.num_sms if num_sms is None else num_sms)
 
     def _call(self, name: str, *args):
-        """Raise a reported kernel error, run the op's contract checks (ops/), then the op."""
+        """Raise a reported kernel error, run the op's contract checks (ops/), agree with the
+        other ranks (CPU backend), then the op."""
         self._check_status()
-        CONTRACTS[name].check(*args)
-        return getattr(torch.ops.swiftep, name)(*args)
+        if torch.compiler.is_compiling():  # traced: the checks and the op, no bookkeeping
+            CONTRACTS[name].check(*args)
+            return getattr(torch.ops.swiftep, name)(*args)
+        error = None
+        try:
+            CONTRACTS[name].check(*args)
+            if self.device.type == "cpu" and name.endswith("dispatch"):
+                check_index_values(args[2], self.config.num_experts)  # before any collective
+        except (ValueError, TypeError, IndexError) as exc:
+            error = exc
+        call = self._ledger.next_call(name, ok=error is None)
+        if self._agreement is not None:
+            self._agreement.before_call(name, call, error)
+        if error is not None:
+            raise error
+        try:
+            return getattr(torch.ops.swiftep, name)(*args)
+        except RuntimeError as exc:
+            if self._agreement is None or isinstance(exc, SwiftepError):
+                raise
+            raise self._agreement.after_failure(name, call, exc) from exc
 
 
 def _default_device(group) -> torch.device:

@@ -64,8 +64,10 @@ def _worker(rank, world_size, port, backend, group_timeout_s, env, fn, args, res
 
 
 def run_world(world_size: int, fn, *args, backend: str = "gloo", timeout_s: float = 180.0,
-              env: dict | None = None, group_timeout_s: float | None = None) -> list:
-    """Run fn(rank, world_size, *args) on world_size spawned ranks; return their results."""
+              env: dict | None = None, group_timeout_s: float | None = None,
+              may_die: tuple = ()) -> list:
+    """Run fn(rank, world_size, *args) on world_size spawned ranks; return their results.
+    may_die: ranks a test kills on purpose; their result is None instead of a failure."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -81,6 +83,11 @@ def run_world(world_size: int, fn, *args, backend: str = "gloo", timeout_s: floa
     got: dict[int, tuple[bool, object]] = {}
     failure = None
     while len(got) < world_size and failure is None:
+        for r in may_die:  # killed on purpose: no result will come
+            if r not in got and procs[r].exitcode is not None:
+                got[r] = (True, None)
+        if len(got) == world_size:
+            break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             missing = sorted(set(range(world_size)) - set(got))
@@ -93,7 +100,7 @@ def run_world(world_size: int, fn, *args, backend: str = "gloo", timeout_s: floa
                 failure = f"rank {rank} raised:\n{value}"
         except queue.Empty:
             dead = [r for r, p in enumerate(procs)
-                    if r not in got and p.exitcode is not None]
+                    if r not in got and r not in may_die and p.exitcode is not None]
             if dead:
                 time.sleep(0.5)  # its result may still be in flight
                 try:

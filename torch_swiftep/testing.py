@@ -21,7 +21,7 @@ import torch
 
 from . import CommConfig, LowLatencyDispatchResult, quantize_fp8, reference
 
-ROUTINGS = ("uniform", "skewed", "holes", "one_rank")
+ROUTINGS = ("uniform", "skewed", "holes", "one_rank", "duplicates")
 SCHEDULES = ("throughput", "low_latency")
 FP8_MODES = (False, True, "fused")
 
@@ -33,6 +33,8 @@ def random_routing(gen: torch.Generator, num_tokens: int, num_experts: int, num_
     uniform: K distinct experts per token, uniformly drawn.
     skewed: every token's slot 0 is expert 0 (all tokens to one expert), other slots uniform.
     holes: uniform, then a quarter of the entries (and every 7th token entirely) set to -1.
+    duplicates: uniform, then every 3rd token names its slot-0 expert again in its last slot
+        (the contract: each slot is its own row, and combine adds both, each with its weight).
     one_rank: every expert of every token lives on the last rank.
     """
     if kind not in ROUTINGS:
@@ -49,6 +51,8 @@ def random_routing(gen: torch.Generator, num_tokens: int, num_experts: int, num_
         holes = torch.rand(num_tokens, num_topk, generator=gen) < 0.25
         holes[::7] = True
         idx = idx.masked_fill(holes, -1)
+    if kind == "duplicates" and num_topk > 1:
+        idx[::3, -1] = idx[::3, 0]
     return idx.contiguous(), weights.float().contiguous()
 
 

@@ -1,0 +1,114 @@
+"""Failures that involve more than one rank, on the CPU backend (gloo): every rank gets a clear
+SwiftepError naming the rank and the call, within timeout_s, and nothing hangs."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_swiftep as ts
+from torch_swiftep import testing
+from torch_swiftep.launch import run_world
+
+pytestmark = pytest.mark.slow
+E, H, K, T = 8, 32, 2, 16
+
+
+def _config(timeout_s=20.0, **overrides):
+    fields = dict(num_experts=E, hidden=H, num_topk=K, max_tokens_per_rank=T, timeout_s=timeout_s,
+                  dtype=torch.float32)
+    return ts.CommConfig(**{**fields, **overrides})
+
+
+def _inputs(rank, world, seed=3, experts=E):
+    inp = testing.world_inputs(seed, [6] * world, H, experts, K, torch.float32, "uniform")
+    return inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank]
+
+
+def _caught(fn) -> tuple[str, str, float]:
+    """(exception class, message, seconds) of fn(), or ("", "", seconds) when it returns."""
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+    return "", "", time.monotonic() - t0
+
+
+def _config_mismatch(rank, world):
+    return _caught(lambda: ts.Communicator(dist.group.WORLD, _config(hidden=32 + 32 * rank)))
+
+
+def test_ranks_that_disagree_on_the_config_all_get_the_field_and_values():
+    for cls, msg, _ in run_world(2, _config_mismatch, timeout_s=60):
+        assert cls == "ValueError", msg
+        assert "hidden differs (rank 0: 32; rank 1: 64)" in msg
+
+
+def _one_bad_input(rank, world):
+    comm = ts.Communicator(dist.group.WORLD, _config())
+    x, idx, w = _inputs(rank, world)
+    if rank == 1:
+        idx[2, 1] = E + 5
+    first = _caught(lambda: comm.dispatch(x, idx, w))
+    x, idx, w = _inputs(rank, world)  # then good inputs: the communicator is usable again
+    handle = comm.dispatch(x, idx, w)
+    comm.combine(comm.combine_buffer(torch.float32).zero_(), handle)
+    return first
+
+
+def test_one_rank_rejecting_its_input_fails_every_rank_at_once():
+    (cls0, msg0, s0), (cls1, msg1, _) = run_world(2, _one_bad_input, timeout_s=60)
+    assert cls1 == "SwiftepIndexError" and "topk_idx[2, 1] = 13 is out of range" in msg1
+    assert cls0 == "SwiftepError", msg0
+    assert "dispatch call 1: rank 1 rejected its inputs (SwiftepIndexError" in msg0
+    assert s0 < 10, f"rank 0 waited {s0:.1f} s: it should learn at once, not at timeout_s=20"
+
+
+def _never_calls(rank, world):
+    comm = ts.Communicator(dist.group.WORLD, _config(timeout_s=1.5))
+    x, idx, w = _inputs(rank, world)
+    if rank == 1:
+        time.sleep(3)  # alive, but late for the call
+    first = _caught(lambda: comm.dispatch(x, idx, w))
+    later = _caught(lambda: comm.dispatch(x, idx, w))
+    dist.barrier()  # rank 0 hosts the store: it stays until rank 1 has seen the verdict
+    return first, later
+
+
+def test_a_rank_that_never_calls_is_named_within_the_timeout():
+    (first0, later0), (first1, _) = run_world(2, _never_calls, timeout_s=60)
+    cls, msg, seconds = first0
+    assert cls == "BrokenCommunicatorError", msg
+    assert "rank 1 never arrived at dispatch call 1 within timeout_s=1.5" in msg
+    assert 1.5 <= seconds < 4, seconds
+    # the late rank does not hang in the collective alone: it learns the call was given up
+    assert first1[0] == "BrokenCommunicatorError" and "rank 0 gave up waiting" in first1[1]
+    assert later0[0] == "BrokenCommunicatorError" and "build a new one" in later0[1]
+
+
+def _dead_rank(rank, world):
+    comm = ts.Communicator(dist.group.WORLD, _config(timeout_s=2.0, num_experts=12))
+    x, idx, w = _inputs(rank, world, experts=12)
+    comm.combine(comm.combine_buffer(torch.float32).zero_(), comm.dispatch(x, idx, w))
+    if rank == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    failed = _caught(lambda: comm.dispatch(x, idx, w))
+    # the survivors rebuild over the ranks that remain, in the same process
+    group = dist.new_group([0, 1], use_local_synchronization=True)
+    small = ts.Communicator(group, _config(timeout_s=2.0, num_experts=12))
+    x, idx, w = _inputs(rank, 2, seed=4, experts=12)
+    y = small.combine(small.combine_buffer(torch.float32).zero_(), small.dispatch(x, idx, w))
+    return failed, tuple(y.shape)
+
+
+def test_a_killed_rank_is_named_and_the_survivors_rebuild():
+    results = run_world(3, _dead_rank, timeout_s=90, may_die=(2,))
+    assert results[2] is None
+    for (cls, msg, seconds), shape in results[:2]:
+        assert cls == "BrokenCommunicatorError", msg
+        assert "rank 2 never arrived at dispatch call 3" in msg
+        assert seconds < 6, seconds
+        assert shape == (6, H)

@@ -1,0 +1,190 @@
+"""Bounded, attributed agreement between the ranks of a communicator, over the group's store.
+
+Host-side waits for other ranks go through here, so each ends within timeout_s with a
+SwiftepError that names the ranks waited for and the call, never a raw backend message:
+
+- at construction, every rank posts a fingerprint of its configuration and compares it with
+  every other rank's (a mismatch names the field and each rank's value);
+- on the CPU backend, before each call's first collective, every rank posts whether its inputs
+  passed their checks; a rank that rejected its inputs makes the others raise at once, naming
+  it and its reason, and a rank that never arrives is named after timeout_s. Only then do the
+  gloo collectives start, with every rank known to be there.
+
+Keys live in the process group's c10d store (the one init_process_group made) under a prefix
+unique to the communicator: communicators of one group must be built in the same order on
+every rank, as any collective must.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .status import SwiftepError
+
+# Polling interval of a wait: starts short (a call's agreement usually completes within a
+# millisecond) and backs off so a long wait does not hammer the store.
+POLL_FIRST_S, POLL_MAX_S = 1e-4, 0.02
+_INSTANCES: dict = defaultdict(itertools.count)  # group name -> communicators built so far
+GAVE_UP = "gave up waiting"
+
+
+class BrokenCommunicatorError(SwiftepError):
+    """A rank failed or vanished mid-protocol: this communicator must be rebuilt."""
+
+
+class Agreement:
+    """One communicator's view of the store: rank, world, timeout and a unique key prefix."""
+
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float):
+        self.rank, self.world = group.rank(), group.size()
+        self.group_ranks = dist.get_process_group_ranks(group)
+        self.timeout_s = timeout_s
+        self.store = dist.distributed_c10d._get_default_store()
+        self.prefix = f"swiftep/{group.group_name}/{next(_INSTANCES[group.group_name])}"
+        self.broken: Optional[str] = None
+
+    # --------------------------------------------------------------------------- helpers
+    def _key(self, *parts) -> str:
+        return "/".join([self.prefix, *map(str, parts)])
+
+    def _ranks_text(self, ranks) -> str:
+        """Group ranks, with the global rank where it differs (a subgroup)."""
+        names = [str(r) if self.group_ranks[r] == r else f"{r} (global {self.group_ranks[r]})"
+                 for r in ranks]
+        return ("rank " if len(names) == 1 else "ranks ") + ", ".join(names)
+
+    def _store_op(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as exc:  # the store's host (rank 0 of the job) is gone
+            self.broken = f"the process group's store stopped answering ({what}): {exc}"
+            raise BrokenCommunicatorError(
+                f"rank {self.rank}: {self.broken}; global rank 0 hosts it and has probably "
+                "exited. Rebuild the process group") from None
+
+    def _wait_for(self, keys: list[str], what: str, error_key: Optional[str] = None) -> None:
+        """Until every key exists (bounded by timeout_s), or error_key appears."""
+        deadline = time.monotonic() + self.timeout_s
+        pause = POLL_FIRST_S
+        while True:
+            if error_key is not None and self._store_op(what, self.store.check, [error_key]):
+                reason = self._store_op(what, self.store.get, error_key).decode()
+                if GAVE_UP in reason:  # a peer timed out on this call: the protocol is broken
+                    self.broken = reason
+                    raise BrokenCommunicatorError(f"rank {self.rank}: {what}: {reason}")
+                raise SwiftepError(f"rank {self.rank}: {what}: {reason}")
+            if self._store_op(what, self.store.check, keys):
+                return
+            if time.monotonic() > deadline:
+                missing = [r for r, k in enumerate(keys)
+                           if not self._store_op(what, self.store.check, [k])]
+                message = (f"{self._ranks_text(missing)} never arrived at {what} within "
+                           f"timeout_s={self.timeout_s:g}")
+                if error_key is not None:  # a late rank then raises too instead of hanging
+                    self._store_op(what, self.store.compare_set, error_key, "",
+                                   f"rank {self.rank} {GAVE_UP}: {message}")
+                self.broken = message
+                raise BrokenCommunicatorError(
+                    f"rank {self.rank}: {message}; this communicator must be rebuilt (over the "
+                    "ranks that remain: dist.new_group(ranks, use_local_synchronization=True))")
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_MAX_S)
+
+    # ------------------------------------------------------------------------ the protocol
+    def check_same_config(self, fields: dict) -> None:
+        """Raise, on every rank, if any rank's fields differ: names each field and its values."""
+        keys = [self._key("config", r) for r in range(self.world)]
+        self._store_op("config", self.store.set, keys[self.rank], json.dumps(fields))
+        self._wait_for(keys, "the Communicator's configuration check")
+        values = [json.loads(v) for v in self._store_op("config", self.store.multi_get, keys)]
+        problems = []
+        for name in fields:
+            by_value = defaultdict(list)
+            for r, v in enumerate(values):
+                by_value[json.dumps(v.get(name))].append(r)
+            if len(by_value) > 1:
+                seen = "; ".join(f"{self._ranks_text(rs)}: {json.loads(v)}"
+                                 for v, rs in by_value.items())
+                problems.append(f"{name} differs ({seen})")
+        if problems:
+            raise ValueError(f"rank {self.rank}: the ranks built their Communicators with "
+                             f"different configurations: {'; '.join(problems)}")
+
+    def before_call(self, op: str, call: int, error: Optional[BaseException]) -> None:
+        """Post this rank's verdict on its inputs for call `call`, then (inputs fine) wait until
+        every rank posted; raise if any rank rejected its inputs or never came."""
+        if self.broken is not None:
+            raise BrokenCommunicatorError(f"rank {self.rank}: this communicator is broken "
+                                          f"({self.broken}); build a new one")
+        what = f"{op} call {call}"
+        error_key = self._key("call", call, "error")
+        if error is not None:
+            reason = f"rank {self.rank} rejected its inputs ({type(error).__name__}: {error})"
+            self._store_op(what, self.store.compare_set, error_key, "", reason)
+            return  # the caller raises its own error
+        keys = [self._key("call", call, r) for r in range(self.world)]
+        self._store_op(what, self.store.set, keys[self.rank], op)
+        self._wait_for(keys, what, error_key)
+        if call >= 2:  # every rank read call - 2's keys before it arrived at call - 1
+            for key in (self._key("call", call - 2, self.rank),):
+                self._store_op(what, self.store.delete_key, key)
+
+    def after_failure(self, op: str, call: int, exc: BaseException) -> BrokenCommunicatorError:
+        """A collective of the call failed (a peer died mid-exchange): the error to raise."""
+        self.broken = f"{op} call {call} failed in the exchange with the other ranks"
+        return BrokenCommunicatorError(
+            f"rank {self.rank}: {self.broken} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); a peer failed or exited "
+            "mid-call: this communicator must be rebuilt")
+
+
+def config_fingerprint(config, device: torch.device) -> dict:
+    """What every rank of a communicator must agree on: its configuration, field by field, and
+    the kind of device its workspace lives on."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields["dtype"] = str(fields["dtype"])
+    fields["device type"] = device.type
+    return fields
+
+
+class CallLedger:
+    """Call numbers of one Communicator: every call gets the next one (the same on every rank,
+    so ranks agree on which call they are in), and each schedule remembers its latest dispatch
+    so combine can refuse a handle from another communicator or an older dispatch. Eager calls
+    only: under torch.compile and in CUDA-graph replays the numbers do not move (a traced
+    dispatch's handle carries call -1 and is not checked)."""
+
+    _ids = itertools.count()
+
+    def __init__(self):
+        self.comm_id = next(self._ids)
+        self.calls = 0
+        self.last_dispatch = {"dispatch": 0, "low_latency_dispatch": 0}
+
+    def next_call(self, op: str, ok: bool) -> int:
+        self.calls += 1
+        if ok and op in self.last_dispatch:
+            self.last_dispatch[op] = self.calls
+        return self.calls
+
+    def handle_call(self, dispatch_op: str) -> int:
+        return -1 if torch.compiler.is_compiling() else self.last_dispatch[dispatch_op]
+
+    def check_handle(self, handle, dispatch_op: str) -> None:
+        if torch.compiler.is_compiling() or handle.call == -1:
+            return
+        if handle.comm_id != self.comm_id:
+            raise ValueError(f"the handle comes from another Communicator (#{handle.comm_id}); "
+                             f"combine on the one that dispatched it (this is #{self.comm_id})")
+        latest = self.last_dispatch[dispatch_op]
+        if handle.call != latest:
+            raise ValueError(f"stale handle: it comes from call {handle.call} ({dispatch_op}), "
+                             f"but the {dispatch_op} of call {latest} has since overwritten the "
+                             "windows; combine each dispatch before the next one")
