@@ -1,0 +1,219 @@
+"""The pipelined layer's schedule: its predicted timeline, and a solver that picks it.
+
+A batch of N tokens per rank is cut into chunks. Two streams run them: the communication
+stream issues dispatches and combines, the compute stream the experts' GEMMs (and the shared
+experts). With two workspaces in turn, dispatch i + 1 may run before combine i, so the
+communication stream's order is
+
+    D1 D2 C1 D3 C2 ... Dk C(k-1) Ck        compute: [S] X1 X2 ... Xk      ("shared_first")
+                                            or       S1 X1 S2 X2 ... Sk Xk ("interleaved")
+
+where X_i waits for D_i and C_i for X_i. The solver chooses the number of chunks, their sizes
+(not necessarily equal), the compute order and the SMs given to communication, minimizing the
+predicted makespan (`simulate`: exact for this two-stream model), and returns the predicted
+timeline with its choice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Sequence
+
+from .cost_model import CostModel
+
+ORDERS = ("shared_first", "interleaved")
+# Size profiles of the refinement: first and last chunk at this fraction of the others.
+RAMPS = (0.25, 0.5, 0.75)
+# Candidates of the coarse pass whose chunk sizes the local search refines, and the finest
+# step of that search as a fraction of the batch (finer steps cost time and gained < 0.1%).
+REFINED = 2
+FINEST_STEP = 1 / 128
+
+
+class Task(NamedTuple):
+    stream: str  # "comm" or "compute"
+    name: str  # dispatch / experts / combine / shared
+    chunk: int
+    start_us: float
+    end_us: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    chunks: tuple  # tokens per rank of each chunk, in issue order
+    comm_sms: int
+    order: str
+    predicted_us: float
+    timeline: tuple  # Task, in start order
+
+    def explain(self) -> str:
+        """The choice and its predicted timeline, one task a line."""
+        lines = [f"{len(self.chunks)} chunks {list(self.chunks)}, {self.comm_sms} SMs to "
+                 f"communication, compute order {self.order}: {self.predicted_us:.1f} us"]
+        lines += [f"  {t.stream:<7} {t.name:<8} chunk {t.chunk}  {t.start_us:9.1f} -> "
+                  f"{t.end_us:9.1f} us" for t in self.timeline]
+        return "\n".join(lines)
+
+    def exposed_comm_us(self) -> float:
+        """Time the compute stream sits idle while communication runs (not hidden)."""
+        compute = sorted((t.start_us, t.end_us) for t in self.timeline if t.stream == "compute")
+        idle, cursor = 0.0, 0.0
+        for start, end in compute:
+            idle += max(0.0, start - cursor)
+            cursor = max(cursor, end)
+        return idle + max(0.0, self.predicted_us - cursor)
+
+
+def _comm_order(k: int) -> list[tuple[str, int]]:
+    order = [("dispatch", 0)] + ([("dispatch", 1)] if k > 1 else [])
+    for i in range(k):
+        order.append(("combine", i))
+        if i + 2 < k:
+            order.append(("dispatch", i + 2))
+    return order
+
+
+def _compute_order(k: int, order: str, shared: bool) -> list[tuple[str, int]]:
+    if not shared:
+        return [("experts", i) for i in range(k)]
+    if order == "shared_first":
+        return [("shared", i) for i in range(k)] + [("experts", i) for i in range(k)]
+    return [item for i in range(k) for item in (("shared", i), ("experts", i))]
+
+
+def simulate(model: CostModel, chunks: Sequence[int], comm_sms: int, order: str = "interleaved",
+             shared: bool = False) -> tuple[float, list]:
+    """(makespan us, timeline) of one layer under this schedule."""
+    k = len(chunks)
+    streams = {"comm": _comm_order(k), "compute": _compute_order(k, order, shared)}
+    depends = {"experts": "dispatch", "combine": "experts"}
+    cursor = {"comm": 0.0, "compute": 0.0}
+    head = {"comm": 0, "compute": 0}
+    end: dict[tuple[str, int], float] = {}
+    timeline = []
+    while head["comm"] < len(streams["comm"]) or head["compute"] < len(streams["compute"]):
+        progressed = False
+        for stream in ("comm", "compute"):
+            if head[stream] == len(streams[stream]):
+                continue
+            name, i = streams[stream][head[stream]]
+            dep = depends.get(name)
+            if dep is not None and (dep, i) not in end:
+                continue
+            start = max(cursor[stream], end[(dep, i)] if dep else 0.0)
+            finish = start + model.time(name, chunks[i], comm_sms)
+            end[(name, i)] = cursor[stream] = finish
+            timeline.append(Task(stream, name, i, start, finish))
+            head[stream] += 1
+            progressed = True
+        if not progressed:  # cannot happen for the orders above
+            raise RuntimeError("schedule deadlock")
+    timeline.sort(key=lambda t: (t.start_us, t.stream))
+    return max(cursor.values()), timeline
+
+
+def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool) -> float:
+    """simulate()'s makespan without the timeline, from model.linear(comm_sms): the solver's
+    inner loop (microseconds a call). Walks the two streams in the order above."""
+    (fd, sd), (fx, sx), (fc, sc) = linear["dispatch"], linear["experts"], linear["combine"]
+    fs, ss = linear["shared"] if shared else (0.0, 0.0)
+    k = len(chunks)
+    d = [fd + n * sd for n in chunks]
+    comp = sum(fs + n * ss for n in chunks) if shared and order == "shared_first" else 0.0
+    interleaved = shared and order == "interleaved"
+    end_d = [0.0] * k
+    comm = end_d[0] = d[0]
+    if k > 1:
+        comm = end_d[1] = comm + d[1]
+    for i, n in enumerate(chunks):
+        if interleaved:
+            comp += fs + n * ss
+        comp = (comp if comp > end_d[i] else end_d[i]) + fx + n * sx
+        comm = (comm if comm > comp else comp) + fc + n * sc
+        if i + 2 < k:
+            comm = end_d[i + 2] = comm + d[i + 2]
+    return comm if comm > comp else comp
+
+
+def equal_chunks(tokens: int, k: int, granularity: int = 1) -> tuple:
+    """k chunks (fewer if there are not enough granules), multiples of `granularity` but the
+    last, which takes the remainder."""
+    units = -(-tokens // granularity)
+    k = max(1, min(k, units))
+    base, extra = divmod(units, k)
+    sizes = [(base + (1 if i < extra else 0)) * granularity for i in range(k)]
+    sizes[-1] -= units * granularity - tokens
+    return tuple(sizes)
+
+
+def ramp_chunks(tokens: int, k: int, ramp: float, granularity: int = 1) -> tuple:
+    """First and last chunk at `ramp` times the size of the others (k >= 3)."""
+    weights = [ramp] + [1.0] * (k - 2) + [ramp]
+    raw = [tokens * w / sum(weights) for w in weights]
+    sizes = [max(granularity, round(r / granularity) * granularity) for r in raw]
+    sizes[len(sizes) // 2] += tokens - sum(sizes)
+    return tuple(sizes) if min(sizes) > 0 else equal_chunks(tokens, k, granularity)
+
+
+def _refine(linear, chunks, order, shared, t, tokens, granularity):
+    """Local search over the sizes: the ramps, then moving `step` tokens between neighbours
+    while the makespan drops, the step halving from ~tokens / 16 to ~tokens * FINEST_STEP
+    (at least `granularity`)."""
+    for ramp in RAMPS if len(chunks) >= 3 else ():
+        candidate = ramp_chunks(tokens, len(chunks), ramp, granularity)
+        ct = makespan(linear, candidate, order, shared)
+        if ct < t:
+            t, chunks = ct, candidate
+    sizes = list(chunks)
+    finest = max(granularity, int(tokens * FINEST_STEP) // granularity * granularity)
+    step = finest
+    while step * 2 <= tokens // 16:
+        step *= 2
+    while step >= finest:
+        improved = True
+        while improved:
+            improved = False
+            for i in range(len(sizes) - 1):
+                for src, dst in ((i, i + 1), (i + 1, i)):
+                    if sizes[src] <= step:
+                        continue
+                    sizes[src] -= step
+                    sizes[dst] += step
+                    ct = makespan(linear, sizes, order, shared)
+                    if ct < t - 1e-9:
+                        t, improved = ct, True
+                    else:
+                        sizes[src] += step
+                        sizes[dst] -= step
+        step //= 2
+    return t, tuple(sizes)
+
+
+def solve(model: CostModel, tokens: int, *, shared: bool = False,
+          sms_options: Sequence[int] = (2, 4, 8, 12, 16, 24, 32), max_chunks: int = 8,
+          granularity: int = 1, fixed_chunks: Optional[int] = None) -> Schedule:
+    """The schedule with the least predicted makespan for `tokens` tokens per rank.
+    fixed_chunks: only that many chunks (1: the unpipelined layer, for comparison)."""
+    if tokens <= 0:
+        raise ValueError(f"tokens must be positive, got {tokens}")
+    sms = [s for s in sms_options if 0 < s < model.total_sms]
+    if not sms:
+        raise ValueError(f"no SM budget in {tuple(sms_options)} is inside (0, "
+                         f"{model.total_sms})")
+    counts = [fixed_chunks] if fixed_chunks else range(1, min(max_chunks, tokens) + 1)
+    orders = ORDERS if shared else ORDERS[-1:]
+    coarse = []
+    for s in sms:
+        linear = model.linear(s)
+        for k in counts:
+            chunks = equal_chunks(tokens, k, granularity)
+            for order in orders:
+                coarse.append((makespan(linear, chunks, order, shared), chunks, s, order))
+    coarse.sort(key=lambda c: c[0])
+    best = None
+    for t, chunks, s, order in coarse[:REFINED]:
+        t, chunks = _refine(model.linear(s), chunks, order, shared, t, tokens, granularity)
+        if best is None or t < best[0]:
+            best = (t, chunks, s, order)
+    t, chunks, s, order = best
+    predicted, timeline = simulate(model, chunks, s, order, shared)
+    return Schedule(tuple(chunks), s, order, predicted, tuple(timeline))
