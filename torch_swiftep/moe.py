@@ -51,15 +51,18 @@ class ExpertParallelMoE(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, self.w_down, offs=offs)
 
+    def experts_low_latency(self, recv_x: torch.Tensor) -> torch.Tensor:
+        """The same MLP over the static [L, S, hidden] low-latency window (bmm): rows past
+        recv_counts[j] are computed and ignored."""
+        gate_up = torch.bmm(recv_x, self.w_gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.w_down)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, weights = self.route(x)
         if self.low_latency:
             handle = self.comm.low_latency_dispatch(x, idx, weights)
-            # bmm over the static [L, S, hidden] window: rows >= recv_counts[j] are ignored
-            gate_up = torch.bmm(handle.recv_x, self.w_gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            out = torch.bmm(F.silu(gate) * up, self.w_down)
-            return self.comm.low_latency_combine(out, handle)
+            return self.comm.low_latency_combine(self.experts_low_latency(handle.recv_x), handle)
         handle = self.comm.dispatch(x, idx, weights)
         out = self.experts(handle.recv_x, handle.expert_offsets[1:])
         return self.comm.combine(out, handle)

@@ -1,0 +1,82 @@
+"""The pipelined MoE layer equals the unpipelined one for the same routing, on the CPU backend
+over gloo, for several chunkings, both compute orders, with and without a shared expert, and
+for both schedules (throughput, low latency).
+
+Bit for bit when the experts compute each row on its own (row_wise=True: what dispatch, combine
+and the pipeline do to a token does not depend on its chunk); with the real grouped GEMMs the
+CPU's BLAS blocks a chunk's rows differently from the whole batch's, so there the outputs agree
+to float32 rounding (a few ulp)."""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torch_swiftep as ts
+from torch_swiftep.launch import run_world
+from torch_swiftep.moe import ExpertParallelMoE
+from torch_swiftep.pipeline import Schedule
+from torch_swiftep.pipeline.layer import PipelinedMoE
+
+pytestmark = pytest.mark.slow
+E, H, K, FFN, N = 8, 32, 2, 48, 29
+CHUNKINGS = ((N,), (10, 10, 9), (3, 17, 1, 8), (1,) * 5 + (24,))
+
+
+def _layer(rank, world, low_latency):
+    torch.manual_seed(0)
+    cfg = ts.CommConfig(num_experts=E, hidden=H, num_topk=K, max_tokens_per_rank=N,
+                        ll_max_tokens_per_rank=N, dtype=torch.float32)
+    comms = [ts.Communicator(dist.group.WORLD, cfg) for _ in range(2)]
+    moe = ExpertParallelMoE(comms[0], FFN, low_latency=low_latency, dtype=torch.float32)
+    shared = nn.Linear(H, H, bias=False)
+    with torch.no_grad():
+        shared.weight.copy_(torch.randn(H, H, generator=torch.Generator().manual_seed(1)) / H)
+    return moe, comms, shared
+
+
+def _compare(rank, world, low_latency, row_wise):
+    moe, comms, shared = _layer(rank, world, low_latency)
+    if row_wise:  # an expert that computes every row by itself: bit-exact comparisons
+        moe.experts = lambda rows, offs: rows * 1.5 - 0.25
+        moe.experts_low_latency = lambda rows: rows * 1.5 - 0.25
+        shared = lambda x: x * 0.5  # noqa: E731
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(10 + rank))
+    with torch.no_grad():
+        plain = moe(x)
+        plain_shared = plain + shared(x)
+        errors = []
+        for with_shared in (False, True):
+            layer = PipelinedMoE(moe, comms, shared if with_shared else None)
+            for chunks in CHUNKINGS:
+                for order in ("shared_first", "interleaved"):
+                    y = layer(x, Schedule(chunks, 4, order, 0.0, ()))
+                    want = plain_shared if with_shared else plain
+                    same = torch.equal(y, want) if row_wise else \
+                        torch.allclose(y, want, rtol=1e-5, atol=1e-6)
+                    if not same:
+                        err = (y - want).abs().max().item()
+                        errors.append(f"rank {rank} shared={with_shared} {chunks} {order}: "
+                                      f"max |diff| {err:.3g}")
+    return errors
+
+
+@pytest.mark.parametrize("row_wise", [True, False])
+@pytest.mark.parametrize("low_latency", [False, True])
+def test_pipelined_layer_equals_the_unpipelined_one(low_latency, row_wise):
+    errors = sum(run_world(2, _compare, low_latency, row_wise, timeout_s=120), [])
+    assert not errors, errors[:6]
+
+
+def _bad_schedule(rank, world):
+    moe, comms, _ = _layer(rank, world, False)
+    layer = PipelinedMoE(moe, comms)
+    try:
+        layer(torch.randn(N, H), Schedule((10, 10), 4, "interleaved", 0.0, ()))
+    except ValueError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_a_schedule_that_does_not_cover_the_batch_is_refused():
+    for msg in run_world(2, _bad_schedule, timeout_s=120):
+        assert "schedule.chunks=[10, 10] must be positive and sum to the batch's 29 tokens" in msg
