@@ -99,3 +99,11 @@ def test_equal_chunks_cover_the_tokens():
             for g in (1, 4, 32):
                 chunks = equal_chunks(tokens, k, g)
                 assert sum(chunks) == tokens and min(chunks) > 0 and len(chunks) <= k
+
+
+def test_prediction_cli_fits_the_measured_results(capsys):
+    from torch_swiftep.pipeline.__main__ import main
+
+    assert main(["--model", "qwen3-moe", "--tokens", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "(measured)" in out and "ASSUMED" in out and "predicted speedup" in out

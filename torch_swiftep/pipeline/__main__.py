@@ -1,0 +1,78 @@
+"""python3 -m torch_swiftep.pipeline: the solver's prediction for a standard MoE layer.
+
+The cost model's communication terms are FITTED from a measured benchmark JSON
+(docs/results/throughput.json by default: dispatch and combine times at 1-4 SMs per rank and
+512-4096 tokens per rank, hidden 7168), scaled by hidden size; the terms that were not measured
+are ASSUMED and printed as such: the grouped-GEMM rate, the NVLink rate of one GPU per rank,
+and the GPU's SM count. The output is a prediction, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from . import CostModel, Sample, solve
+
+RESULTS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "results" / "throughput.json"
+# name: (hidden, expert FFN width, top-k, shared-expert FFN width or 0)
+MODELS = {"deepseek-v3": (7168, 2048, 8, 2048), "qwen3-moe": (4096, 1536, 8, 0)}
+
+
+def fit_from_results(path: pathlib.Path, hidden: int, gemm_tflops: float, link_gbps: float,
+                     total_sms: int, model: str) -> CostModel:
+    data = json.loads(path.read_text())
+    scale = hidden / data["hidden"]  # bytes per token scale with the hidden size
+    measured_hidden, topk = data["hidden"], data["topk"]
+    samples = []
+    for r in data["records"]:
+        # the per-SM term as measured; the link term (one GPU per rank, (W-1)/W of the rows
+        # leave it) is added below from the assumed NVLink rate
+        samples.append(Sample(r["op"], r["tokens"], r["sms_per_rank"], r["ms"] * 1e3 * scale))
+    world = data["world"]
+    fitted = CostModel.fit(samples, total_sms)
+    link_us_per_token = topk * measured_hidden * 2 * scale * (world - 1) / world / link_gbps / 1e3
+    coefficients = {task: (c0, c1, c2 + link_us_per_token)
+                    for task, (c0, c1, c2) in fitted.coefficients.items()}
+    hidden_, ffn, k, shared_ffn = MODELS[model]
+    flops_per_row = 3 * 2 * hidden_ * ffn  # gate, up and down projections
+    coefficients["experts"] = (20.0, k * flops_per_row / (gemm_tflops * 1e6), 0.0)
+    if shared_ffn:
+        coefficients["shared"] = (10.0, 3 * 2 * hidden_ * shared_ffn / (gemm_tflops * 1e6), 0.0)
+    return CostModel(total_sms, coefficients)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m torch_swiftep.pipeline",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="deepseek-v3",
+                   help="layer shape (default: deepseek-v3)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default: 4096)")
+    p.add_argument("--results", type=pathlib.Path, default=RESULTS,
+                   help="measured throughput JSON the communication terms are fitted from")
+    p.add_argument("--gemm-tflops", type=float, default=600.0,
+                   help="ASSUMED grouped-GEMM rate on the whole GPU (default: 600, bf16 H200)")
+    p.add_argument("--link-gbps", type=float, default=370.0,
+                   help="ASSUMED NVLink rate per direction per GPU (default: 370)")
+    p.add_argument("--total-sms", type=int, default=132, help="SMs of the GPU (default: 132)")
+    args = p.parse_args(argv)
+    hidden = MODELS[args.model][0]
+    model = fit_from_results(args.results, hidden, args.gemm_tflops, args.link_gbps,
+                             args.total_sms, args.model)
+    shared = model.has("shared")
+    print(f"{args.model}, {args.tokens} tokens/rank; communication fitted from {args.results} "
+          f"(measured), GEMM {args.gemm_tflops:g} TFLOP/s and NVLink {args.link_gbps:g} GB/s "
+          "ASSUMED")
+    print(model)
+    serial = solve(model, args.tokens, shared=shared, fixed_chunks=1)
+    piped = solve(model, args.tokens, shared=shared)
+    for name, s in (("unpipelined (best SM budget)", serial), ("pipelined (solver)", piped)):
+        print(f"{name}: {s.predicted_us / 1e3:.3f} ms, {len(s.chunks)} chunks, {s.comm_sms} SMs "
+              f"to communication, exposed communication {s.exposed_comm_us() / s.predicted_us:.0%}")
+    print(f"predicted speedup {serial.predicted_us / piped.predicted_us:.2f}x")
+    print(piped.explain())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
