@@ -32,7 +32,8 @@ from .status import SwiftepError
 # millisecond) and backs off so a long wait does not hammer the store.
 POLL_FIRST_S, POLL_MAX_S = 1e-4, 0.02
 _INSTANCES: dict = defaultdict(itertools.count)  # group name -> communicators built so far
-GAVE_UP = "gave up waiting"
+GAVE_UP = "gave up waiting"  # in a verdict: a rank's wait for the others ran out
+GO = "go"  # the verdict when every rank arrived with good inputs
 
 
 class BrokenCommunicatorError(SwiftepError):
@@ -69,31 +70,28 @@ class Agreement:
                 f"rank {self.rank}: {self.broken}; global rank 0 hosts it and has probably "
                 "exited. Rebuild the process group") from None
 
-    def _wait_for(self, keys: list[str], what: str, error_key: Optional[str] = None) -> None:
-        """Until every key exists (bounded by timeout_s), or error_key appears."""
+    def _missing(self, keys: list[str], what: str) -> str:
+        missing = [r for r, k in enumerate(keys) if not self._store_op(what, self.store.check, [k])]
+        return (f"{self._ranks_text(missing)} never arrived at {what} within "
+                f"timeout_s={self.timeout_s:g}")
+
+    def _broken(self, message: str) -> BrokenCommunicatorError:
+        self.broken = message
+        return BrokenCommunicatorError(
+            f"rank {self.rank}: {message}; this communicator must be rebuilt (over the ranks "
+            "that remain: dist.new_group(ranks, use_local_synchronization=True))")
+
+    def _poll(self, ready, what: str, on_deadline):
+        """ready() until it returns a value (not None), bounded by timeout_s; then
+        on_deadline() decides (it returns a value to use, or raises)."""
         deadline = time.monotonic() + self.timeout_s
         pause = POLL_FIRST_S
         while True:
-            if error_key is not None and self._store_op(what, self.store.check, [error_key]):
-                reason = self._store_op(what, self.store.get, error_key).decode()
-                if GAVE_UP in reason:  # a peer timed out on this call: the protocol is broken
-                    self.broken = reason
-                    raise BrokenCommunicatorError(f"rank {self.rank}: {what}: {reason}")
-                raise SwiftepError(f"rank {self.rank}: {what}: {reason}")
-            if self._store_op(what, self.store.check, keys):
-                return
+            value = ready()
+            if value is not None:
+                return value
             if time.monotonic() > deadline:
-                missing = [r for r, k in enumerate(keys)
-                           if not self._store_op(what, self.store.check, [k])]
-                message = (f"{self._ranks_text(missing)} never arrived at {what} within "
-                           f"timeout_s={self.timeout_s:g}")
-                if error_key is not None:  # a late rank then raises too instead of hanging
-                    self._store_op(what, self.store.compare_set, error_key, "",
-                                   f"rank {self.rank} {GAVE_UP}: {message}")
-                self.broken = message
-                raise BrokenCommunicatorError(
-                    f"rank {self.rank}: {message}; this communicator must be rebuilt (over the "
-                    "ranks that remain: dist.new_group(ranks, use_local_synchronization=True))")
+                return on_deadline()
             time.sleep(pause)
             pause = min(2 * pause, POLL_MAX_S)
 
@@ -101,8 +99,13 @@ class Agreement:
     def check_same_config(self, fields: dict) -> None:
         """Raise, on every rank, if any rank's fields differ: names each field and its values."""
         keys = [self._key("config", r) for r in range(self.world)]
-        self._store_op("config", self.store.set, keys[self.rank], json.dumps(fields))
-        self._wait_for(keys, "the Communicator's configuration check")
+        what = "the Communicator's configuration check"
+        self._store_op(what, self.store.set, keys[self.rank], json.dumps(fields))
+
+        def deadline():
+            raise self._broken(self._missing(keys, what))
+        self._poll(lambda: True if self._store_op(what, self.store.check, keys) else None, what,
+                   deadline)
         values = [json.loads(v) for v in self._store_op("config", self.store.multi_get, keys)]
         problems = []
         for name in fields:
@@ -118,22 +121,44 @@ class Agreement:
                              f"different configurations: {'; '.join(problems)}")
 
     def before_call(self, op: str, call: int, error: Optional[BaseException]) -> None:
-        """Post this rank's verdict on its inputs for call `call`, then (inputs fine) wait until
-        every rank posted; raise if any rank rejected its inputs or never came."""
+        """Agree on call `call` before its first collective. One verdict key decides it, set
+        once (compare-and-set): "go" by the last rank to arrive, a rejection by a rank whose
+        inputs failed their checks, or "gave up" by a rank whose wait ran out. Every rank acts
+        on the same verdict, so no rank enters the exchange alone."""
         if self.broken is not None:
             raise BrokenCommunicatorError(f"rank {self.rank}: this communicator is broken "
                                           f"({self.broken}); build a new one")
         what = f"{op} call {call}"
-        error_key = self._key("call", call, "error")
+        verdict_key = self._key("call", call, "verdict")
         if error is not None:
             reason = f"rank {self.rank} rejected its inputs ({type(error).__name__}: {error})"
-            self._store_op(what, self.store.compare_set, error_key, "", reason)
+            self._store_op(what, self.store.compare_set, verdict_key, "", reason)
             return  # the caller raises its own error
         keys = [self._key("call", call, r) for r in range(self.world)]
-        self._store_op(what, self.store.set, keys[self.rank], op)
-        self._wait_for(keys, what, error_key)
-        if call >= 2:  # every rank read call - 2's keys before it arrived at call - 1
-            for key in (self._key("call", call - 2, self.rank),):
+        self._store_op(what, self.store.set, keys[self.rank], op)  # names the missing on timeout
+        arrived = self._store_op(what, self.store.add, self._key("call", call, "count"), 1)
+        if arrived == self.world:
+            self._store_op(what, self.store.compare_set, verdict_key, "", GO)
+
+        def ready():
+            if self._store_op(what, self.store.check, [verdict_key]):
+                return self._store_op(what, self.store.get, verdict_key).decode()
+            return None
+
+        def deadline():  # the verdict is ours to give, unless someone gave it just now
+            message = f"rank {self.rank} {GAVE_UP}: {self._missing(keys, what)}"
+            return self._store_op(what, self.store.compare_set, verdict_key, "",
+                                  message).decode()
+        verdict = self._poll(ready, what, deadline)
+        if verdict != GO:
+            if GAVE_UP in verdict:
+                raise self._broken(f"{what}: {verdict}")
+            raise SwiftepError(f"rank {self.rank}: {what}: {verdict}")
+        if call >= 3:  # everyone read call - 2's verdict before arriving at call - 1
+            old = [self._key("call", call - 2, self.rank)]
+            if self.rank == 0:
+                old += [self._key("call", call - 2, name) for name in ("count", "verdict")]
+            for key in old:
                 self._store_op(what, self.store.delete_key, key)
 
     def after_failure(self, op: str, call: int, exc: BaseException) -> BrokenCommunicatorError:
