@@ -45,7 +45,7 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 FP8_SCALE_PER_AMAX = struct.unpack("f", struct.pack("f", 1.0 / FP8_MAX))[0]  # float32(1 / 448)
 FP8_AMAX_FLOOR = struct.unpack("f", struct.pack("f", 1e-4))[0]  # a zero block's scale floor
 
-# The scalar part of the plan, in order: (name, C type of its CommParams field or None when
+# The scalar part of the plan, in order: (name, C type of its CommParams field, or None when
 # the kernels do not take it, meaning).
 SCALAR_FIELDS = (
     ("rank", "int32_t", "this rank"),
@@ -58,6 +58,9 @@ SCALAR_FIELDS = (
     ("max_tokens_per_rank", "int32_t", "most tokens one throughput call sends"),
     ("ll_max_tokens_per_rank", "int32_t", "most tokens one low-latency call sends (0: none)"),
     ("timeout_ms", "int64_t", "bound of every wait for a peer"),
+    # ranks of one node (NVLink domain); world_size when the world is one node. The CPU backend
+    # forwards through nodes by it; the CUDA kernels do not take it yet (scale-out).
+    ("ranks_per_node", None, "ranks of one node"),
 )
 
 # Regions of a rank's workspace, in address order (sizes: torch_swiftep.plan.Plan.build).
@@ -177,7 +180,8 @@ def ll_rows_per_expert(plan) -> int:
 # offset is a byte offset from a workspace base; every rank's workspace has the same layout, so
 # peer_base + offset addresses a peer's region.
 COMM_PARAMS = (
-    tuple((ctype, name, f"p[{name}]", meaning) for name, ctype, meaning in SCALAR_FIELDS)
+    tuple((ctype, name, f"p[{name}]", meaning) for name, ctype, meaning in SCALAR_FIELDS
+          if ctype is not None)
     + (
         ("int32_t", "num_local_experts", "p[num_experts] / p[world_size]",
          "L = num_experts / world_size"),

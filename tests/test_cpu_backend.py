@@ -51,6 +51,25 @@ def test_cpu_backend_matches_reference(world):
     assert not errors, "\n".join(errors[:20])
 
 
+def _nodes_cases(rank, world, per_node):
+    """The cases with the world grouped into nodes: the throughput schedule forwards through
+    each destination node (backends/cpu_hierarchical.py), the low-latency one stays direct."""
+    errors = []
+    for case in _cases(world):
+        comm = ts.Communicator(dist.group.WORLD, case.config(ranks_per_node=per_node))
+        errors += testing.run_step(comm, rank, testing.expected(case),
+                                   zero_copy=case.seed % 2 == 0)
+    return [f"ranks_per_node={per_node}: {e}" for e in errors]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, per_node", [(4, 2), (4, 1), (3, 1)])
+def test_cpu_backend_across_nodes_matches_reference(world, per_node):
+    results = run_world(world, _nodes_cases, per_node, timeout_s=240)
+    errors = [e for per_rank in results for e in per_rank]
+    assert not errors, "\n".join(errors[:20])
+
+
 def test_dispatch_layout_counts():
     inp = testing.world_inputs(5, [23], 8, 16, 3, torch.float32, "holes")
     idx = inp.topk_idx[0]
@@ -117,3 +136,15 @@ def test_cpu_backend_fuzz():
     results = run_world(3, _fuzz, timeout_s=240)
     errors = [e for per_rank in results for e in per_rank]
     assert not errors, "\n".join(errors[:20])
+
+
+def test_cross_node_rows_count_one_row_per_token_and_node():
+    from torch_swiftep.backends.cpu_hierarchical import cross_node_rows
+
+    # 4 ranks in 2 nodes, 2 experts per rank. Rank 0's token 0 goes to ranks 2 and 3 (node 1)
+    # and rank 1 (its own node); token 1 to nobody; rank 3's token to ranks 0 and 2.
+    idx = [torch.tensor([[4, 6, 2], [-1, -1, -1]]), torch.empty(0, 3, dtype=torch.long),
+           torch.empty(0, 3, dtype=torch.long), torch.tensor([[0, 5, -1]])]
+    counts = cross_node_rows(idx, num_experts=8, ranks_per_node=2)
+    assert counts == {"hierarchical_rows": 2, "flat_rows": 3,
+                      "rows_per_node_pair": {(0, 1): 1, (1, 0): 1}}

@@ -67,6 +67,10 @@ class CommConfig:
     ll_max_tokens_per_rank: tokens per rank of the low-latency (decode) windows; 0 = none.
     num_sms: SMs the communication kernels may use (the rest stays with the GEMMs).
     timeout_s: bound of every wait for another rank, host or device.
+    ranks_per_node: ranks of one node (NVLink domain); ranks r and r' share a node when
+        r // ranks_per_node == r' // ranks_per_node. None: the whole world is one node. Across
+        nodes the throughput schedule sends a token once per destination node and forwards it
+        inside the node (CPU backend today; docs/design.md, "Scale-out").
     """
 
     num_experts: int
@@ -78,6 +82,7 @@ class CommConfig:
     ll_max_tokens_per_rank: int = 0
     num_sms: int = 24
     timeout_s: float = 60.0
+    ranks_per_node: Optional[int] = None
 
     def __post_init__(self):
         def positive(name):
@@ -106,6 +111,8 @@ class CommConfig:
             )
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.ranks_per_node is not None:
+            positive("ranks_per_node")
 
     @property
     def scale_cols(self) -> int:
@@ -116,6 +123,9 @@ class CommConfig:
 def check_world(config: CommConfig, world_size: int) -> None:
     if not isinstance(world_size, int) or world_size <= 0:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if config.ranks_per_node is not None and world_size % config.ranks_per_node != 0:
+        raise ValueError(f"world_size={world_size} is not a multiple of ranks_per_node="
+                         f"{config.ranks_per_node} (every node has the same number of ranks)")
     if config.num_experts % world_size != 0:
         raise ValueError(
             f"num_experts={config.num_experts} is not divisible by world_size={world_size} "
@@ -192,6 +202,7 @@ class Plan:
             max_tokens_per_rank=c.max_tokens_per_rank,
             ll_max_tokens_per_rank=c.ll_max_tokens_per_rank,
             timeout_ms=max(1, int(math.ceil(c.timeout_s * 1000))),
+            ranks_per_node=c.ranks_per_node or self.world_size,
             workspace_bytes=self.workspace_bytes,
             **self.offsets,
             **{f"off_ctrl_{k}": self.offsets["off_ctrl"] + v for k, v in self.ctrl.items()},

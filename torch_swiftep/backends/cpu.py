@@ -24,6 +24,7 @@ from ..ops.protocol import (
 )
 from ..plan import ctrl_region, typed_region
 from ..status import SwiftepError, SwiftepIndexError
+from .cpu_hierarchical import combine_exchange, dispatch_exchange
 
 
 def _group(group_name: str, world_size: int):
@@ -138,21 +139,15 @@ def _dispatch(x, x_scales, topk_idx, topk_weights, workspace, group_name, plan, 
     check_index_values(topk_idx, experts)
     group = _group(group_name, world)
     route = _Route(topk_idx, plan, low_latency, group)
-    order = route.order
-    tokens, slots = route.tokens[order], route.slots[order]
-    payload = [x[tokens].view(torch.uint8)]
-    if x_scales is not None:
-        payload.append(x_scales[tokens].view(torch.uint8))
-    meta = torch.stack([
-        tokens,
-        route.rows[order],
-        topk_weights[tokens, slots].view(torch.int32).long(),  # float bits travel as int
-    ], dim=1)
-    send_counts, recv_counts = route.send_counts.tolist(), route.recv_counts_from.tolist()
-    recv_payload = _all_to_all(torch.cat(payload, dim=1), send_counts, recv_counts, group)
-    recv_meta = _all_to_all(meta, send_counts, recv_counts, group)
-    sources = torch.repeat_interleave(torch.arange(world), route.recv_counts_from)
-
+    per_token = [x.view(torch.uint8)] + ([x_scales.view(torch.uint8)] if x_scales is not None
+                                         else [])
+    payload = torch.cat(per_token, dim=1)  # what one token sends: its row (and scales)
+    if _hierarchical(plan, low_latency):
+        recv_payload, recv_meta, sources = dispatch_exchange(payload, route, topk_weights, plan,
+                                                             group)
+    else:
+        recv_payload, recv_meta, sources = _flat_exchange(payload, route, topk_weights, group,
+                                                          world)
     prefix = "off_ll_" if low_latency else "off_"
     rows_total = _window_rows(plan, low_latency)
     hidden = plan_value(plan, "hidden")
@@ -171,6 +166,28 @@ def _dispatch(x, x_scales, topk_idx, topk_weights, workspace, group_name, plan, 
     weights[rows] = recv_meta[:, 2].to(torch.int32).view(torch.float32)
     _bump_epoch(workspace, plan, low_latency)
     return route
+
+
+def _hierarchical(plan, low_latency: bool) -> bool:
+    """Several nodes, throughput schedule: tokens cross nodes once per node (the low-latency
+    schedule writes every (token, rank) directly, across nodes too)."""
+    return not low_latency and plan_value(plan, "ranks_per_node") < plan_value(plan, "world_size")
+
+
+def _flat_exchange(payload, route, topk_weights, group, world):
+    """One all-to-all of every pair's row: (rows, meta [token, row, weight bits], sources)."""
+    order = route.order
+    tokens, slots = route.tokens[order], route.slots[order]
+    meta = torch.stack([
+        tokens,
+        route.rows[order],
+        topk_weights[tokens, slots].view(torch.int32).long(),  # float bits travel as int
+    ], dim=1)
+    send_counts, recv_counts = route.send_counts.tolist(), route.recv_counts_from.tolist()
+    recv_payload = _all_to_all(payload[tokens], send_counts, recv_counts, group)
+    recv_meta = _all_to_all(meta, send_counts, recv_counts, group)
+    return recv_payload, recv_meta, torch.repeat_interleave(torch.arange(world),
+                                                            route.recv_counts_from)
 
 
 def _window_rows(plan, low_latency: bool) -> int:
@@ -200,6 +217,10 @@ def _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspa
         window[valid_rows] = flat_out[valid_rows]  # not the combine window: stage it there
     src = typed_region(workspace, plan, prefix + "recv_src", torch.int32, (rows_total, 2))
     row_src = src[valid_rows, 0].long()
+    if _hierarchical(plan, low_latency):
+        y = combine_exchange(window, valid_rows, row_src, topk_idx, topk_weights, token_rows,
+                             plan, group)
+        return y.to(expert_out.dtype)
     back_order = torch.argsort(row_src, stable=True)  # rows per source, ascending row index
     send = window[valid_rows[back_order]]
     send_counts = torch.bincount(row_src, minlength=world)
