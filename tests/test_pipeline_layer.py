@@ -80,3 +80,15 @@ def _bad_schedule(rank, world):
 def test_a_schedule_that_does_not_cover_the_batch_is_refused():
     for msg in run_world(2, _bad_schedule, timeout_s=120):
         assert "schedule.chunks=[10, 10] must be positive and sum to the batch's 29 tokens" in msg
+
+
+def test_pipeline_benchmark_runs_on_cpu(tmp_path):
+    """The GPU benchmark's code path, on CPU at a tiny shape: its figures mean nothing here."""
+    import json
+
+    from torch_swiftep.bench.pipeline_layer import run
+
+    result = run("tiny", 48, out_dir=tmp_path, device=torch.device("cpu"))
+    saved = json.loads((tmp_path / "pipeline_layer.json").read_text())
+    assert saved["tokens"] == 48 and sum(saved["chosen"]["chunks"]) == 48
+    assert result["speedup"] > 0 and 0 <= result["exposed_comm_fraction"] <= 1

@@ -11,6 +11,7 @@ unpipelined layer's for the same routing. On CPU everything runs in issue order.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -74,6 +75,10 @@ class PipelinedMoE(nn.Module):
                                  f"({moe.comm.config}), got {c.config}")
         self.moe, self.comms, self.shared = moe, tuple(comms), shared
         self._streams = _Streams(moe.comm.device)
+        self.tracer = None  # a TaskTracer: record when every task ran (the benchmark's timeline)
+
+    def _span(self, stream: str, name: str, chunk: int):
+        return self.tracer.span(stream, name, chunk) if self.tracer else contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         if sum(schedule.chunks) != x.size(0) or min(schedule.chunks) <= 0:
@@ -87,17 +92,30 @@ class PipelinedMoE(nn.Module):
     def _dispatch(self, i: int, parts, sms: int):
         comm = self.comms[i % 2]
         method = comm.low_latency_dispatch if self.moe.low_latency else comm.dispatch
-        return self._streams.on_comm(lambda: method(*parts[i], num_sms=sms), parts[i])
+
+        def call():
+            with self._span("comm", "dispatch", i):
+                return method(*parts[i], num_sms=sms)
+        return self._streams.on_comm(call, parts[i])
 
     def _combine(self, i: int, out: torch.Tensor, handle, sms: int):
         comm = self.comms[i % 2]
         method = comm.low_latency_combine if self.moe.low_latency else comm.combine
-        return self._streams.on_comm(lambda: method(out, handle, num_sms=sms), (out,))
 
-    def _experts(self, handle) -> torch.Tensor:
-        if self.moe.low_latency:
-            return self.moe.experts_low_latency(handle.recv_x)
-        return self.moe.experts(handle.recv_x, handle.expert_offsets[1:])
+        def call():
+            with self._span("comm", "combine", i):
+                return method(out, handle, num_sms=sms)
+        return self._streams.on_comm(call, (out,))
+
+    def _experts(self, i: int, handle) -> torch.Tensor:
+        with self._span("compute", "experts", i):
+            if self.moe.low_latency:
+                return self.moe.experts_low_latency(handle.recv_x)
+            return self.moe.experts(handle.recv_x, handle.expert_offsets[1:])
+
+    def _shared(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        with self._span("compute", "shared", i):
+            return self.shared(x)
 
     def _run(self, x: torch.Tensor, parts, schedule: Schedule) -> list:
         """The streams in the order schedule.py models: D1 D2 C1 D3 C2 ... on the communication
@@ -107,14 +125,14 @@ class PipelinedMoE(nn.Module):
         pending = {i: self._dispatch(i, parts, sms) for i in range(min(2, k))}
         shared = None
         if self.shared is not None and not interleaved:  # fills the first dispatch's wait
-            shared = self.shared(x)
+            shared = self._shared(0, x)
         combined = []
         for i in range(k):
-            shared_i = self.shared(parts[i][0]) if self.shared is not None and interleaved \
+            shared_i = self._shared(i, parts[i][0]) if self.shared is not None and interleaved \
                 else None
             handle, event = pending.pop(i)
             self._streams.join(event, _tensors(handle))
-            combined.append((self._combine(i, self._experts(handle), handle, sms), shared_i))
+            combined.append((self._combine(i, self._experts(i, handle), handle, sms), shared_i))
             if i + 2 < k:
                 pending[i + 2] = self._dispatch(i + 2, parts, sms)
         outputs = []
