@@ -7,7 +7,8 @@
 #   PYTEST_ARGS="-k missing_rank" STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
 #
 # Steps: build, tests, sanitize, transformers (tests/test_transformers_gpu.py), bench,
-# bench_quick. NVLink multicast stays off: the environment comes from
+# bench_quick, pipeline (the pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes; not in the
+# default list). NVLink multicast stays off: the environment comes from
 # torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
@@ -66,5 +67,12 @@ if has bench; then
 fi
 if has bench_quick; then
   run bench_quick python3 -m torch_swiftep.bench --quick --out "$OUT"
+fi
+if has pipeline; then
+  for shape in deepseek-v3 qwen3-moe; do
+    mkdir -p "$OUT/pipeline_$shape"
+    run "pipeline_$shape" python3 -m torch_swiftep.bench.pipeline_layer --shape "$shape" \
+      --tokens 4096 --out "$OUT/pipeline_$shape"
+  done
 fi
 exit $status

@@ -23,8 +23,11 @@ from ..pipeline import CostModel, Sample, Schedule, equal_chunks, simulate, solv
 from ..pipeline.layer import PipelinedMoE
 from ..pipeline.trace import TaskTracer
 
-SHAPES = {"deepseek-v3": (7168, 2048, 8, 256, 2048), "qwen3-moe": (4096, 1536, 8, 128, 0),
-          "tiny": (256, 128, 4, 16, 128)}  # hidden, expert FFN, top-k, experts, shared FFN
+# hidden, expert FFN, top-k, experts, shared FFN. A world of one holds one EP8 rank's share:
+# DeepSeek-V3's 256 experts / 8 = 32, Qwen3-MoE's 128 / 8 = 16, so the GEMM rows per expert and
+# the bytes each call moves are one rank's at EP8 (the links are the GPU's memory here).
+SHAPES = {"deepseek-v3": (7168, 2048, 8, 32, 2048), "qwen3-moe": (4096, 1536, 8, 16, 0),
+          "tiny": (256, 128, 4, 16, 128)}
 
 
 def _time_us(fn, device, iters: int = 5) -> float:
