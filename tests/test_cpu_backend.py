@@ -148,3 +148,15 @@ def test_cross_node_rows_count_one_row_per_token_and_node():
     counts = cross_node_rows(idx, num_experts=8, ranks_per_node=2)
     assert counts == {"hierarchical_rows": 2, "flat_rows": 3,
                       "rows_per_node_pair": {(0, 1): 1, (1, 0): 1}}
+
+
+def test_scale_out_model_is_link_bound_and_counts_its_sms():
+    from torch_swiftep.bench.scale_out_model import predict
+
+    rates = {"dispatch": 60.0, "combine": 23.0}
+    result = predict(16, 8, tokens=256, rates=rates)
+    for op in ("dispatch", "combine"):
+        r = result[op]
+        assert r["bound"] == "NIC" and r["sms"] >= 1
+        assert r["time_us"] >= max(r["nic_us"], r["nvlink_us"])
+    assert result["combine"]["sms"] > result["dispatch"]["sms"]  # combine moves fewer bytes/SM
