@@ -115,3 +115,32 @@ def test_a_killed_rank_is_named_and_the_survivors_rebuild():
         assert _matches(observed, FAULTS[6]), observed
         assert observed[2] < 6, observed[2]
         assert shape == (6, H)
+
+
+def test_a_device_timeout_adds_what_the_awaited_rank_posted():
+    """CUDA: a kernel that timed out waiting for rank 1 reports it through the status word;
+    the host adds why rank 1 never came, if it posted a rejection (agreement.post_rejection)."""
+    from torch_swiftep.ops.protocol import STATUS
+    from torch_swiftep.status import raise_if_error
+
+    status = torch.tensor([STATUS["timeout"], 1, 0, 7])
+    posted = "rank 1 rejected its inputs for dispatch call 3 (SwiftepIndexError: ...)"
+    with pytest.raises(ts.SwiftepError, match=r"timed out waiting for rank 1 .*call 7.*; "
+                                              r"rank 1 rejected its inputs for dispatch call 3"):
+        raise_if_error(status, 0, about_rank=lambda peer: posted if peer == 1 else None)
+
+
+def _post_and_read(rank, world):
+    from torch_swiftep.agreement import Agreement
+
+    agreement = Agreement(dist.group.WORLD, timeout_s=10)
+    if rank == 1:
+        agreement.post_rejection("dispatch", 3, ValueError("x has hidden=32"))
+    dist.barrier()
+    return agreement.rejection_of(1), agreement.rejection_of(0)
+
+
+def test_a_rejection_posted_by_one_rank_is_read_by_another():
+    (posted, nothing), _ = run_world(2, _post_and_read, timeout_s=60)
+    assert posted == "rank 1 rejected its inputs for dispatch call 3 (ValueError: x has hidden=32)"
+    assert nothing is None

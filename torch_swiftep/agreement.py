@@ -161,6 +161,24 @@ class Agreement:
             for key in old:
                 self._store_op(what, self.store.delete_key, key)
 
+    def post_rejection(self, op: str, call: int, error: BaseException) -> None:
+        """CUDA backend: remember why this rank rejected a call's inputs, so a peer whose kernel
+        then times out waiting for it can say why (no store traffic on the fast path)."""
+        reason = f"rank {self.rank} rejected its inputs for {op} call {call} " \
+                 f"({type(error).__name__}: {error})"
+        try:
+            self.store.set(self._key("rejected", self.rank), reason)
+        except Exception:  # best effort: the error itself is raised by the caller anyway
+            pass
+
+    def rejection_of(self, peer: int) -> Optional[str]:
+        """What `peer` posted with post_rejection, if anything (the error path only)."""
+        key = self._key("rejected", peer)
+        try:
+            return self.store.get(key).decode() if self.store.check([key]) else None
+        except Exception:
+            return None
+
     def after_failure(self, op: str, call: int, exc: BaseException) -> BrokenCommunicatorError:
         """A collective of the call failed (a peer died mid-exchange): the error to raise."""
         self.broken = f"{op} call {call} failed in the exchange with the other ranks"

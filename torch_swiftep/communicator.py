@@ -136,8 +136,9 @@ class Communicator:
             if world > 1:
                 dist.barrier(group)  # every rank's ctrl region is zeroed before anyone writes
         self._init(config, plan, workspace, peer_ptrs, group_name, host_status)
-        # CPU backend: every call first agrees that all ranks are there with good inputs
-        self._agreement = agreement if device.type == "cpu" else None
+        # CPU backend: every call first agrees that all ranks are there with good inputs. CUDA:
+        # only on the error path (a rejection is posted, a peer's timeout names its reason).
+        self._agreement = agreement
 
     @classmethod
     def emulated_world(cls, config: CommConfig, world_size: int,
@@ -343,7 +344,8 @@ class Communicator:
 
     def _check_status(self) -> None:
         if self._host_status is not None and not torch.compiler.is_compiling():
-            raise_if_error(self._host_status, self.rank)
+            about = self._agreement.rejection_of if self._agreement is not None else None
+            raise_if_error(self._host_status, self.rank, about_rank=about)
 
     def _state(self, num_sms: Optional[int]) -> tuple:
         """The communicator arguments every communication op takes after its tensors."""
@@ -365,14 +367,17 @@ class Communicator:
         except (ValueError, TypeError, IndexError) as exc:
             error = exc
         call = self._ledger.next_call(name, ok=error is None)
-        if self._agreement is not None:
+        if self._agreement is not None and self.device.type == "cpu":
             self._agreement.before_call(name, call, error)
+        elif self._agreement is not None and error is not None:
+            self._agreement.post_rejection(name, call, error)
         if error is not None:
             raise error
         try:
             return getattr(torch.ops.swiftep, name)(*args)
         except RuntimeError as exc:
-            if self._agreement is None or isinstance(exc, SwiftepError):
+            if self._agreement is None or self.device.type != "cpu" or \
+                    isinstance(exc, SwiftepError):
                 raise
             raise self._agreement.after_failure(name, call, exc) from exc
 

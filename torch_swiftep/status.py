@@ -43,11 +43,19 @@ def describe(status: list[int], rank: int) -> tuple[type, str] | None:
     return SwiftepError, f"rank {rank}: unknown status code {code} ({a0}, {a1}, {a2})"
 
 
-def raise_if_error(host_status: torch.Tensor, rank: int, clear: bool = True) -> None:
-    found = describe(host_status.tolist(), rank)
+def raise_if_error(host_status: torch.Tensor, rank: int, clear: bool = True,
+                   about_rank=None) -> None:
+    """Raise the error the status record reports, if any. about_rank(peer) may add what is
+    known of the rank a timeout waited for (e.g. that it rejected its inputs)."""
+    status = host_status.tolist()
+    found = describe(status, rank)
     if found is None:
         return
     if clear:
         host_status.zero_()
     exc, message = found
+    if status[0] == STATUS["timeout"] and about_rank is not None:
+        known = about_rank(int(status[1]))
+        if known:
+            message += f"; {known}"
     raise exc(message)
