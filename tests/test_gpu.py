@@ -7,20 +7,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from gpu_world import ENV, GPU_MARKS
 
 import torch_swiftep as ts
 from torch_swiftep import testing
-from torch_swiftep.launch import NO_MULTICAST_ENV, run_world
+from torch_swiftep.launch import run_world
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(ts.CUDA_EXTENSION_ERROR is not None,
-                       reason=f"CUDA extension not built: {ts.CUDA_EXTENSION_ERROR}"),
-]
-
-ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", **NO_MULTICAST_ENV,
-       "CUDA_MODULE_LOADING": "LAZY"}  # one rank per process: lazy loading is harmless
+pytestmark = GPU_MARKS
 TOKENS = [37, 0, 128, 5, 64, 1, 99, 20]
 
 
