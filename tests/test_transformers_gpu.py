@@ -15,17 +15,11 @@ import warnings
 
 import pytest
 import torch
+from gpu_world import ENV, GPU_MARKS
 
-import torch_swiftep as ts
-from torch_swiftep.launch import NO_MULTICAST_ENV, run_world
+from torch_swiftep.launch import run_world
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.slow,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(ts.CUDA_EXTENSION_ERROR is not None,
-                       reason=f"CUDA extension not built: {ts.CUDA_EXTENSION_ERROR}"),
-]
+pytestmark = GPU_MARKS + [pytest.mark.slow]
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers' distributed loading needs accelerate")
 
@@ -33,8 +27,6 @@ FAMILIES = ("mixtral", "qwen3_moe")
 WORLD = 2
 NEW_TOKENS = 16
 TOL = 2e-2  # max |logits_ep - logits_ref| relative to max |logits_ref| (bf16)
-ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", **NO_MULTICAST_ENV,
-       "CUDA_MODULE_LOADING": "LAZY"}
 
 
 def _prompt(batch: int = 2, length: int = 8) -> torch.Tensor:
