@@ -5,15 +5,15 @@ import pathlib
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
-
 COLORS = {"dispatch": "tab:blue", "combine": "tab:orange", "experts": "tab:green",
           "shared": "tab:olive", "attention": "tab:purple"}
 
 
 def plot_timelines(timelines: dict, path: pathlib.Path) -> None:
     """timelines: title -> list of schedule.Task; one panel each, a row per stream."""
+    matplotlib.use("Agg")  # a file, no display
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(len(timelines), 1, figsize=(11, 1.6 * len(timelines) + 0.6),
                              sharex=True, squeeze=False)
     for ax, (title, tasks) in zip(axes[:, 0], timelines.items()):
