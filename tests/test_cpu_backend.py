@@ -113,7 +113,8 @@ def test_fp8_round_trip():
 
 
 def _fuzz(rank, world):
-    """Random configurations drawn from a seed every rank shares: sizes, dtypes, routing."""
+    """Random configurations drawn from a seed every rank shares: sizes, dtypes, routing (every
+    kind, repeated experts too), one node or one node per rank."""
     gen = torch.Generator().manual_seed(4242)
     errors = []
     for case in range(12):
@@ -122,10 +123,13 @@ def _fuzz(rank, world):
         topk = int(torch.randint(1, min(experts, 8) + 1, (1,), generator=gen))
         dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
         hidden = int(torch.randint(1, 40, (1,), generator=gen)) * (16 // dtype.itemsize)
-        routing = testing.ROUTINGS[int(torch.randint(0, 4, (1,), generator=gen))]
+        routing = testing.ROUTINGS[int(torch.randint(0, len(testing.ROUTINGS), (1,),
+                                                     generator=gen))]
         tokens = tuple(int(t) for t in torch.randint(0, 30, (world,), generator=gen))
         c = testing.Case(9000 + case, dtype, hidden, topk, routing, experts, tokens)
-        comm = ts.Communicator(dist.group.WORLD, c.config(ll_max_tokens_per_rank=0))
+        per_node = 1 if case % 2 else None  # every other case across nodes (one rank each)
+        comm = ts.Communicator(dist.group.WORLD, c.config(ll_max_tokens_per_rank=0,
+                                                          ranks_per_node=per_node))
         errors += testing.run_step(comm, rank, testing.expected(c), zero_copy=True,
                                    schedules=("throughput",))
     return errors
