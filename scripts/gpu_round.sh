@@ -46,7 +46,7 @@ if has build; then
     | tee -a "$OUT/summary.log"
 fi
 if has tests; then
-  run tests python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py ${PYTEST_ARGS:-}
+  run tests python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_failures.py ${PYTEST_ARGS:-}
 fi
 sanitize() {
   for tool in memcheck racecheck; do
