@@ -112,6 +112,8 @@ STATUS_CODES = (
     ("capacity", ("rank whose window overflows", "rows needed", "capacity")),
     ("timeout", ("rank waited for", "what (WAITS index)", "call epoch")),
     ("bad_index", ("token", "topk slot", "value")),
+    # a peer announced (ctrl.abort) that it failed this or an earlier call: waits give up at once
+    ("peer_failed", ("rank that failed", "what (WAITS index)", "call epoch")),
 )
 STATUS = {name: code for code, (name, _) in enumerate(STATUS_CODES)}
 STATUS_WORDS = 4  # code + 3 arguments
@@ -145,6 +147,10 @@ CTRL_FIELDS = (
     ("blocks_done", 4, lambda w, e: BLOCKS_DONE_CAPACITY),  # int32: grid completion counters
     ("status", 8, lambda w, e: STATUS_WORDS),  # int64: code, arg0, arg1, arg2 (STATUS_CODES)
     ("host_status_ptr", 8, lambda w, e: 1),  # int64: host-mapped mirror of status, or 0
+    # int64: 0, or 1 + the rank that failed a call (rejected its inputs): written by that rank's
+    # host into every peer's workspace, never reset (the communicator must be rebuilt), so
+    # every wait of every later kernel gives up at once instead of waiting out timeout_s
+    ("abort", 8, lambda w, e: 1),
     ("trace_on", 8, lambda w, e: 1),  # int64: non-zero = low-latency kernels stamp TRACE_POINTS
     ("trace", 8, lambda w, e: TRACE_CALLS * len(TRACE_POINTS)),  # int64 [TRACE_CALLS][points]
 )

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .status import SwiftepError
+from .status import REBUILD, BrokenCommunicatorError, SwiftepError
 
 # Polling interval of a wait: starts short (a call's agreement usually completes within a
 # millisecond) and backs off so a long wait does not hammer the store.
@@ -34,10 +34,6 @@ POLL_FIRST_S, POLL_MAX_S = 1e-4, 0.02
 _INSTANCES: dict = defaultdict(itertools.count)  # group name -> communicators built so far
 GAVE_UP = "gave up waiting"  # in a verdict: a rank's wait for the others ran out
 GO = "go"  # the verdict when every rank arrived with good inputs
-
-
-class BrokenCommunicatorError(SwiftepError):
-    """A rank failed or vanished mid-protocol: this communicator must be rebuilt."""
 
 
 class Agreement:
@@ -77,9 +73,7 @@ class Agreement:
 
     def _broken(self, message: str) -> BrokenCommunicatorError:
         self.broken = message
-        return BrokenCommunicatorError(
-            f"rank {self.rank}: {message}; this communicator must be rebuilt (over the ranks "
-            "that remain: dist.new_group(ranks, use_local_synchronization=True))")
+        return BrokenCommunicatorError(f"rank {self.rank}: {message}; {REBUILD}")
 
     def _poll(self, ready, what: str, on_deadline):
         """ready() until it returns a value (not None), bounded by timeout_s; then

@@ -11,9 +11,9 @@ from .agreement import Agreement, CallLedger, config_fingerprint
 from .backends.cpu import check_index_values
 from .ops import BY_NAME as CONTRACTS
 from .ops._checks import check_low_latency_windows
-from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE
+from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE, plan_value
 from .plan import CommConfig, Plan, ctrl_region, typed_region
-from .status import SwiftepError, raise_if_error
+from .status import BrokenCommunicatorError, SwiftepError, raise_if_error
 
 
 class DispatchResult(NamedTuple):
@@ -124,9 +124,9 @@ class Communicator:
         if world > 1:  # every rank built the same configuration, before anything is allocated
             agreement = Agreement(group, config.timeout_s)
             agreement.check_same_config(config_fingerprint(config, device))
-        host_status = None
+        host_status, symm = None, None
         if device.type == "cuda" and world > 1:
-            workspace, peer_ptrs = _symmetric_workspace(plan, group, device)
+            workspace, peer_ptrs, symm = _symmetric_workspace(plan, group, device)
         else:
             workspace = torch.zeros(plan.workspace_bytes, dtype=torch.uint8, device=device)
             peer_ptrs = torch.tensor([workspace.data_ptr()] if device.type == "cuda" else [],
@@ -139,6 +139,7 @@ class Communicator:
         # CPU backend: every call first agrees that all ranks are there with good inputs. CUDA:
         # only on the error path (a rejection is posted, a peer's timeout names its reason).
         self._agreement = agreement
+        self._symm = symm  # peers' workspaces, for announcing a failure (ctrl.abort)
 
     @classmethod
     def emulated_world(cls, config: CommConfig, world_size: int,
@@ -180,6 +181,8 @@ class Communicator:
         self._plan_list = plan.as_list()
         self._host_status = host_status
         self._agreement = None
+        self._symm = None
+        self._broken: Optional[str] = None  # CUDA: why this communicator must be rebuilt
         self._ledger = CallLedger()
         if workspace.is_cuda:
             # The workspace never moves: compiled graphs (and CUDA graph trees under
@@ -343,9 +346,32 @@ class Communicator:
                 int(e[EPOCH_SLOTS.index("low_latency")]))
 
     def _check_status(self) -> None:
-        if self._host_status is not None and not torch.compiler.is_compiling():
-            about = self._agreement.rejection_of if self._agreement is not None else None
+        if self._host_status is None or torch.compiler.is_compiling():
+            return
+        if self._broken is not None:
+            raise BrokenCommunicatorError(f"rank {self.rank}: this communicator is broken "
+                                          f"({self._broken}); build a new one")
+        about = self._agreement.rejection_of if self._agreement is not None else None
+        try:
             raise_if_error(self._host_status, self.rank, about_rank=about)
+        except BrokenCommunicatorError as exc:  # a timeout or a peer's failure: calls disagree
+            self._broken = str(exc)
+            raise
+
+    def _announce_failure(self, name: str, call: int, error: BaseException) -> None:
+        """CUDA, world > 1: this rank rejected call `call`'s inputs, so its peers' kernels
+        would wait for it until timeout_s. Post the reason (the store), then write 1 + rank
+        into every peer's ctrl.abort (their waits give up at once, naming this rank), and mark
+        this communicator broken: the ranks' call counters no longer agree."""
+        self._agreement.post_rejection(name, call, error)
+        self._broken = (f"rank {self.rank} rejected its inputs for {name} call {call} "
+                        f"({type(error).__name__}: {error}) and its peers gave that call up")
+        if self._symm is None or torch.cuda.is_current_stream_capturing():
+            return
+        offset = plan_value(self._plan_list, "off_ctrl_abort") // 8
+        for peer in range(self.world_size):
+            if peer != self.rank:
+                self._symm.get_buffer(peer, (1,), torch.int64, offset).fill_(self.rank + 1)
 
     def _state(self, num_sms: Optional[int]) -> tuple:
         """The communicator arguments every communication op takes after its tensors."""
@@ -370,7 +396,7 @@ class Communicator:
         if self._agreement is not None and self.device.type == "cpu":
             self._agreement.before_call(name, call, error)
         elif self._agreement is not None and error is not None:
-            self._agreement.post_rejection(name, call, error)
+            self._announce_failure(name, call, error)
         if error is not None:
             raise error
         try:
@@ -399,7 +425,7 @@ def _symmetric_workspace(plan: Plan, group, device):
     handle = symm_mem.rendezvous(workspace, group.group_name)
     peer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
     torch.cuda.synchronize(device)
-    return workspace, peer_ptrs
+    return workspace, peer_ptrs, handle
 
 
 def _attach_host_status(workspace: torch.Tensor, plan: Plan) -> torch.Tensor:

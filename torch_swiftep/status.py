@@ -21,6 +21,16 @@ class SwiftepIndexError(SwiftepError, IndexError):
     """A topk_idx entry is neither -1 nor an expert: IndexError on every backend."""
 
 
+class BrokenCommunicatorError(SwiftepError):
+    """A rank failed or vanished mid-protocol: this communicator must be rebuilt."""
+
+
+REBUILD = ("this communicator must be rebuilt (over the ranks that remain: "
+           "dist.new_group(ranks, use_local_synchronization=True))")
+# Kernel reports after which the ranks' call counters disagree: the communicator is broken.
+BREAKING_CODES = (STATUS["timeout"], STATUS["peer_failed"])
+
+
 def describe(status: list[int], rank: int) -> tuple[type, str] | None:
     """(exception class, message) of a status record, or None when it reports no error."""
     code, a0, a1, a2 = (int(v) for v in status[:4])
@@ -36,6 +46,11 @@ def describe(status: list[int], rank: int) -> tuple[type, str] | None:
         return SwiftepError, (
             f"rank {rank}: timed out waiting for rank {a0} ({what}, call {a2}): that rank "
             "never arrived within timeout_s; results of this call are invalid")
+    if code == STATUS["peer_failed"]:
+        what = WAIT_NAMES[a1] if 0 <= a1 < len(WAIT_NAMES) else f"wait #{a1}"
+        return BrokenCommunicatorError, (
+            f"rank {rank}: rank {a0} failed a call, so this rank's {what} wait (call {a2}) gave "
+            "up at once; results of this call are invalid")
     if code == STATUS["bad_index"]:
         return SwiftepIndexError, (
             f"rank {rank}: topk_idx[{a0}, {a1}] = {a2} is out of range: entries must be -1 or "
@@ -54,8 +69,10 @@ def raise_if_error(host_status: torch.Tensor, rank: int, clear: bool = True,
     if clear:
         host_status.zero_()
     exc, message = found
-    if status[0] == STATUS["timeout"] and about_rank is not None:
-        known = about_rank(int(status[1]))
+    if status[0] in BREAKING_CODES:
+        known = about_rank(int(status[1])) if about_rank is not None else None
         if known:
             message += f"; {known}"
+        message += f"; {REBUILD}"
+        exc = BrokenCommunicatorError
     raise exc(message)

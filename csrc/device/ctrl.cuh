@@ -29,6 +29,9 @@ __device__ __forceinline__ int32_t* ctrl_blocks_done(const CommParams& c) {
 __device__ __forceinline__ int64_t* ctrl_status(const CommParams& c) {
   return at_offset<int64_t>(c.workspace, c.off_status);
 }
+__device__ __forceinline__ int64_t* ctrl_abort(const CommParams& c) {
+  return at_offset<int64_t>(c.workspace, c.off_abort);
+}
 
 // Phase trace of one low-latency call (ops/protocol.py TRACE_*): mark(point) stamps %globaltimer into
 // ctrl.trace[epoch % kTraceCalls][point] when ctrl.trace_on is set, else does nothing (one

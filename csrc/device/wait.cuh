@@ -69,6 +69,22 @@ static __device__ __noinline__ void report_wait_timeout(const CommParams& c, int
          static_cast<long long>(seen));
 }
 
+// Whether a spinning wait should stop without a record of its own: another wait of this call
+// already timed out or gave up, or a peer announced in ctrl.abort that it failed (its host
+// writes 1 + its rank into every peer's workspace when it rejects a call's inputs), which this
+// wait then records as PEER_FAILED {that rank, what, epoch}. Either way the call's results are
+// invalid and the host raises; without the announcement a rejected call would cost every peer
+// a full timeout_s.
+static __device__ __noinline__ bool should_give_up(const CommParams& c, const int64_t* status,
+                                                   int64_t what, int64_t epoch) {
+  const int64_t code = ld_volatile_i64(status);
+  if (code == kStatusTimeout || code == kStatusPeerFailed) return true;
+  const int64_t failed = ld_volatile_i64(ctrl_abort(c));
+  if (failed == 0) return false;
+  report_status(c, kStatusPeerFailed, failed - 1, what, epoch);
+  return true;
+}
+
 // The spinning part of wait_value_geq, out of line.
 static __device__ __noinline__ bool wait_value_geq_slow(const CommParams& c, const int64_t* flag,
                                                         int64_t wanted, int64_t epoch, int peer,
@@ -78,7 +94,7 @@ static __device__ __noinline__ bool wait_value_geq_slow(const CommParams& c, con
   for (int poll = 1;; ++poll) {
     if (ld_acquire_sys_i64(flag) >= wanted) return true;
     if (poll % kPollsPerCheck != 0) continue;
-    if (ld_volatile_i64(status) == kStatusTimeout) return false;
+    if (should_give_up(c, status, what, epoch)) return false;
     if (globaltimer_ns() > deadline) {
       report_wait_timeout(c, peer, what, epoch, wanted, ld_acquire_sys_i64(flag));
       return false;
@@ -96,7 +112,7 @@ static __device__ __noinline__ int64_t wait_tagged_slow(const CommParams& c,
     const int64_t tagged = ld_volatile_i64(slot);
     if (has_tag(tagged, epoch)) return tagged_count(tagged);
     if (poll % kPollsPerCheck != 0) continue;
-    if (ld_volatile_i64(status) == kStatusTimeout) return -1;
+    if (should_give_up(c, status, what, epoch)) return -1;
     if (globaltimer_ns() > deadline) {
       report_wait_timeout(c, peer, what, epoch, epoch,
                           static_cast<int64_t>(static_cast<uint64_t>(tagged) >> 32));
@@ -119,7 +135,7 @@ __device__ __forceinline__ int64_t wait_tagged(const CommParams& c, const int64_
 // visible on return true. Bounded by c.timeout_ms of %globaltimer; on expiry records TIMEOUT
 // {peer, what, epoch}, prints one line and returns false. Also gives up early (false, no new
 // record) when another wait of this call already timed out, so a missing rank costs one timeout,
-// not one per wait.
+// not one per wait, and at once when a peer announced that it failed (should_give_up).
 __device__ __forceinline__ bool wait_value_geq(const CommParams& c, const int64_t* flag,
                                                int64_t wanted, int64_t epoch, int peer,
                                                int64_t what) {
