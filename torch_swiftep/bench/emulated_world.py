@@ -37,6 +37,7 @@ class EmulatedWorld:
                                      dev(self.inputs.topk_weights))
         self.routing = [RoutingBytes.of(i, experts, world) for i in self.inputs.topk_idx]
         self._expected = {}
+        self.expert_outs = []  # per rank: the experts' outputs in a tensor of their own
 
     def dispatch_step(self, num_sms, fp8=False):
         def make(r):
@@ -44,24 +45,30 @@ class EmulatedWorld:
                                                   num_sms=num_sms, quantize_fp8=fp8)
         return lambda: fork_join([make(r) for r in range(self.world)], self.streams)
 
-    def dispatch_combine_step(self, num_sms, fp8=False):
+    def dispatch_combine_step(self, num_sms, fp8=False, own_tensor=False):
+        """own_tensor: combine reads the experts' outputs from a tensor of their own (as a
+        grouped GEMM returns it; fill_combine_windows made it), not from the combine window."""
         def make(r):
             def call():
                 comm = self.comms[r]
                 h = comm.dispatch(self.xs[r], self.idx[r], self.w[r], num_sms=num_sms,
                                   quantize_fp8=fp8)
-                return h, comm.combine(comm.combine_buffer(), h, num_sms=num_sms)
+                out = self.expert_outs[r] if own_tensor else comm.combine_buffer()
+                return h, comm.combine(out, h, num_sms=num_sms)
             return call
         return lambda: fork_join([make(r) for r in range(self.world)], self.streams)
 
     def fill_combine_windows(self, handles):
         """Writes the fake expert's outputs of every rank's dispatch result (either schedule)
-        into that schedule's combine window, which the steps' combines read. Dispatch is
-        deterministic, so later dispatches of the same inputs receive the same rows."""
+        into that schedule's combine window, which the steps' combines read, and into a tensor
+        of their own (expert_outs[r]). Dispatch is deterministic, so later dispatches of the
+        same inputs receive the same rows."""
+        self.expert_outs = []
         for comm, handle in zip(self.comms, handles):
             ll = isinstance(handle, LowLatencyDispatchResult)
             window = comm.low_latency_combine_buffer() if ll else comm.combine_buffer()
             window.copy_(testing.expert_output(handle, window.dtype))
+            self.expert_outs.append(window.clone())
 
     def expected(self, fp8=False) -> testing.Expected:
         """The reference of this world's case (fp8: dispatch quantizes, quantize_fp8=True)."""
