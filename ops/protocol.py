@@ -185,15 +185,19 @@ def ll_rows_per_expert(plan) -> int:
 # pointers): (C type, field, C expression over the plan's fields `p[...]`, meaning). Every
 # offset is a byte offset from a workspace base; every rank's workspace has the same layout, so
 # peer_base + offset addresses a peer's region.
+_SCALAR_PARAMS = tuple((ctype, name, f"p[{name}]", meaning)
+                       for name, ctype, meaning in SCALAR_FIELDS if ctype is not None)
+_AFTER_NUM_EXPERTS = [name for _, name, _, _ in _SCALAR_PARAMS].index("num_experts") + 1
+# num_local_experts sits right after num_experts: the kernels load both, and in one 8-byte word
+# they are one constant load (the field order is part of what the kernels were measured with:
+# docs/perf-notes.md, "Structure change").
 COMM_PARAMS = (
-    tuple((ctype, name, f"p[{name}]", meaning) for name, ctype, meaning in SCALAR_FIELDS
-          if ctype is not None)
-    + (
-        ("int32_t", "num_local_experts", "p[num_experts] / p[world_size]",
-         "L = num_experts / world_size"),
-        ("int64_t", "ll_rows_per_expert", "p[world_size] * p[ll_max_tokens_per_rank]",
-         "S = world_size * ll_max_tokens_per_rank (0: no low-latency windows)"),
-    )
+    _SCALAR_PARAMS[:_AFTER_NUM_EXPERTS]
+    + (("int32_t", "num_local_experts", "p[num_experts] / p[world_size]",
+        "L = num_experts / world_size"),)
+    + _SCALAR_PARAMS[_AFTER_NUM_EXPERTS:]
+    + (("int64_t", "ll_rows_per_expert", "p[world_size] * p[ll_max_tokens_per_rank]",
+        "S = world_size * ll_max_tokens_per_rank (0: no low-latency windows)"),)
     + tuple(("int64_t", f"off_{region}", f"p[off_{region}]", f"region {region}")
             for region in REGIONS)
     + tuple(("int64_t", f"off_{name}", f"p[off_ctrl_{name}]", f"ctrl field {name}")

@@ -65,6 +65,7 @@ struct CommParams {
   int32_t rank;  // this rank
   int32_t world_size;  // ranks in the group
   int32_t num_experts;  // E, experts over all ranks
+  int32_t num_local_experts;  // L = num_experts / world_size
   int32_t num_topk;  // K the communicator was built for (calls may use fewer)
   int32_t hidden;  // channels of a token
   int64_t row_bytes;  // bytes of one row of the configured dtype (window pitch)
@@ -72,7 +73,6 @@ struct CommParams {
   int32_t max_tokens_per_rank;  // most tokens one throughput call sends
   int32_t ll_max_tokens_per_rank;  // most tokens one low-latency call sends (0: none)
   int64_t timeout_ms;  // bound of every wait for a peer
-  int32_t num_local_experts;  // L = num_experts / world_size
   int64_t ll_rows_per_expert;  // S = world_size * ll_max_tokens_per_rank (0: no low-latency windows)
   int64_t off_recv_x;  // region recv_x
   int64_t off_recv_scales;  // region recv_scales
@@ -111,6 +111,7 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace,
   c.rank = static_cast<int32_t>(plan[kPlan_rank]);
   c.world_size = static_cast<int32_t>(plan[kPlan_world_size]);
   c.num_experts = static_cast<int32_t>(plan[kPlan_num_experts]);
+  c.num_local_experts = static_cast<int32_t>(plan[kPlan_num_experts] / plan[kPlan_world_size]);
   c.num_topk = static_cast<int32_t>(plan[kPlan_num_topk]);
   c.hidden = static_cast<int32_t>(plan[kPlan_hidden]);
   c.row_bytes = static_cast<int64_t>(plan[kPlan_row_bytes]);
@@ -118,7 +119,6 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace,
   c.max_tokens_per_rank = static_cast<int32_t>(plan[kPlan_max_tokens_per_rank]);
   c.ll_max_tokens_per_rank = static_cast<int32_t>(plan[kPlan_ll_max_tokens_per_rank]);
   c.timeout_ms = static_cast<int64_t>(plan[kPlan_timeout_ms]);
-  c.num_local_experts = static_cast<int32_t>(plan[kPlan_num_experts] / plan[kPlan_world_size]);
   c.ll_rows_per_expert = static_cast<int64_t>(plan[kPlan_world_size] * plan[kPlan_ll_max_tokens_per_rank]);
   c.off_recv_x = static_cast<int64_t>(plan[kPlan_off_recv_x]);
   c.off_recv_scales = static_cast<int64_t>(plan[kPlan_off_recv_scales]);
