@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# One whole GPU round: build the extension, run the GPU tests, the sanitizers on a small case
-# and the benchmark. Logs and results go under OUT_DIR (default: gpu_round_out).
+# One whole GPU round: build the extension, run the GPU tests, the fuzz, the sanitizers on small
+# cases and the benchmark. Logs and results go under OUT_DIR (default: gpu_round_out).
 #
 #   bash scripts/gpu_round.sh OUT_DIR            # everything
 #   STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
 #   PYTEST_ARGS="-k missing_rank" STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
+#   SWIFTEP_FUZZ_CASES=20 STEPS=fuzz bash scripts/gpu_round.sh OUT_DIR   # a quick fuzz
 #
-# Steps: build, tests, sanitize, transformers (tests/test_transformers_gpu.py), bench,
-# bench_quick, pipeline (the pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes; not in the
-# default list). NVLink multicast stays off: the environment comes from
-# torch_swiftep.launch.NO_MULTICAST_ENV.
+# Steps: build, tests, fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both
+# schedules), sanitize (memcheck and racecheck over cases that launch every kernel of both
+# schedules), transformers (tests/test_transformers_gpu.py), bench, bench_quick, pipeline (the
+# pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes; not in the default list). NVLink
+# multicast stays off: the environment comes from torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
-STEPS=${STEPS:-build,tests,sanitize,transformers,bench}
+STEPS=${STEPS:-build,tests,fuzz,sanitize,transformers,bench}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -46,18 +48,38 @@ if has build; then
     | tee -a "$OUT/summary.log"
 fi
 if has tests; then
-  run tests python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_failures.py ${PYTEST_ARGS:-}
+  run tests python3 -m pytest -q -p no:cacheprovider -rs --durations=15 tests/test_gpu.py \
+    tests/test_gpu_failures.py ${PYTEST_ARGS:-}
 fi
+if has fuzz; then  # SWIFTEP_FUZZ_CASES (per world) and SWIFTEP_FUZZ_WORLDS pass through
+  run fuzz python3 -m pytest -q -s -p no:cacheprovider -rs --durations=5 -m gpu \
+    tests/test_gpu_fuzz.py
+  grep -oE "fuzz: .*" "$OUT/fuzz.log" | tee -a "$OUT/summary.log"
+fi
+# The sanitized cases: test_gpu.py's small case and test_gpu_fuzz.py's kernel paths (every
+# kernel: dispatch_layout, dispatch counts + data, both low-latency dispatch kernels, combine
+# over both windows in bf16/fp16/fp32, the bulk staging copy; FP8 given and quantized; int32 and
+# int64 indices). compute-sanitizer names no kernel when there is nothing to report, so the
+# same cases first run once under the torch profiler, which lists the kernels they launch
+# and fails if one is missing.
+SANITIZED="small_case_for_sanitizers or emulated_world_kernel_paths"
 sanitize() {
+  local rc=0 tool
+  echo "--- kernels the sanitized cases launch (torch profiler, no sanitizer)"
+  SWIFTEP_LIST_KERNELS=1 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_fuzz.py \
+    -k emulated_world_kernel_paths || rc=1
   for tool in memcheck racecheck; do
     echo "--- compute-sanitizer --tool $tool"
     SWIFTEP_GPU_SMALL_CASE=1 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k small_case_for_sanitizers \
-      || return 1
+      python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_fuzz.py \
+      -k "$SANITIZED" || rc=1
   done
+  return $rc
 }
 if has sanitize; then
   run sanitize sanitize
+  grep -oE "kernels?: .*|(ERROR|RACECHECK) SUMMARY.*|[0-9]+ (passed|failed).*" \
+    "$OUT/sanitize.log" | tee -a "$OUT/summary.log"
 fi
 if has transformers; then
   run transformers python3 -m pytest -q -p no:cacheprovider -rs tests/test_transformers_gpu.py
