@@ -46,7 +46,8 @@ def cuda_extension():
     if torch.version.cuda is None:
         return [], {}
     arch = os.environ.get("SWIFTEP_CUDA_ARCH", "90a")
-    sources = (sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    # csrc/ops: the kernels' launchers; csrc/probes holds standalone programs, not extension code
+    sources = (sorted(glob.glob("csrc/ops/**/*.cu", recursive=True))
                + sorted(glob.glob("csrc/binding/*.cpp")))
     ext = CUDAExtension(
         name="torch_swiftep._C",
