@@ -51,9 +51,19 @@ if has tests; then
   run tests python3 -m pytest -q -p no:cacheprovider -rs --durations=15 tests/test_gpu.py \
     tests/test_gpu_failures.py ${PYTEST_ARGS:-}
 fi
+# MPS=1: the fuzz's processes run under the MPS daemon (root), concurrently instead of taking
+# turns on the GPU. The daemon is stopped again before the sanitizers (which refuse MPS).
+mps_on() {
+  nvidia-cuda-mps-control -d && echo "MPS daemon started" | tee -a "$OUT/summary.log"
+}
+mps_off() {
+  echo quit | nvidia-cuda-mps-control 2> /dev/null && sleep 1
+}
 if has fuzz; then  # SWIFTEP_FUZZ_CASES (per world) and SWIFTEP_FUZZ_WORLDS pass through
+  [ "${MPS:-0}" = 1 ] && mps_on
   run fuzz python3 -m pytest -q -s -p no:cacheprovider -rs --durations=5 -m gpu \
     tests/test_gpu_fuzz.py
+  [ "${MPS:-0}" = 1 ] && mps_off
   grep -oE "fuzz: .*" "$OUT/fuzz.log" | tee -a "$OUT/summary.log"
 fi
 # The sanitized cases: test_gpu.py's small case and test_gpu_fuzz.py's kernel paths (every
