@@ -151,7 +151,12 @@ def _fuzz_ranks(rank, world, num_cases, on_gpu=True):
     else:
         device = torch.device("cpu")
     gen = torch.Generator().manual_seed(8191 * world)  # the same draws on every rank
-    shapes = [Shape.draw(gen, world) for _ in range(SHAPES_PER_WORLD)]
+    # Under MPS the ranks' kernels run side by side, and each spins until its peers arrive: all
+    # ranks' blocks must fit on the GPU at once (as they do with one GPU per rank), else a rank
+    # whose kernel cannot start is waited for until timeout_s (measured: 7 ranks x 24 SMs).
+    max_sms = torch.cuda.get_device_properties(device).multi_processor_count // world \
+        if on_gpu else 24
+    shapes = [Shape.draw(gen, world, min(24, max_sms)) for _ in range(SHAPES_PER_WORLD)]
     comms, errors, start = {}, [], time.monotonic()
     for i in range(num_cases):
         shape = _pick(gen, shapes)
