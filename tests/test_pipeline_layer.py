@@ -34,7 +34,7 @@ def _layer(rank, world, low_latency):
     return moe, comms, shared
 
 
-def _compare(rank, world, low_latency, row_wise):
+def _compare(rank, world, low_latency, row_wise, bound_rows=True):
     moe, comms, shared = _layer(rank, world, low_latency)
     if row_wise:  # an expert that computes every row by itself: bit-exact comparisons
         moe.experts = lambda rows, offs: rows * 1.5 - 0.25
@@ -46,7 +46,8 @@ def _compare(rank, world, low_latency, row_wise):
         plain_shared = plain + shared(x)
         errors = []
         for with_shared in (False, True):
-            layer = PipelinedMoE(moe, comms, shared if with_shared else None)
+            layer = PipelinedMoE(moe, comms, shared if with_shared else None,
+                                 bound_rows=bound_rows)
             for chunks in CHUNKINGS:
                 for order in ("shared_first", "interleaved"):
                     y = layer(x, Schedule(chunks, 4, order, 0.0, ()))
@@ -64,6 +65,13 @@ def _compare(rank, world, low_latency, row_wise):
 @pytest.mark.parametrize("low_latency", [False, True])
 def test_pipelined_layer_equals_the_unpipelined_one(low_latency, row_wise):
     errors = sum(run_world(2, _compare, low_latency, row_wise, timeout_s=120), [])
+    assert not errors, errors[:6]
+
+
+def test_the_whole_window_path_equals_it_too():
+    """bound_rows=False: the experts over the whole window (ExpertParallelMoE.experts as is)
+    and the combine staging their output, as before the rows were bounded per chunk."""
+    errors = sum(run_world(2, _compare, False, True, False, timeout_s=120), [])
     assert not errors, errors[:6]
 
 
@@ -92,3 +100,39 @@ def test_pipeline_benchmark_runs_on_cpu(tmp_path):
     saved = json.loads((tmp_path / "pipeline_layer.json").read_text())
     assert saved["tokens"] == 48 and sum(saved["chosen"]["chunks"]) == 48
     assert result["speedup"] > 0 and 0 <= result["exposed_comm_fraction"] <= 1
+
+
+def test_sm_carveout_sets_and_restores_the_setting(monkeypatch):
+    from torch_swiftep.pipeline import carveout
+
+    values = [None]
+    monkeypatch.setattr(carveout, "_SET", values.append)
+    monkeypatch.setattr(carveout, "_GET", lambda: values[-1])
+    monkeypatch.setattr(carveout, "carveout_supported", lambda: True)
+    with carveout.sm_carveout(16):
+        assert values[-1] == 16
+    with pytest.raises(RuntimeError):
+        with carveout.sm_carveout(8):
+            raise RuntimeError("a failing GEMM")
+    with carveout.sm_carveout(0):  # nothing carved out: the setting is not touched
+        pass
+    assert values == [None, 16, None, 8, None]
+
+
+def test_world_of_one_runs_the_experts_over_each_chunks_rows():
+    cfg = ts.CommConfig(num_experts=E, hidden=H, num_topk=K, max_tokens_per_rank=N,
+                        dtype=torch.float32)
+    comms = [ts.Communicator(None, cfg, device=torch.device("cpu")) for _ in range(2)]
+    moe = ExpertParallelMoE(comms[0], FFN, dtype=torch.float32)
+    layer = PipelinedMoE(moe, comms)
+    assert layer.bound_rows and layer.row_bound(N) == N * K  # exact in a world of one
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        idx, w = moe.route(x)
+        handle = comms[0].dispatch(x, idx, w)
+        out = layer.expert_outputs(0, handle, N)
+        assert out.data_ptr() == comms[0].combine_buffer().data_ptr()  # combine copies nothing
+        with pytest.raises(RuntimeError, match="more rows than its bound"):
+            layer.expert_outputs(0, handle, N // 4)
+        y = layer(x, Schedule((10, 12, 7), 4, "interleaved", 0.0, ()))
+        assert torch.allclose(y, moe(x), rtol=1e-5, atol=1e-6)

@@ -1,31 +1,40 @@
 """The FinDEP cost model and solver (torch_swiftep.pipeline): fitting, the timeline model and
 the solver against exhaustive search on small instances."""
 import itertools
+import json
 import random
 
 import pytest
 
 from torch_swiftep.pipeline import CostModel, Sample, equal_chunks, simulate, solve
-from torch_swiftep.pipeline.schedule import ORDERS, makespan
+from torch_swiftep.pipeline.schedule import ORDERS, compute_sms, linear_for, makespan
 
 TOTAL_SMS = 132
 SMS = (2, 4, 8, 16)
 
 
-def _model(rng: random.Random) -> CostModel:
+def _model(rng: random.Random, floors: bool = True) -> CostModel:
+    def compute(fixed, per_token, floor):
+        # interference around the ideal G / (G - s) (per_token), a roofline floor or none
+        return (fixed, per_token, per_token * rng.uniform(0.5, 2.0),
+                floor if floors and rng.random() < 0.7 else 0.0)
     return CostModel(TOTAL_SMS, {
         "dispatch": (rng.uniform(5, 40), rng.uniform(0.5, 4), rng.uniform(0, 0.1)),
         "combine": (rng.uniform(5, 40), rng.uniform(1, 8), rng.uniform(0, 0.1)),
-        "experts": (rng.uniform(10, 80), rng.uniform(0.2, 3), 0.0),
-        "shared": (rng.uniform(5, 20), rng.uniform(0.05, 0.5), 0.0),
+        "experts": compute(rng.uniform(10, 80), rng.uniform(0.2, 3), rng.uniform(50, 400)),
+        "shared": compute(rng.uniform(5, 20), rng.uniform(0.05, 0.5), rng.uniform(5, 40)),
     })
 
 
+def _samples(truth: CostModel, sizes=(128, 512, 4096), budgets=(4, 8, 24)) -> list:
+    return [Sample(task, n, s, truth.time(task, n, s))
+            for task in ("dispatch", "combine", "experts", "shared") for n in sizes
+            for s in budgets + ((0,) if task in ("experts", "shared") else ())]
+
+
 def test_fit_recovers_the_coefficients_and_predicts_its_samples():
-    truth = _model(random.Random(1))
-    samples = [Sample(task, n, s, truth.time(task, n, s))
-               for task in ("dispatch", "combine", "experts", "shared")
-               for n in (128, 512, 4096) for s in (4, 8, 24)]
+    truth = _model(random.Random(1), floors=False)
+    samples = _samples(truth)
     fitted = CostModel.fit(samples, TOTAL_SMS)
     for task, want in truth.coefficients.items():
         assert fitted.coefficients[task] == pytest.approx(want, rel=1e-6, abs=1e-9), task
@@ -34,28 +43,61 @@ def test_fit_recovers_the_coefficients_and_predicts_its_samples():
     assert "dispatch" in str(fitted) and "132" in str(fitted)
 
 
+def test_fit_finds_the_floor_of_small_chunks():
+    """Chunks too small to be compute-bound cost the weights' streaming time whatever their
+    size: the fit puts the small samples on a floor instead of inflating the fixed cost."""
+    truth = CostModel(TOTAL_SMS, {"experts": (30.0, 0.9, 1.1, 600.0)})
+    samples = [Sample("experts", n, s, truth.time("experts", n, s))
+               for n in (64, 128, 256, 1024, 2048, 4096) for s in (0, 8, 16)]
+    fitted = CostModel.fit(samples, TOTAL_SMS)
+    assert fitted.coefficients["experts"] == pytest.approx((30.0, 0.9, 1.1, 600.0), rel=1e-6)
+    linear_only = CostModel.fit([s for s in samples if s.tokens >= 1024], TOTAL_SMS)
+    assert linear_only.coefficients["experts"][3] == 0.0
+
+
+def test_interference_is_the_ideal_one_when_beside_equals_alone_rate():
+    m = CostModel(TOTAL_SMS, {"experts": (10.0, 2.0, 2.0, 0.0)})
+    for s in (4, 16, 32):  # fixed + n * b * G / (G - s)
+        assert m.time("experts", 1000, s) == pytest.approx(10 + 2000 * TOTAL_SMS / (TOTAL_SMS - s))
+    assert m.time("experts", 1000, 0) == pytest.approx(2010.0)
+
+
+def test_version_1_json_keeps_its_meaning():
+    old = json.dumps({"total_sms": TOTAL_SMS, "coefficients": {
+        "dispatch": [40.0, 2.0, 0.0], "experts": [960.0, 0.9, 0.0]}})
+    m = CostModel.from_json(old)
+    assert m.coefficients["experts"] == (960.0, 0.9, 0.9, 0.0)
+    assert m.time("experts", 100, 16) == pytest.approx(960 + 90 * TOTAL_SMS / (TOTAL_SMS - 16))
+
+
 def test_fit_needs_enough_samples_and_known_tasks():
     with pytest.raises(ValueError, match="needs at least 3"):
         CostModel.fit([Sample("dispatch", 10, 4, 1.0)], TOTAL_SMS)
     with pytest.raises(ValueError, match="task must be one of"):
         CostModel.fit([Sample("gemm", n, 4, 1.0) for n in (1, 2, 3)], TOTAL_SMS)
+    with pytest.raises(ValueError, match="comm_sms must be in"):
+        CostModel.fit([Sample("dispatch", n, 0, 1.0) for n in (1, 2, 3)], TOTAL_SMS)
 
 
 def test_one_chunk_is_the_serial_layer():
+    """One chunk: the experts run after the dispatch, on the whole GPU; the shared expert
+    runs beside the dispatch, on what communication leaves."""
     m = _model(random.Random(2))
     t = {task: m.time(task, 1000, 8) for task in m.coefficients}
+    alone = m.time("experts", 1000, 0)
+    assert compute_sms("experts", 1, 8) == 0 and compute_sms("experts", 2, 8) == 8
     got, timeline = simulate(m, [1000], 8, "shared_first", shared=True)
-    assert got == pytest.approx(max(t["dispatch"], t["shared"]) + t["experts"] + t["combine"])
+    assert got == pytest.approx(max(t["dispatch"], t["shared"]) + alone + t["combine"])
     assert [task.name for task in timeline if task.stream == "comm"] == ["dispatch", "combine"]
 
 
 def test_fast_makespan_equals_the_timeline():
     rng = random.Random(3)
-    for _ in range(200):
+    for _ in range(300):
         m = _model(rng)
         chunks = [rng.randint(1, 400) for _ in range(rng.randint(1, 7))]
         s, order, shared = rng.choice(SMS), rng.choice(ORDERS), rng.random() < 0.5
-        assert makespan(m.linear(s), chunks, order, shared) == \
+        assert makespan(linear_for(m, s, len(chunks)), chunks, order, shared) == \
             pytest.approx(simulate(m, chunks, s, order, shared)[0])
 
 
@@ -68,7 +110,7 @@ def _exhaustive(m: CostModel, tokens: int, unit: int, max_chunks: int, shared: b
             chunks = [(b - a) * unit for a, b in zip(bounds, bounds[1:])]
             for s in SMS:
                 for order in ORDERS:
-                    best = min(best, makespan(m.linear(s), chunks, order, shared))
+                    best = min(best, makespan(linear_for(m, s, k), chunks, order, shared))
     return best
 
 

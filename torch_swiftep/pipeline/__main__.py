@@ -4,7 +4,8 @@ The cost model's communication terms are FITTED from a measured benchmark JSON
 (docs/results/throughput.json by default: dispatch and combine times at 1-4 SMs per rank and
 512-4096 tokens per rank, hidden 7168), scaled by hidden size; the terms that were not measured
 are ASSUMED and printed as such: the grouped-GEMM rate, the NVLink rate of one GPU per rank,
-and the GPU's SM count. The output is a prediction, not a measurement.
+the GPU's SM count, and the GEMMs' slowdown beside communication (the ideal G / (G - s)). The
+output is a prediction, not a measurement.
 """
 from __future__ import annotations
 
@@ -36,9 +37,13 @@ def fit_from_results(path: pathlib.Path, hidden: int, gemm_tflops: float, link_g
                     for task, (c0, c1, c2) in fitted.coefficients.items()}
     hidden_, ffn, k, shared_ffn = MODELS[model]
     flops_per_row = 3 * 2 * hidden_ * ffn  # gate, up and down projections
-    coefficients["experts"] = (20.0, k * flops_per_row / (gemm_tflops * 1e6), 0.0)
+    # ASSUMED: beside communication the GEMMs slow down by exactly G / (G - s) (interference
+    # term = the per-token term), no floor (the benchmark measures both)
+    per_token = k * flops_per_row / (gemm_tflops * 1e6)
+    coefficients["experts"] = (20.0, per_token, per_token, 0.0)
     if shared_ffn:
-        coefficients["shared"] = (10.0, 3 * 2 * hidden_ * shared_ffn / (gemm_tflops * 1e6), 0.0)
+        per_token = 3 * 2 * hidden_ * shared_ffn / (gemm_tflops * 1e6)
+        coefficients["shared"] = (10.0, per_token, per_token, 0.0)
     return CostModel(total_sms, coefficients)
 
 
@@ -61,8 +66,8 @@ def main(argv=None) -> int:
                              args.total_sms, args.model)
     shared = model.has("shared")
     print(f"{args.model}, {args.tokens} tokens/rank; communication fitted from {args.results} "
-          f"(measured), GEMM {args.gemm_tflops:g} TFLOP/s and NVLink {args.link_gbps:g} GB/s "
-          "ASSUMED")
+          f"(measured), GEMM {args.gemm_tflops:g} TFLOP/s (G / (G - s) beside communication) and "
+          f"NVLink {args.link_gbps:g} GB/s ASSUMED")
     print(model)
     serial = solve(model, args.tokens, shared=shared, fixed_chunks=1)
     piped = solve(model, args.tokens, shared=shared)

@@ -1,17 +1,22 @@
 """Cost model of one MoE layer's tasks, fitted from measured times (FinDEP's scheduling input).
 
 Each task's time, in microseconds, for `tokens` tokens per rank when the communication kernels
-get `comm_sms` of the GPU's `total_sms` SMs and the GEMMs the rest:
+get `comm_sms` of the GPU's `total_sms` SMs (s of G):
 
-    dispatch, combine:  fixed + tokens * (per_token_sm / comm_sms + per_token)
+    dispatch, combine:  fixed + tokens * (per_token_sm / s + per_token)
                         (per-SM work, the schedule's SM-bound term, plus a link-bound term)
-    experts, shared:    fixed + tokens * per_token * total_sms / (total_sms - comm_sms)
-                        (grouped GEMMs on the SMs communication leaves them)
+    experts, shared:    fixed + max(floor, tokens * (per_token + beside * s / (G - s)))
+                        s = 0: the task alone on the whole GPU. s > 0: beside communication,
+                        its GEMMs confined to G - s SMs (the layer's SM carve-out); `beside` is
+                        the measured interference (beside = per_token is the ideal G / (G - s)
+                        slowdown). floor: a chunk too small to be compute-bound still streams
+                        every local expert's weights (a roofline floor; 0 when not measured).
     attention:          as experts (optional: a layer's attention when the caller gives it)
 
-Every model is linear in its coefficients, so `fit` is a least-squares solve over measured
-samples. The object prints as a table, round-trips through JSON (the layer caches it), and
-`relative_errors` says how well it predicts the samples it was fitted on or any others.
+Every term but the floor is linear in its coefficients: `fit` is a least-squares solve per
+task, and for compute tasks a search over which small samples sit on the floor. The object
+prints as a table, round-trips through JSON, and `relative_errors` says how well it predicts
+the samples it was fitted on or any others.
 """
 from __future__ import annotations
 
@@ -24,10 +29,12 @@ import torch
 COMM_TASKS = ("dispatch", "combine")
 COMPUTE_TASKS = ("experts", "shared", "attention")
 TASKS = COMM_TASKS + COMPUTE_TASKS
+JSON_VERSION = 2  # 1 (no "version"): compute tasks were fixed + tokens * c1 * G / (G - s)
 
 
 class Sample(NamedTuple):
-    """One measured task time: task name, tokens per rank, SMs given to communication, us."""
+    """One measured task time: task name, tokens per rank, SMs given to communication (0 for a
+    compute task measured alone on the whole GPU), us."""
 
     task: str
     tokens: int
@@ -38,19 +45,40 @@ class Sample(NamedTuple):
 def _features(task: str, tokens: float, comm_sms: int, total_sms: int) -> tuple:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if not 0 < comm_sms < total_sms:
-        raise ValueError(f"comm_sms must be in (0, total_sms={total_sms}), got {comm_sms}")
     if task in COMM_TASKS:
+        if not 0 < comm_sms < total_sms:
+            raise ValueError(f"comm_sms must be in (0, total_sms={total_sms}) for {task}, got "
+                             f"{comm_sms}")
         return (1.0, tokens / comm_sms, float(tokens))
-    return (1.0, tokens * total_sms / (total_sms - comm_sms), 0.0)
+    if not 0 <= comm_sms < total_sms:
+        raise ValueError(f"comm_sms must be in [0, total_sms={total_sms}) for {task} (0: alone), "
+                         f"got {comm_sms}")
+    return (1.0, float(tokens), tokens * comm_sms / (total_sms - comm_sms))
+
+
+def _normalized(coefficients: dict) -> dict:
+    out = {}
+    for task, values in coefficients.items():
+        values = tuple(float(v) for v in values)
+        want = 3 if task in COMM_TASKS else 4
+        if task in COMPUTE_TASKS and len(values) == 3:
+            values += (0.0,)  # no floor
+        if len(values) != want:
+            raise ValueError(f"{task} takes {want} coefficients, got {values}")
+        out[task] = values
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Coefficients per task: (fixed us, per-token-per-SM or per-token us, per-token us)."""
+    """Coefficients per task: comm (fixed, per-token-per-SM, per-token); compute (fixed,
+    per-token alone, per-token interference beside communication, floor); module docstring."""
 
     total_sms: int
-    coefficients: dict  # task -> (c0, c1, c2); see the module docstring
+    coefficients: dict
+
+    def __post_init__(self):
+        object.__setattr__(self, "coefficients", _normalized(self.coefficients))
 
     def time(self, task: str, tokens: float, comm_sms: int) -> float:
         """Predicted microseconds of `task` over `tokens` tokens per rank (0 tokens: 0 us)."""
@@ -59,40 +87,44 @@ class CostModel:
         if task not in self.coefficients:
             raise KeyError(f"the cost model has no {task!r} task (it has "
                            f"{sorted(self.coefficients)}): fit it with samples of that task")
-        f = _features(task, tokens, comm_sms, self.total_sms)
-        return sum(c * x for c, x in zip(self.coefficients[task], f))
+        fixed, slope, floor = self._linear(task, comm_sms)
+        return fixed + max(floor, tokens * slope)
 
     def has(self, task: str) -> bool:
         return task in self.coefficients
 
+    def _linear(self, task: str, comm_sms: int) -> tuple:
+        c = self.coefficients[task]
+        f = _features(task, 1.0, comm_sms, self.total_sms)
+        slope = sum(ci * xi for ci, xi in zip(c[1:3], f[1:]))
+        return (c[0], slope, c[3] if len(c) > 3 else 0.0)
+
     def linear(self, comm_sms: int) -> dict:
-        """task -> (fixed us, us per token) at this SM budget: time = fixed + tokens * slope
-        (for tokens > 0). The solver's inner loop uses it."""
-        out = {}
-        for task, coefficients in self.coefficients.items():
-            f = _features(task, 1.0, comm_sms, self.total_sms)
-            out[task] = (coefficients[0], sum(c * x for c, x in zip(coefficients[1:], f[1:])))
-        return out
+        """task -> (fixed us, us per token, floor us) at this SM budget: time = fixed +
+        max(floor, tokens * slope) for tokens > 0 (the solver's inner loop uses it).
+        comm_sms = 0: compute tasks alone, no communication task."""
+        return {task: self._linear(task, comm_sms) for task in self.coefficients
+                if comm_sms > 0 or task not in COMM_TASKS}
 
     @classmethod
     def fit(cls, samples: Iterable[Sample], total_sms: int) -> "CostModel":
         """Least squares per task over its samples; negative coefficients are clamped to 0
-        (a time never shrinks with more tokens). Needs >= 3 samples of each task it models."""
+        (a time never shrinks with more tokens). Needs >= 3 samples of each task it models,
+        of at least 2 sizes."""
         by_task: dict[str, list[Sample]] = {}
         for s in samples:
+            _features(s.task, s.tokens, s.comm_sms, total_sms)  # names and budgets checked
             by_task.setdefault(s.task, []).append(s)
         coefficients = {}
         for task, rows in by_task.items():
-            if len(rows) < 3:
-                raise ValueError(f"{task}: {len(rows)} samples; fitting needs at least 3 (vary "
+            if len(rows) < 3 or len({r.tokens for r in rows}) < 2:
+                raise ValueError(f"{task}: {len(rows)} samples of {len({r.tokens for r in rows})}"
+                                 " sizes; fitting needs at least 3 samples of 2 sizes (vary "
                                  "tokens and comm_sms)")
-            a = torch.tensor([_features(task, r.tokens, r.comm_sms, total_sms) for r in rows],
-                             dtype=torch.float64)
-            b = torch.tensor([[r.us] for r in rows], dtype=torch.float64)
-            used = a.abs().sum(0) > 0  # compute tasks have no third feature
-            solution = torch.zeros(3, dtype=torch.float64)
-            solution[used] = torch.linalg.lstsq(a[:, used], b).solution.flatten()
-            coefficients[task] = tuple(max(0.0, float(c)) for c in solution)
+            if task in COMM_TASKS:
+                coefficients[task] = _least_squares(rows, total_sms)
+            else:
+                coefficients[task] = _fit_with_floor(rows, total_sms)
         return cls(total_sms, coefficients)
 
     def relative_errors(self, samples: Iterable[Sample]) -> list[float]:
@@ -100,20 +132,57 @@ class CostModel:
         return [(self.time(s.task, s.tokens, s.comm_sms) - s.us) / s.us for s in samples]
 
     def to_json(self) -> str:
-        return json.dumps({"total_sms": self.total_sms, "coefficients": self.coefficients})
+        return json.dumps({"version": JSON_VERSION, "total_sms": self.total_sms,
+                           "coefficients": self.coefficients})
 
     @classmethod
     def from_json(cls, text: str) -> "CostModel":
         data = json.loads(text)
-        return cls(int(data["total_sms"]),
-                   {k: tuple(float(c) for c in v) for k, v in data["coefficients"].items()})
+        coefficients = {k: tuple(float(c) for c in v) for k, v in data["coefficients"].items()}
+        if data.get("version", 1) == 1:  # fixed + n * c1 * G / (G - s) == interference c1
+            coefficients = {k: v if k in COMM_TASKS else (v[0], v[1], v[1], 0.0)
+                            for k, v in coefficients.items()}
+        return cls(int(data["total_sms"]), coefficients)
 
     def __str__(self) -> str:
-        lines = [f"CostModel over {self.total_sms} SMs (us; n = tokens per rank, s = comm SMs)"]
-        for task, (c0, c1, c2) in sorted(self.coefficients.items()):
+        g = self.total_sms
+        lines = [f"CostModel over {g} SMs (us; n = tokens per rank, s = comm SMs, 0 = alone)"]
+        for task, c in sorted(self.coefficients.items()):
             if task in COMM_TASKS:
-                lines.append(f"  {task:<9} = {c0:.3g} + n * ({c1:.4g} / s + {c2:.4g})")
-            else:
-                lines.append(f"  {task:<9} = {c0:.3g} + n * {c1:.4g} * {self.total_sms} / "
-                             f"({self.total_sms} - s)")
+                lines.append(f"  {task:<9} = {c[0]:.3g} + n * ({c[1]:.4g} / s + {c[2]:.4g})")
+                continue
+            ideal = c[2] / c[1] if c[1] > 0 else float("nan")
+            lines.append(f"  {task:<9} = {c[0]:.3g} + max({c[3]:.3g}, n * ({c[1]:.4g} + "
+                         f"{c[2]:.4g} * s / ({g} - s)))   [interference {ideal:.2f}x the "
+                         "ideal G/(G-s)]")
         return "\n".join(lines)
+
+
+def _least_squares(rows: list, total_sms: int) -> tuple:
+    a = torch.tensor([_features(r.task, r.tokens, r.comm_sms, total_sms) for r in rows],
+                     dtype=torch.float64)
+    b = torch.tensor([[r.us] for r in rows], dtype=torch.float64)
+    used = a.abs().sum(0) > 0  # e.g. compute tasks measured alone only: no interference term
+    solution = torch.zeros(3, dtype=torch.float64)
+    solution[used] = torch.linalg.lstsq(a[:, used], b).solution.flatten()
+    return tuple(max(0.0, float(c)) for c in solution)
+
+
+def _fit_with_floor(rows: list, total_sms: int) -> tuple:
+    """(fixed, per-token, interference, floor): the linear terms from the samples above a
+    knee, the floor from those at or below it (their mean above `fixed`), the knee the one
+    of least squared relative error over all samples (no floor among the candidates)."""
+    sizes = sorted({r.tokens for r in rows})
+    best = None
+    for knee in [0] + sizes[:-2]:  # keep >= 2 sizes above the knee
+        above = [r for r in rows if r.tokens > knee]
+        fixed, slope, beside = _least_squares(above, total_sms)
+        flat = [r.us - fixed for r in rows if r.tokens <= knee]
+        floor = max(0.0, sum(flat) / len(flat)) if flat else 0.0
+        candidate = (fixed, slope, beside, floor)
+        model = CostModel(total_sms, {"experts": candidate})
+        error = sum(e * e for e in model.relative_errors(r._replace(task="experts")
+                                                         for r in rows))
+        if best is None or error < best[0] - 1e-12:
+            best = (error, candidate)
+    return best[1]

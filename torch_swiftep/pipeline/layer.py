@@ -8,6 +8,18 @@ communication stream runs every dispatch and combine, in the order `schedule.py`
 each dependency across. The routing is computed once for the whole batch, and chunking never
 changes a token's math (its top-k rows and their float32 sum), so the output equals the
 unpipelined layer's for the same routing. On CPU everything runs in issue order.
+
+What keeps the two streams from slowing each other down on a GPU (docs/pipelining.md):
+- the GEMMs that run beside communication are given only the SMs it leaves (carveout.py), as
+  `schedule.compute_sms` says and the cost model prices;
+- the communication stream has a high priority, and each chunk's experts wait until the
+  combine they overlap has been reached on the communication stream, so the communication
+  kernel is launched first and its blocks are placed first;
+- the host issues work that waits for nothing first: the shared expert before the dispatches
+  (the compute stream starts at once instead of after two dispatch calls' host time);
+- the experts of a chunk run over the rows that chunk can have, not over the whole window
+  (`expert_outputs`; by default in a world of one, where that bound is exact), so their cost
+  follows the chunk, not the Communicator's capacity.
 """
 from __future__ import annotations
 
@@ -19,7 +31,12 @@ from torch import nn
 
 from ..communicator import Communicator
 from ..moe import ExpertParallelMoE
-from .schedule import Schedule
+from .carveout import sm_carveout
+from .schedule import Schedule, compute_sms
+
+# A stream priority above the default (0; lower is higher, torch clamps it to the device's
+# range): when SMs free up, the communication kernels' blocks are placed before the GEMMs'.
+COMM_STREAM_PRIORITY = -1
 
 
 class _Streams:
@@ -28,22 +45,33 @@ class _Streams:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.comm = torch.cuda.Stream(device) if self.cuda else None
+        self.comm = torch.cuda.Stream(device, priority=COMM_STREAM_PRIORITY) if self.cuda \
+            else None
 
-    def on_comm(self, fn: Callable, uses: Sequence[torch.Tensor] = ()):
-        """fn() on the communication stream, after the caller's queued work; returns (result,
-        event the caller's stream can wait for). uses: tensors of the caller's stream that fn
-        reads (kept from reuse until the communication stream is done with them)."""
+    def mark(self):
+        """An event after the work queued so far on the caller's stream (None on CPU)."""
         if not self.cuda:
-            return fn(), None
-        self.comm.wait_stream(torch.cuda.current_stream())
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def on_comm(self, fn: Callable, uses: Sequence[torch.Tensor] = (), after=None):
+        """fn() on the communication stream after `after` (an event of the caller's stream;
+        None: all the caller's queued work). Returns (result, started, done): events for when
+        the communication stream reached fn's kernels and when it finished them. uses:
+        tensors of the caller's stream that fn reads (kept from reuse until it is done)."""
+        if not self.cuda:
+            return fn(), None, None
+        self.comm.wait_event(after if after is not None else self.mark())
         for t in uses:
             t.record_stream(self.comm)
+        started, done = torch.cuda.Event(), torch.cuda.Event()
+        started.record(self.comm)
         with torch.cuda.stream(self.comm):
             result = fn()
-        event = torch.cuda.Event()
-        event.record(self.comm)
-        return result, event
+        done.record(self.comm)
+        return result, started, done
 
     def join(self, event, tensors: Sequence[torch.Tensor] = ()) -> None:
         """The caller's stream waits for event; tensors made on the comm stream are used here."""
@@ -60,11 +88,20 @@ class PipelinedMoE(nn.Module):
     comms: two Communicators built with moe.comm's configuration (moe.comm may be one of them).
     shared: a module applied to every token and added to the output (DeepSeek-V3 / Qwen3-MoE
         shared experts); it fills the compute stream while the first dispatch runs.
+    carveout: give the GEMMs beside communication only the SMs it leaves (CUDA, when torch has
+        the setting; carveout.py). False: the GEMMs always see the whole GPU.
+    bound_rows: run the throughput experts over the rows a chunk can have instead of the whole
+        window (see expert_outputs). Needs every rank to run the same chunks (a device-side
+        assert checks it). False: over the whole window, as ExpertParallelMoE does. None (the
+        default): in a world of one only, where the bound is the chunk's exact row count; with
+        W ranks it is W times the average, and the copy into the combine window would move
+        more bytes than the combine's own staging of the valid rows.
     forward(x, schedule): x [num_tokens, hidden]; schedule.chunks must sum to num_tokens.
     """
 
     def __init__(self, moe: ExpertParallelMoE, comms: Sequence[Communicator],
-                 shared: Optional[nn.Module] = None):
+                 shared: Optional[nn.Module] = None, *, carveout: bool = True,
+                 bound_rows: Optional[bool] = None):
         super().__init__()
         if len(comms) != 2 or comms[0] is comms[1]:
             raise ValueError("PipelinedMoE takes two distinct Communicators (their workspaces "
@@ -75,28 +112,77 @@ class PipelinedMoE(nn.Module):
                                  f"({moe.comm.config}), got {c.config}")
         self.moe, self.comms, self.shared = moe, tuple(comms), shared
         self._streams = _Streams(moe.comm.device)
+        cfg, comm = moe.comm.config, moe.comm
+        self.carveout = carveout
+        self.bound_rows = comm.world_size == 1 if bound_rows is None else bound_rows
+        # rows one token can put in a rank's window per source rank: one per distinct expert
+        self._rows_per_token = comm.world_size * min(cfg.num_topk, comm.num_local_experts)
+        self._windows: dict = {}
         self.tracer = None  # a TaskTracer: record when every task ran (the benchmark's timeline)
 
     def _span(self, stream: str, name: str, chunk: int):
         return self.tracer.span(stream, name, chunk) if self.tracer else contextlib.nullcontext()
 
+    def _carve(self, sms: int):
+        return sm_carveout(sms) if self.carveout and self._streams.cuda else \
+            contextlib.nullcontext()
+
     def forward(self, x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-        if sum(schedule.chunks) != x.size(0) or min(schedule.chunks) <= 0:
-            raise ValueError(f"schedule.chunks={list(schedule.chunks)} must be positive and sum "
+        chunks = schedule.chunks
+        if sum(chunks) != x.size(0) or min(chunks) <= 0:
+            raise ValueError(f"schedule.chunks={list(chunks)} must be positive and sum "
                              f"to the batch's {x.size(0)} tokens")
         idx, weights = self.moe.route(x)
-        bounds = torch.tensor((0,) + tuple(schedule.chunks)).cumsum(0).tolist()
-        parts = [(x[a:b], idx[a:b], weights[a:b]) for a, b in zip(bounds, bounds[1:])]
+        parts, start = [], 0
+        for n in chunks:
+            parts.append((x[start:start + n], idx[start:start + n], weights[start:start + n]))
+            start += n
         return torch.cat(self._run(x, parts, schedule))
 
-    def _dispatch(self, i: int, parts, sms: int):
+    def row_bound(self, tokens: int) -> int:
+        """Most rows a chunk of `tokens` tokens per rank (on every rank) puts in a window."""
+        return min(self.moe.comm.plan.capacity, tokens * self._rows_per_token)
+
+    def expert_outputs(self, i: int, handle, tokens: int) -> torch.Tensor:
+        """Chunk i's experts over its dispatch handle (comms[i % 2]'s): what its combine takes.
+
+        With bound_rows (throughput schedule) the grouped GEMMs and the SwiGLU between them run
+        over the first row_bound(tokens) rows of the window: ExpertParallelMoE.experts over the
+        whole window would compute the SwiGLU over every capacity row (and size its GEMM
+        outputs by capacity) whatever the chunk's size. Its [rows, hidden] output is then
+        copied into this Communicator's combine window (combine_buffer(): the combine makes no
+        copy of its own), since combine takes [capacity, hidden] rows."""
+        moe = self.moe
+        if moe.low_latency:
+            return moe.experts_low_latency(handle.recv_x)
+        offs = handle.expert_offsets[1:]
+        if not self.bound_rows:
+            return moe.experts(handle.recv_x, offs)
+        rows = self.row_bound(tokens)
+        torch._assert_async(offs[-1] <= rows, "PipelinedMoE: a chunk received more rows than "
+                            "its bound: every rank must run the same schedule.chunks (or build "
+                            "the layer with bound_rows=False)")
+        y = moe.experts(handle.recv_x[:rows], offs)
+        key = (i % 2, y.dtype)
+        if key not in self._windows:
+            self._windows[key] = self.comms[i % 2].combine_buffer(y.dtype)
+        window = self._windows[key]
+        window[:rows].copy_(y)
+        return window
+
+    def shared_outputs(self, x: torch.Tensor, comm_sms: int) -> torch.Tensor:
+        """The shared expert over x, its GEMMs confined as beside communication at comm_sms."""
+        with self._carve(comm_sms):
+            return self.shared(x)
+
+    def _dispatch(self, i: int, parts, sms: int, routed):
         comm = self.comms[i % 2]
         method = comm.low_latency_dispatch if self.moe.low_latency else comm.dispatch
 
         def call():
             with self._span("comm", "dispatch", i):
                 return method(*parts[i], num_sms=sms)
-        return self._streams.on_comm(call, parts[i])
+        return self._streams.on_comm(call, parts[i], after=routed)
 
     def _combine(self, i: int, out: torch.Tensor, handle, sms: int):
         comm = self.comms[i % 2]
@@ -107,40 +193,43 @@ class PipelinedMoE(nn.Module):
                 return method(out, handle, num_sms=sms)
         return self._streams.on_comm(call, (out,))
 
-    def _experts(self, i: int, handle) -> torch.Tensor:
-        with self._span("compute", "experts", i):
-            if self.moe.low_latency:
-                return self.moe.experts_low_latency(handle.recv_x)
-            return self.moe.experts(handle.recv_x, handle.expert_offsets[1:])
+    def _experts(self, i: int, handle, tokens: int, sms: int) -> torch.Tensor:
+        with self._span("compute", "experts", i), self._carve(sms):
+            return self.expert_outputs(i, handle, tokens)
 
-    def _shared(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _shared(self, i: int, x: torch.Tensor, sms: int) -> torch.Tensor:
         with self._span("compute", "shared", i):
-            return self.shared(x)
+            return self.shared_outputs(x, sms)
 
     def _run(self, x: torch.Tensor, parts, schedule: Schedule) -> list:
         """The streams in the order schedule.py models: D1 D2 C1 D3 C2 ... on the communication
         stream; [S] X1 X2 ... or S1 X1 S2 X2 ... on the caller's."""
         k, sms = len(parts), schedule.comm_sms
         interleaved = schedule.order == "interleaved"
-        pending = {i: self._dispatch(i, parts, sms) for i in range(min(2, k))}
-        shared = None
-        if self.shared is not None and not interleaved:  # fills the first dispatch's wait
-            shared = self._shared(0, x)
-        combined = []
+        routed = self._streams.mark()  # the dispatches wait for the routing only
+        shared = {}
+        if self.shared is not None:  # issued first: it waits for nothing
+            shared[0] = self._shared(0, parts[0][0] if interleaved else x,
+                                     compute_sms("shared", k, sms))
+        pending = {i: self._dispatch(i, parts, sms, routed) for i in range(min(2, k))}
+        combined, started = [], None
         for i in range(k):
-            shared_i = self._shared(i, parts[i][0]) if self.shared is not None and interleaved \
-                else None
-            handle, event = pending.pop(i)
-            self._streams.join(event, _tensors(handle))
-            combined.append((self._combine(i, self._experts(i, handle), handle, sms), shared_i))
+            if self.shared is not None and interleaved and i > 0:
+                shared[i] = self._shared(i, parts[i][0], compute_sms("shared", k, sms))
+            handle, _, landed = pending.pop(i)
+            self._streams.join(landed, _tensors(handle))
+            self._streams.join(started)  # combine i - 1's kernels are launched first
+            out = self._experts(i, handle, parts[i][0].size(0), compute_sms("experts", k, sms))
+            y, started, combined_event = self._combine(i, out, handle, sms)
+            combined.append((y, combined_event))
             if i + 2 < k:
-                pending[i + 2] = self._dispatch(i + 2, parts, sms)
+                pending[i + 2] = self._dispatch(i + 2, parts, sms, routed)
         outputs = []
-        for (y, event), shared_i in combined:  # the caller's stream waits only at the end
-            self._streams.join(event, (y,))
-            outputs.append(y if shared_i is None else y + shared_i)
-        if shared is not None:
-            outputs = list(torch.cat(outputs).add_(shared).split(list(schedule.chunks)))
+        for i, (y, done) in enumerate(combined):  # the caller's stream waits only at the end
+            self._streams.join(done, (y,))
+            outputs.append(y + shared[i] if interleaved and i in shared else y)
+        if shared and not interleaved:
+            outputs = list(torch.cat(outputs).add_(shared[0]).split(list(schedule.chunks)))
         return outputs
 
 

@@ -5,13 +5,18 @@ stream issues dispatches and combines, the compute stream the experts' GEMMs (an
 experts). With two workspaces in turn, dispatch i + 1 may run before combine i, so the
 communication stream's order is
 
-    D1 D2 C1 D3 C2 ... Dk C(k-1) Ck        compute: [S] X1 X2 ... Xk      ("shared_first")
+    D1 D2 C1 D3 C2 ... Dk C(k-1) Ck        compute: [S] X1 X2 ... Xk      ("shared_first",
+                                                     S over the whole batch)
                                             or       S1 X1 S2 X2 ... Sk Xk ("interleaved")
 
 where X_i waits for D_i and C_i for X_i. The solver chooses the number of chunks, their sizes
 (not necessarily equal), the compute order and the SMs given to communication, minimizing the
 predicted makespan (`simulate`: exact for this two-stream model), and returns the predicted
 timeline with its choice.
+
+Compute tasks are priced as the layer runs them (`compute_sms`): beside communication, their
+GEMMs confined to the SMs communication leaves (the SM carve-out), except the experts of a
+one-chunk layer, which have nothing to overlap and get the whole GPU.
 """
 from __future__ import annotations
 
@@ -77,9 +82,27 @@ def _comm_order(k: int) -> list[tuple[str, int]]:
 def _compute_order(k: int, order: str, shared: bool) -> list[tuple[str, int]]:
     if not shared:
         return [("experts", i) for i in range(k)]
-    if order == "shared_first":
-        return [("shared", i) for i in range(k)] + [("experts", i) for i in range(k)]
+    if order == "shared_first":  # one shared task over the whole batch (chunk -1)
+        return [("shared", -1)] + [("experts", i) for i in range(k)]
     return [item for i in range(k) for item in (("shared", i), ("experts", i))]
+
+
+def compute_sms(task: str, chunks: int, comm_sms: int) -> int:
+    """SMs carved out of `task`'s GEMMs in a layer of `chunks` chunks (0: the whole GPU): the
+    layer's policy (layer.py), which the model prices. The experts of a one-chunk layer run
+    after its dispatch and before its combine (nothing to overlap); every other compute task
+    runs beside communication."""
+    return 0 if task == "experts" and chunks == 1 else comm_sms
+
+
+def linear_for(model: CostModel, comm_sms: int, chunks: int,
+               alone: Optional[dict] = None) -> dict:
+    """model.linear(comm_sms) with each compute task at its `compute_sms` budget: what
+    makespan() takes for a layer of `chunks` chunks. alone: model.linear(0), if already made."""
+    linear = model.linear(comm_sms)
+    if chunks == 1 and "experts" in linear:
+        linear["experts"] = (alone or model.linear(0))["experts"]
+    return linear
 
 
 def simulate(model: CostModel, chunks: Sequence[int], comm_sms: int, order: str = "interleaved",
@@ -102,9 +125,10 @@ def simulate(model: CostModel, chunks: Sequence[int], comm_sms: int, order: str 
             if dep is not None and (dep, i) not in end:
                 continue
             start = max(cursor[stream], end[(dep, i)] if dep else 0.0)
-            finish = start + model.time(name, chunks[i], comm_sms)
+            sms = comm_sms if stream == "comm" else compute_sms(name, k, comm_sms)
+            finish = start + model.time(name, chunks[i] if i >= 0 else sum(chunks), sms)
             end[(name, i)] = cursor[stream] = finish
-            timeline.append(Task(stream, name, i, start, finish))
+            timeline.append(Task(stream, name, max(i, 0), start, finish))
             head[stream] += 1
             progressed = True
         if not progressed:  # cannot happen for the orders above
@@ -114,13 +138,18 @@ def simulate(model: CostModel, chunks: Sequence[int], comm_sms: int, order: str 
 
 
 def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool) -> float:
-    """simulate()'s makespan without the timeline, from model.linear(comm_sms): the solver's
-    inner loop (microseconds a call). Walks the two streams in the order above."""
-    (fd, sd), (fx, sx), (fc, sc) = linear["dispatch"], linear["experts"], linear["combine"]
-    fs, ss = linear["shared"] if shared else (0.0, 0.0)
+    """simulate()'s makespan without the timeline, from linear_for(model, s, len(chunks)):
+    the solver's inner loop (microseconds a call). Walks the two streams in the order above;
+    a task's time is fixed + max(floor, n * slope)."""
+    (fd, sd, ld), (fx, sx, lx), (fc, sc, lc) = \
+        linear["dispatch"], linear["experts"], linear["combine"]
+    fs, ss, ls = linear["shared"] if shared else (0.0, 0.0, 0.0)
     k = len(chunks)
-    d = [fd + n * sd for n in chunks]
-    comp = sum(fs + n * ss for n in chunks) if shared and order == "shared_first" else 0.0
+    d = [fd + (n * sd if n * sd > ld else ld) for n in chunks]
+    comp = 0.0
+    if shared and order == "shared_first":
+        total = sum(chunks) * ss
+        comp = fs + (total if total > ls else ls)
     interleaved = shared and order == "interleaved"
     end_d = [0.0] * k
     comm = end_d[0] = d[0]
@@ -128,9 +157,9 @@ def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool) -> f
         comm = end_d[1] = comm + d[1]
     for i, n in enumerate(chunks):
         if interleaved:
-            comp += fs + n * ss
-        comp = (comp if comp > end_d[i] else end_d[i]) + fx + n * sx
-        comm = (comm if comm > comp else comp) + fc + n * sc
+            comp += fs + (n * ss if n * ss > ls else ls)
+        comp = (comp if comp > end_d[i] else end_d[i]) + fx + (n * sx if n * sx > lx else lx)
+        comm = (comm if comm > comp else comp) + fc + (n * sc if n * sc > lc else lc)
         if i + 2 < k:
             comm = end_d[i + 2] = comm + d[i + 2]
     return comm if comm > comp else comp
@@ -205,15 +234,18 @@ def solve(model: CostModel, tokens: int, *, shared: bool = False,
     orders = ORDERS if shared else ORDERS[-1:]
     coarse = []
     splits = [equal_chunks(tokens, k, granularity) for k in counts]
+    alone = model.linear(0)
     for s in sms:
-        linear = model.linear(s)
+        linear = {1: linear_for(model, s, 1, alone), 2: linear_for(model, s, 2, alone)}
         for chunks in splits:
             for order in orders:
-                coarse.append((makespan(linear, chunks, order, shared), chunks, s, order))
+                coarse.append((makespan(linear[min(len(chunks), 2)], chunks, order, shared),
+                               chunks, s, order))
     coarse.sort(key=lambda c: c[0])
     best = None
     for t, chunks, s, order in coarse[:REFINED]:
-        t, chunks = _refine(model.linear(s), chunks, order, shared, t, tokens, granularity)
+        t, chunks = _refine(linear_for(model, s, len(chunks), alone), chunks, order, shared, t,
+                            tokens, granularity)
         if best is None or t < best[0]:
             best = (t, chunks, s, order)
     t, chunks, s, order = best
