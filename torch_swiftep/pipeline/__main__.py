@@ -26,10 +26,17 @@ def fit_from_results(path: pathlib.Path, hidden: int, gemm_tflops: float, link_g
     scale = hidden / data["hidden"]  # bytes per token scale with the hidden size
     measured_hidden, topk = data["hidden"], data["topk"]
     samples = []
+    # The layer's experts return a tensor of their own, so its combine is the benchmark's
+    # "combine, own tensor" where the results have it (the zero-copy combine otherwise).
+    own = any(r["op"] == "combine, own tensor" for r in data["records"])
+    ops = {"dispatch": "dispatch", ("combine, own tensor" if own else "combine"): "combine"}
     for r in data["records"]:
+        if r["op"] not in ops:
+            continue
         # the per-SM term as measured; the link term (one GPU per rank, (W-1)/W of the rows
         # leave it) is added below from the assumed NVLink rate
-        samples.append(Sample(r["op"], r["tokens"], r["sms_per_rank"], r["ms"] * 1e3 * scale))
+        samples.append(Sample(ops[r["op"]], r["tokens"], r["sms_per_rank"],
+                              r["ms"] * 1e3 * scale))
     world = data["world"]
     fitted = CostModel.fit(samples, total_sms)
     link_us_per_token = topk * measured_hidden * 2 * scale * (world - 1) / world / link_gbps / 1e3
