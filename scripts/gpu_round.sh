@@ -9,7 +9,7 @@
 #
 # Steps: build, tests, fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both
 # schedules), sanitize (memcheck and racecheck over cases that launch every kernel of both
-# schedules), transformers (tests/test_transformers_gpu.py), bench, bench_quick, pipeline (the
+# schedules), sanitize_ranks (opt-in: memcheck over 2 ranks as processes), transformers (tests/test_transformers_gpu.py), bench, bench_quick, pipeline (the
 # pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes; not in the default list). NVLink
 # multicast stays off: the environment comes from torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
@@ -105,6 +105,17 @@ if has sanitize; then
   run sanitize sanitize
   grep -oE "kernels?: .*|(ERROR|RACECHECK) SUMMARY.*|[0-9]+ (passed|failed).*" \
     "$OUT/sanitize.log" | tee -a "$OUT/summary.log"
+fi
+# sanitize_ranks (opt-in): memcheck over ranks as processes (no in-process emulation, so nothing
+# waits behind a serialized kernel): the 2-rank reference test (every dispatch and combine kernel,
+# staged and zero-copy, FP8 given and quantized) and dispatch_layout. Slow: processes take turns
+# and memcheck instruments every access.
+if has sanitize_ranks; then
+  run sanitize_ranks compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
+    python3 -m pytest -q -p no:cacheprovider "tests/test_gpu.py::test_cuda_matches_reference[2]" \
+    tests/test_gpu.py::test_dispatch_layout_matches_cpu_and_rejects_bad_indices
+  grep -oE "ERROR SUMMARY.*|[0-9]+ (passed|failed).*" "$OUT/sanitize_ranks.log" \
+    | tee -a "$OUT/summary.log"
 fi
 if has transformers; then
   run transformers python3 -m pytest -q -p no:cacheprovider -rs tests/test_transformers_gpu.py
