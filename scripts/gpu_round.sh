@@ -8,9 +8,10 @@
 #   SWIFTEP_FUZZ_CASES=20 STEPS=fuzz bash scripts/gpu_round.sh OUT_DIR   # a quick fuzz
 #
 # Steps: build, tests, fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both
-# schedules), sanitize (memcheck and racecheck over cases that launch every kernel of both
-# schedules), sanitize_ranks (opt-in: memcheck over 2 ranks as processes), transformers (tests/test_transformers_gpu.py), bench, bench_quick, pipeline (the
-# pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes; not in the default list). NVLink
+# schedules; MPS=1 runs its processes concurrently), sanitize (memcheck and racecheck over cases
+# that launch every kernel of both schedules), transformers (tests/test_transformers_gpu.py),
+# bench, bench_quick. Not in the default list: sanitize_ranks (memcheck over 2 ranks as
+# processes), pipeline (the pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes). NVLink
 # multicast stays off: the environment comes from torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
