@@ -11,8 +11,10 @@
 # schedules; MPS=1 runs its processes concurrently), sanitize (memcheck and racecheck over cases
 # that launch every kernel of both schedules), transformers (tests/test_transformers_gpu.py),
 # bench, bench_quick. Not in the default list: sanitize_ranks (memcheck over 2 ranks as
-# processes), pipeline (the pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes). NVLink
-# multicast stays off: the environment comes from torch_swiftep.launch.NO_MULTICAST_ENV.
+# processes), pipeline (the pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes),
+# multi_process (ranks as processes on one GPU under MPS, DeepEP in the same run when built:
+# scripts/build_deepep.sh, DEEPEP_DIR). NVLink multicast stays off: the environment comes from
+# torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
 STEPS=${STEPS:-build,tests,fuzz,sanitize,transformers,bench}
@@ -133,5 +135,24 @@ if has pipeline; then
     run "pipeline_$shape" python3 -m torch_swiftep.bench.pipeline_layer --shape "$shape" \
       --tokens 4096 --out "$OUT/pipeline_$shape"
   done
+fi
+# multi_process (opt-in): ranks as processes on one GPU, side by side under the MPS daemon
+# (stopped again after); DeepEP's intranode build on PYTHONPATH when there is one (DEEPEP_DIR,
+# default third_party/deepep_intranode, from scripts/build_deepep.sh).
+multi_process() {
+  local rc=0 deepep=${DEEPEP_DIR:-third_party/deepep_intranode} pypath=${PYTHONPATH:-}
+  if [ -d "$deepep" ]; then
+    pypath="$(cd "$deepep" && pwd)${pypath:+:$pypath}"
+  else
+    echo "no DeepEP build at $deepep (scripts/build_deepep.sh): DeepEP's columns stay empty"
+  fi
+  mps_on
+  ( if [ -n "$pypath" ]; then export PYTHONPATH="$pypath"; fi
+    python3 -m torch_swiftep.bench.multi_process --out "$OUT/multi_process" ) || rc=1
+  mps_off
+  return $rc
+}
+if has multi_process; then
+  run multi_process multi_process
 fi
 exit $status

@@ -1,0 +1,198 @@
+"""DeepEP's intranode dispatch/combine (the release before its V2: 1.2.1) as a peer of the
+multi-process benchmark (multi_process.py), with the same inputs, when `import deep_ep` works.
+
+DeepEP is never vendored: fetch its source into an ignored folder and build it intranode-only
+with scripts/build_deepep.sh, then put the build on PYTHONPATH.
+
+What is measured, per SM budget, all the way a user calls it:
+- dispatch = Buffer.get_dispatch_layout + Buffer.dispatch (with topk_idx / topk_weights);
+- combine = Buffer.combine of the dispatched rows (DeepEP's combine adds the rows each rank
+  sends back, without weights: its experts' outputs are already weighted per (token, rank));
+- step = both.
+SM budget: Buffer.set_num_sms(n) is per rank: each rank's dispatch and combine kernels run n
+blocks (n / 2 channels, a sender and a receiver block each); n must be even. The configs are
+DeepEP's defaults for the world size (Buffer.get_dispatch_config / get_combine_config), the
+NVLink buffer the larger of their size hints.
+
+Timing: DeepEP's intranode dispatch syncs with the host (it waits for the received-token count)
+unless num_worst_tokens is given; with it (tokens x world, as DeepEP's tests use) nothing syncs
+and the calls are captured and timed exactly as swiftep's (chained CUDA graphs, slope). If any
+rank cannot capture, every rank falls back to CUDA events after a host barrier (median of
+timing.ITERS, no num_worst_tokens) and the result says so.
+
+Each SM budget runs in its own world of processes, so a budget that hangs (e.g. more blocks
+than fit on the GPU at once) costs that budget only. Before timing, each world checks one
+round trip at the small token count: every rank receives the (token, rank) pairs the routing
+implies, and combine returns each token times the number of ranks it went to.
+"""
+from __future__ import annotations
+
+SM_BUDGET = ("per rank: Buffer.set_num_sms(n), n blocks per rank's dispatch/combine kernel "
+             "(n/2 channels); n must be even")
+GRAPH_TIMING = "chained CUDA graphs (num_worst_tokens = tokens x world), as swiftep's"
+EVENT_TIMING = ("CUDA events after a host barrier (capture failed; no num_worst_tokens: the "
+                "dispatch syncs with the host)")
+
+
+def import_error() -> str | None:
+    """None if deep_ep imports here, else why not."""
+    try:
+        import deep_ep  # noqa: F401
+    except Exception as exc:  # ImportError, or the extension failing to load
+        return f"import deep_ep failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+class _Calls:
+    """One rank's DeepEP calls on fixed inputs."""
+
+    def __init__(self, buffer, x, topk_idx, topk_weights, experts):
+        self.buffer, self.x, self.idx, self.w, self.experts = (buffer, x, topk_idx, topk_weights,
+                                                               experts)
+
+    def dispatch(self, worst: int):
+        n_rank, _, n_expert, in_rank, _ = self.buffer.get_dispatch_layout(self.idx, self.experts)
+        recv_x, _, _, _, handle, _ = self.buffer.dispatch(
+            self.x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=n_expert, topk_idx=self.idx, topk_weights=self.w,
+            num_worst_tokens=worst)
+        return recv_x, handle
+
+    def step(self, worst: int):
+        recv_x, handle = self.dispatch(worst)
+        y, _, _ = self.buffer.combine(recv_x, handle)
+        return y
+
+
+def _check(buffer, rank, shape, idx_dtype, device) -> list[str]:
+    """One round trip at check_tokens per rank (eager, host-synced dispatch)."""
+    import torch
+
+    from .. import testing
+    from .multi_process import rank_inputs
+
+    world, local = shape["world"], shape["experts"] // shape["world"]
+    tokens = min(shape["check_tokens"], shape["tokens"])
+    x, idx, w, every_idx = rank_inputs(shape, tokens, rank, device, seed=1)
+    calls = _Calls(buffer, x, idx.to(idx_dtype), w, shape["experts"])
+    recv_x, handle = calls.dispatch(0)
+    y, _, _ = buffer.combine(recv_x, handle)
+    torch.cuda.synchronize()
+    owners = [torch.where(i >= 0, i // local, -1) for i in every_idx]
+    want = sum(int((o == rank).any(1).sum()) for o in owners)
+    errors = []
+    if recv_x.size(0) != want:
+        errors.append(f"rank {rank}: DeepEP dispatch received {recv_x.size(0)} rows, the routing "
+                      f"sends it {want}")
+    mine = owners[rank]
+    ranks_per_token = (mine.unsqueeze(-1) == torch.arange(world)).any(1).sum(1)
+    msg = testing.close(y, x.float().cpu() * ranks_per_token.unsqueeze(1), torch.bfloat16)
+    if msg:
+        errors.append(f"rank {rank}: DeepEP combine of the dispatched rows: {msg}")
+    return errors
+
+
+def _time(calls, group, shape, chain, repeats) -> tuple[str, dict]:
+    """(how it was timed, {dispatch, combine, step} ms per call on this rank)."""
+    import torch
+    import torch.distributed as dist
+
+    from .multi_process import agree, capture_chains, measure_chains
+    from .timing import time_fn
+
+    worst = shape["tokens"] * shape["world"]
+    graphs, reason = None, None
+    try:  # capture on every rank first; replay only if every rank could
+        graphs = [capture_chains(lambda: calls.dispatch(worst), chain),
+                  capture_chains(lambda: calls.step(worst), chain)]
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        torch.cuda.synchronize()
+    failed = [r for r in agree(reason, group) if r]
+
+    def barrier():
+        dist.barrier(group)
+
+    if not failed:
+        d, s = (measure_chains(g, barrier, repeats, chain)["slope_ms"] for g in graphs)
+        return GRAPH_TIMING, dict(dispatch=d, combine=s - d, step=s)
+    del graphs
+
+    def together():
+        barrier()
+        torch.cuda.synchronize()
+
+    d = time_fn(lambda: calls.dispatch(0), before=together)
+    s = time_fn(lambda: calls.step(0), before=together)
+    return f"{EVENT_TIMING}: {failed[0][:200]}", dict(dispatch=d, combine=s - d, step=s)
+
+
+def _rank(rank, world, shape, sms, chain, repeats):
+    import deep_ep
+    import torch
+    import torch.distributed as dist
+
+    from .multi_process import agree, rank_inputs
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    group = dist.group.WORLD
+    deep_ep.Buffer.set_num_sms(sms)  # read by get_dispatch_config / get_combine_config
+    configs = (deep_ep.Buffer.get_dispatch_config(world), deep_ep.Buffer.get_combine_config(world))
+    nvl_bytes = max(c.get_nvl_buffer_size_hint(shape["hidden"] * 2, world) for c in configs)
+    # intranode only (no RDMA bytes); destroyed explicitly once every rank is done (its
+    # destructor would wait for the peers on the device, also on an error path)
+    buffer = deep_ep.Buffer(group, nvl_bytes, 0, explicitly_destroy=True)
+    idx_dtype = getattr(deep_ep, "topk_idx_t", torch.int64)
+    errors = _check(buffer, rank, shape, idx_dtype, device) if shape["check_tokens"] else []
+    if any(agree(errors, group)):
+        buffer.destroy()
+        return dict(errors=errors)
+    x, idx, w, _ = rank_inputs(shape, shape["tokens"], rank, device, seed=shape["tokens"])
+    calls = _Calls(buffer, x, idx.to(idx_dtype), w, shape["experts"])
+    timing, ops = _time(calls, group, shape, chain, repeats)
+    torch.cuda.synchronize()
+    del calls
+    buffer.destroy()
+    return dict(errors=[], timing=timing, ops=ops, nvl_bytes=nvl_bytes)
+
+
+def run(shape: dict, budgets, chain, repeats, timeout_s) -> dict:
+    """{status, timing, sm_budget, by_sms {sms: {dispatch, combine, step} ms of the slowest
+    rank}, notes, errors}; status "not run: <reason>" when deep_ep does not import."""
+    reason = import_error()
+    if reason:
+        print(f"DeepEP: not run: {reason}", flush=True)
+        return dict(status=f"not run: {reason}", sm_budget=SM_BUDGET)
+    import deep_ep
+
+    from ..launch import WorldError, run_world
+    from .multi_process import ENV, slowest
+
+    result = dict(status="ran", sm_budget=SM_BUDGET, module=getattr(deep_ep, "__file__", "?"),
+                  by_sms={}, notes=[], errors=[], timing=None)
+    for sms in budgets:
+        if sms % 2:
+            result["notes"].append(f"{sms} SMs/rank: skipped (DeepEP's SM count must be even)")
+            continue
+        try:
+            ranks = run_world(shape["world"], _rank, shape, sms, chain, repeats, env=ENV,
+                              timeout_s=min(timeout_s, 600))
+        except WorldError as exc:
+            result["notes"].append(f"{sms} SMs/rank: failed ({str(exc).splitlines()[0]})")
+            print(f"DeepEP, {sms} SMs/rank: failed: {exc}", flush=True)
+            continue
+        errors = [e for r in ranks for e in r["errors"]]
+        if errors:
+            result["errors"] += errors
+            result["notes"].append(f"{sms} SMs/rank: check FAILED, not timed ({errors[0]})")
+            continue
+        result["by_sms"][sms] = slowest([r["ops"] for r in ranks])
+        timings = sorted({r["timing"] for r in ranks})
+        result["timing"] = "; ".join(timings)
+        print(f"  DeepEP, {sms} SMs/rank: dispatch {result['by_sms'][sms]['dispatch']:.3f} ms, "
+              f"combine {result['by_sms'][sms]['combine']:.3f} ms ({timings[0][:40]})",
+              flush=True)
+    if not result["by_sms"]:
+        result["status"] = "failed at every SM budget" if budgets else "no SM budget"
+    return result

@@ -1,0 +1,450 @@
+"""Throughput schedule with one process per rank on ONE GPU (as in production), peers in the
+same run. Run it under the MPS daemon (`nvidia-cuda-mps-control -d`, root; the gpu_round step
+`multi_process` starts it): without MPS the processes take turns on the GPU and the times mean
+nothing (the run says so, loudly).
+
+    python3 -m torch_swiftep.bench.multi_process --world 8 --tokens 4096 --sms 2,4,8,16 --out DIR
+
+Per SM budget, the calls as users make them: dispatch; combine zero-copy (the experts wrote
+into comm.combine_buffer()); combine from the experts' own tensor (allocated as a grouped GEMM's
+output); the step (dispatch + combine from the experts' own tensor).
+
+Timing is aligned on the device, not by a host barrier: each rank captures chains of SHORT and
+LONG back-to-back calls in CUDA graphs, replays each after a host barrier, times it with CUDA
+events and takes the slope (t_long - t_short) / (LONG - SHORT): every call waits for every peer
+on the device, so the start skew cancels. Median of --repeats replays, the slowest rank;
+combine = (dispatch + combine chain) - (dispatch chain). Before timing, every rank checks both
+combine modes at every budget at --check-tokens against testing's reference.
+
+Ceiling: the library's bulk copy at the same total SM count (copy_ceiling.py), measured before
+the ranks start; each op's least bytes (read + write, metrics.py) per second is quoted as a
+fraction of its read + write rate. algbw: received (token, rank) pairs x hidden x 2 bytes / time
+per rank (DeepEP's convention). Peers, as ratios to swiftep at the same budget: DeepEP's
+intranode Buffer (deepep_peer.py), torch's NVSHMEM all_to_all_vdev_2d (torch_a2a_peer.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from statistics import median
+
+from ..launch import NO_MULTICAST_ENV
+
+SHORT, LONG = 2, 10  # calls per chain (per rank, per CUDA graph)
+REPEATS = 5  # timed replays of each chain (median)
+# Ranks as processes on one GPU (tests/gpu_world.py's environment): multicast off.
+ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", **NO_MULTICAST_ENV,
+       "CUDA_MODULE_LOADING": "LAZY"}
+OPS = ("dispatch", "combine", "combine, own tensor", "step, own tensor")
+PEER_OP = {"dispatch": "dispatch", "combine": "combine", "combine, own tensor": "combine",
+           "step, own tensor": "step"}  # the peer figure each swiftep op is compared with
+PEERS = ("deepep", "torch")
+HEADERS = ["op", "SMs/rank", "SMs total", "ms", "algbw GB/s/rank", "of ceiling", "DeepEP ms",
+           "vs DeepEP"]
+
+
+# ------------------------------------------------------------------ arithmetic (unit-tested)
+def chain_slope(t_short: float, t_long: float, short: int = SHORT, long: int = LONG) -> float:
+    """Per-call time from two chain times: what the LONG - SHORT extra calls cost each."""
+    if long <= short:
+        raise ValueError(f"the long chain must be longer than the short one: {short}, {long}")
+    return (t_long - t_short) / (long - short)
+
+
+def per_rank_ops(slopes: dict) -> dict:
+    """One rank's ms per call of each op from its chain slopes (dispatch; pair: dispatch +
+    zero-copy combine; pair_own: dispatch + combine from the experts' own tensor)."""
+    d = slopes["dispatch"]
+    return {"dispatch": d, "combine": slopes["pair"] - d,
+            "combine, own tensor": slopes["pair_own"] - d, "step, own tensor": slopes["pair_own"]}
+
+
+def slowest(per_rank: list) -> dict:
+    """Per op, the slowest rank's ms (the world is as fast as its slowest rank)."""
+    return {op: max(r[op] for r in per_rank) for op in per_rank[0]}
+
+
+def algbw_gbps(pairs_per_rank: float, hidden: int, ms: float, elem_bytes: int = 2) -> float:
+    """DeepEP's algorithm bandwidth: (token, rank) pairs x hidden x element size / time."""
+    return pairs_per_rank * hidden * elem_bytes / (ms * 1e-3) / 1e9
+
+
+def ceiling_fraction(least_bytes: float, ms: float, payload_gbps) -> float | None:
+    """Least bytes (read + write) per second over the copy ceiling's read + write rate
+    (2 x its payload rate); None when the ceiling was not measured."""
+    if not payload_gbps:
+        return None
+    return least_bytes / (ms * 1e-3) / 1e9 / (2 * payload_gbps)
+
+
+def build_records(swiftep: dict, world_bytes: dict, ceiling: dict, world: int, hidden: int,
+                  peers: dict) -> list[dict]:
+    """One record per (SM budget, op). swiftep: {sms: {op: ms}} (slowest rank); world_bytes:
+    pairs_per_rank, dispatch and combine least bytes of the whole world; ceiling: {total SMs:
+    payload GB/s}; peers: {name: peer result with by_sms {sms: {dispatch, combine, step}}}."""
+    least = dict(dispatch=world_bytes["dispatch"], combine=world_bytes["combine"],
+                 step=world_bytes["dispatch"] + world_bytes["combine"])
+    records = []
+    for sms in sorted(swiftep):
+        for op in OPS:
+            ms, kind = swiftep[sms][op], PEER_OP[op]
+            both = 2 if kind == "step" else 1  # a step moves the pairs there and back
+            frac = ceiling_fraction(least[kind], ms, ceiling.get(sms * world))
+            rec = dict(op=op, sms_per_rank=sms, sms_total=sms * world, ms=ms,
+                       algbw_gbps=both * algbw_gbps(world_bytes["pairs_per_rank"], hidden, ms),
+                       least_bytes=least[kind], ceiling_fraction=frac, peers={})
+            for name, peer in peers.items():
+                peer_ms = (peer.get("by_sms") or {}).get(sms, {}).get(kind)
+                if peer_ms:
+                    rec["peers"][name] = dict(ms=peer_ms, speedup=peer_ms / ms)
+            records.append(rec)
+    return records
+
+
+def format_report(records: list[dict], peers: dict) -> str:
+    """The table: DeepEP's columns always (blank when it did not run), torch's when it ran.
+    vs X = X's ms / swiftep's ms (> 1: swiftep is faster)."""
+    from .metrics import format_table
+
+    with_torch = any("torch" in r["peers"] for r in records)
+    headers = HEADERS + (["torch a2a ms", "vs torch"] if with_torch else [])
+    rows = []
+    for r in records:
+        frac = r["ceiling_fraction"]
+        row = [r["op"], r["sms_per_rank"], r["sms_total"], r["ms"], r["algbw_gbps"],
+               "-" if frac is None else f"{frac:.0%}"]
+        for name in ("deepep",) + (("torch",) if with_torch else ()):
+            p = r["peers"].get(name)
+            row += [p["ms"], f"{p['speedup']:.2f}x"] if p else ["-", "-"]
+        rows.append(row)
+    lines = [format_table(headers, rows)]
+    for name, peer in peers.items():
+        said = [f"{k.replace('_', ' ')}: {peer[k]}" for k in ("timing", "sm_budget") if peer.get(k)]
+        lines.append("; ".join([f"{name}: {peer.get('status')}"] + said))
+        lines += [f"  {note}" for note in peer.get("notes", [])]
+    return "\n".join(lines)
+
+
+def fit_budgets(budgets, world: int, device_sms: int) -> tuple[list, list]:
+    """(budgets whose W x SMs fit on the GPU at once, messages for those dropped): under MPS the
+    ranks spin on each other, so every rank's blocks must be resident together."""
+    kept, dropped = [], []
+    for sms in budgets:
+        if sms * world <= device_sms:
+            kept.append(sms)
+        else:
+            dropped.append(f"{sms} SMs/rank dropped: {world} x {sms} blocks exceed the GPU's "
+                           f"{device_sms} SMs (ranks would wait for blocks that cannot start)")
+    return kept, dropped
+
+
+# --------------------------------------------------- device-aligned timing (shared by the peers)
+def capture_chains(call, chain=(SHORT, LONG)) -> list:
+    """One eager call (every rank: it communicates), then one CUDA graph per chain length, each
+    of that many back-to-back calls. Nothing runs while capturing."""
+    import torch
+
+    call()
+    torch.cuda.synchronize()
+    graphs = []
+    for layers in chain:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(layers):
+                call()
+        graphs.append(graph)
+    return graphs
+
+
+def measure_chains(graphs, barrier, repeats=REPEATS, chain=(SHORT, LONG)) -> dict:
+    """Replays each chain graph after a host barrier, timed with CUDA events (one untimed round
+    first: graph upload). Returns the medians, the samples and the per-call slope (ms)."""
+    import torch
+
+    samples = {n: [] for n in chain}
+    for round_ in range(repeats + 1):
+        for layers, graph in zip(chain, graphs):
+            barrier()
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            if round_:
+                samples[layers].append(start.elapsed_time(end))
+    short, long = chain
+    t_short, t_long = median(samples[short]), median(samples[long])
+    return dict(short_ms=t_short, long_ms=t_long, samples=samples,
+                slope_ms=chain_slope(t_short, t_long, short, long))
+
+
+# ------------------------------------------------------------------------- inputs, one rank
+def rank_inputs(shape: dict, tokens: int, rank: int, device, seed: int) -> tuple:
+    """(x, topk_idx, topk_weights) of one rank on device, and every rank's topk_idx (CPU): the
+    world's inputs as testing draws them (uniform routing, bf16)."""
+    import torch
+
+    from .. import testing
+
+    case = testing.Case(seed, torch.bfloat16, shape["hidden"], shape["topk"], "uniform",
+                        shape["experts"], (tokens,) * shape["world"])
+    inp = case.inputs()
+    mine = (inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank])
+    return tuple(t.to(device) for t in mine) + (inp.topk_idx,)
+
+
+def agree(ok, group) -> list:
+    """Every rank's value of ok (gloo all_gather_object), in rank order."""
+    import torch.distributed as dist
+
+    every = [None] * group.size()
+    dist.all_gather_object(every, ok, group)
+    return every
+
+
+def _check_rank(comm, rank: int, shape: dict, budgets, device) -> list[str]:
+    """Both combine modes at every SM budget, at check_tokens per rank, against testing's
+    reference (dispatch bit-exact, combine of the fake expert within testing.close)."""
+    import torch
+
+    from .. import testing
+
+    tokens = min(shape["check_tokens"], shape["tokens"])
+    case = testing.Case(1, torch.bfloat16, shape["hidden"], shape["topk"], "uniform",
+                        shape["experts"], (tokens,) * shape["world"])
+    exp = testing.expected(case)
+    x, idx, w, _ = exp.rank_inputs(rank, device)
+    errors = []
+    for sms in budgets:
+        for zero_copy in (True, False):
+            handle = comm.dispatch(x, idx, w, num_sms=sms)
+            out = testing.expert_output(handle, torch.bfloat16)
+            if zero_copy:
+                out = comm.combine_buffer().copy_(out)
+            y = comm.combine(out, handle, num_sms=sms)
+            comm.check()
+            errors += [f"{sms} SMs/rank, {'zero copy' if zero_copy else 'own tensor'}: {e}"
+                       for e in testing.check_step(rank, exp, handle, y)]
+    return errors
+
+
+def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
+    import torch
+    import torch.distributed as dist
+
+    from .. import CommConfig, Communicator, testing
+    from .metrics import RoutingBytes
+
+    device, group = torch.device("cuda", 0), dist.group.WORLD  # the first visible GPU
+    torch.cuda.set_device(device)
+    rows = shape["tokens"] * shape["topk"]  # per rank under uniform routing
+    config = CommConfig(num_experts=shape["experts"], hidden=shape["hidden"],
+                        num_topk=shape["topk"], max_tokens_per_rank=shape["tokens"],
+                        dtype=torch.bfloat16, capacity=max(rows + rows // 4, 1024),
+                        timeout_s=60.0)
+    comm = Communicator(group, config, device=device)
+    errors = _check_rank(comm, rank, shape, budgets, device) if shape["check_tokens"] else []
+    if any(agree(errors, group)):  # every rank stops together: a broken kernel is never timed
+        return dict(errors=errors, routing=None, slopes={})
+    x, idx, w, _ = rank_inputs(shape, shape["tokens"], rank, device, seed=shape["tokens"])
+    routing = RoutingBytes.of(idx, shape["experts"], world)
+    handle = comm.dispatch(x, idx, w, num_sms=budgets[0])
+    out = testing.expert_output(handle, torch.bfloat16)  # the fake expert's rows, once
+    comm.combine_buffer().copy_(out)  # zero copy: the experts wrote into the window
+    own = torch.empty_like(out).copy_(out)  # the experts' own tensor, as a grouped GEMM's
+    comm.combine(own, handle, num_sms=budgets[0])
+    comm.check()
+    slopes = {}
+    for sms in budgets:
+        calls = {"dispatch": lambda: comm.dispatch(x, idx, w, num_sms=sms)}
+        calls["pair"] = lambda: comm.combine(comm.combine_buffer(), calls["dispatch"](),
+                                             num_sms=sms)
+        calls["pair_own"] = lambda: comm.combine(own, calls["dispatch"](), num_sms=sms)
+        slopes[sms] = {}
+        for name, call in calls.items():
+            graphs = capture_chains(call, chain)
+            slopes[sms][name] = measure_chains(graphs, lambda: dist.barrier(group), repeats,
+                                               chain)
+            del graphs
+        comm.check()
+        if rank == 0:
+            print(f"  swiftep, {sms} SMs/rank: measured", flush=True)
+    return dict(errors=[], routing=dataclasses.asdict(routing), slopes=slopes)
+
+
+# --------------------------------------------------------------------------------- the run
+def mps_status() -> dict:
+    """Whether the MPS control daemon is up (its control pipe exists), and the GPU's compute
+    mode as nvidia-smi reports it (informational)."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    active = os.path.exists(os.path.join(pipe, "control"))
+    try:
+        mode = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        mode = "unknown (nvidia-smi failed)"
+    return dict(active=active, control_pipe=os.path.join(pipe, "control"), compute_mode=mode)
+
+
+def _swiftep_world(shape, budgets, args) -> tuple[dict | None, dict | None, list]:
+    """({sms: {op: ms}} of the slowest rank, the world's bytes, errors)."""
+    from ..launch import WorldError, run_world
+    from .metrics import RoutingBytes, combine_min_bytes, dispatch_min_bytes
+
+    try:
+        ranks = run_world(shape["world"], _swiftep_rank, shape, budgets, args.chain,
+                          args.repeats, env=ENV, timeout_s=args.timeout)
+    except WorldError as exc:
+        return None, None, [f"swiftep world failed: {exc}"]
+    errors = [f"rank {r}: {e}" for r, res in enumerate(ranks) for e in res["errors"]]
+    if errors:
+        return None, None, errors
+    by_sms = {sms: slowest([per_rank_ops({k: v["slope_ms"] for k, v in r["slopes"][sms].items()})
+                            for r in ranks]) for sms in budgets}
+    routing = [RoutingBytes(**r["routing"]) for r in ranks]
+    row = shape["hidden"] * 2
+    world_bytes = dict(pairs_per_rank=sum(r.token_rank_pairs for r in routing) / len(routing),
+                       dispatch=sum(dispatch_min_bytes(r, row) for r in routing),
+                       combine=sum(combine_min_bytes(r, row) for r in routing))
+    raw = {sms: [r["slopes"][sms] for r in ranks] for sms in budgets}
+    return by_sms, dict(world_bytes=world_bytes, raw=raw), []
+
+
+def run(args) -> int:
+    import torch
+
+    from .copy_ceiling import copy_ceiling_gbps
+
+    world = args.world
+    shape = dict(world=world, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
+                 experts=args.experts, check_tokens=0 if args.no_check else args.check_tokens)
+    props = torch.cuda.get_device_properties(0)
+    mps = mps_status()
+    print(f"torch_swiftep multi-process benchmark on {props.name} ({props.multi_processor_count} "
+          f"SMs): {world} ranks as processes on one GPU, {args.tokens} tokens/rank, hidden "
+          f"{args.hidden}, top-{args.topk}, {args.experts} experts, bf16, uniform routing; MPS "
+          f"{'on' if mps['active'] else 'OFF'} (compute mode {mps['compute_mode']})", flush=True)
+    if not mps["active"]:
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: no MPS daemon (no control pipe {mps['control_pipe']}). Without "
+              "MPS the rank processes take turns on the GPU (time slicing): the times below "
+              "MEAN NOTHING.\nStart it first (`nvidia-cuda-mps-control -d`, root) or run "
+              f"`STEPS=multi_process bash scripts/gpu_round.sh OUT`.\n{bar}", flush=True)
+    budgets, dropped = fit_budgets(args.sms, world, props.multi_processor_count)
+    for message in dropped:
+        print(message)
+    result = dict(device=props.name, device_sms=props.multi_processor_count, mps=mps, **shape,
+                  dtype="bfloat16", routing="uniform", sms_per_rank=budgets, dropped=dropped,
+                  chain=list(args.chain), repeats=args.repeats, timing=__doc__.split("\n\n")[3])
+    if not budgets:
+        return _finish(result, [], {}, ["no SM budget fits"], args.out)
+    ceiling = copy_ceiling_gbps(sorted({sms * world for sms in budgets}))  # before the ranks
+    result["ceiling_payload_gbps"] = ceiling
+    print("copy ceiling (payload GB/s at the total SM count): " + (", ".join(
+        f"{n} SMs {g:.0f}" for n, g in sorted(ceiling.items())) or "not measured"), flush=True)
+    swiftep, extra, errors = _swiftep_world(shape, budgets, args)
+    if errors:
+        return _finish(result, [], {}, errors, args.out)
+    result.update(swiftep_ms=swiftep, **extra)
+    peers = _run_peers(shape, budgets, args)
+    records = build_records(swiftep, extra["world_bytes"], ceiling, world, args.hidden, peers)
+    return _finish(result, records, peers, [], args.out)
+
+
+def _run_peers(shape, budgets, args) -> dict:
+    from . import deepep_peer, torch_a2a_peer  # each imports its library only when it runs
+
+    modules = {"deepep": deepep_peer, "torch": torch_a2a_peer}
+    return {name: modules[name].run(shape, budgets, args.chain, args.repeats, args.timeout)
+            for name in args.peers}
+
+
+def _finish(result, records, peers, errors, out_dir) -> int:
+    if records:
+        print(format_report(records, peers))
+        print("vs X: X's ms / swiftep's ms at the same SMs/rank (> 1: swiftep faster); of "
+              "ceiling: least bytes (read + write) / time / the bulk copy's read + write rate at "
+              "the same total SMs; step rows count both directions")
+    for e in errors[:10]:
+        print("FAILED:", e)
+    print("check:", "FAILED" if errors else ("passed" if result["check_tokens"] else "skipped"))
+    result.update(records=records, peers=peers, errors=errors)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "multi_process.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {path}")
+    return 1 if errors else 0
+
+
+def _int_list(text: str) -> list[int]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated: {text!r}")
+    return [int(v) for v in values]
+
+
+def _peer_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip() not in ("", "none")]
+    if any(n not in PEERS for n in names):
+        raise argparse.ArgumentTypeError(f"peers are {', '.join(PEERS)} or none, got {text!r}")
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 -m torch_swiftep.bench.multi_process",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    p.add_argument("--world", type=int, default=8, help="ranks, one process each (default: 8)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default: 4096)")
+    p.add_argument("--hidden", type=int, default=7168, help="hidden size (default: 7168)")
+    p.add_argument("--topk", type=int, default=8, help="experts per token (default: 8)")
+    p.add_argument("--experts", type=int, default=256,
+                   help="experts in the world, split evenly over the ranks (default: 256)")
+    p.add_argument("--sms", type=_int_list, default=[2, 4, 8, 16], metavar="LIST",
+                   help="SM budgets per rank (default: 2,4,8,16); those whose world x SMs "
+                        "exceed the GPU's SMs are dropped")
+    p.add_argument("--check-tokens", type=int, default=256,
+                   help="tokens per rank of the check before timing (default: 256)")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--repeats", type=int, default=REPEATS,
+                   help=f"timed replays of each chain, median (default: {REPEATS})")
+    p.add_argument("--chain", type=_int_list, default=[SHORT, LONG], metavar="SHORT,LONG",
+                   help=f"calls per chain graph (default: {SHORT},{LONG})")
+    p.add_argument("--peers", type=_peer_list, default=list(PEERS), metavar="LIST",
+                   help="peers in the same run: deepep, torch or none (default: deepep,torch)")
+    p.add_argument("--timeout", type=float, default=1200.0,
+                   help="seconds each world of processes may take (default: 1200)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for multi_process.json")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    for name in ("world", "tokens", "hidden", "topk", "experts", "check_tokens", "repeats"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.world < 2 or args.experts % args.world:
+        p.error(f"--experts ({args.experts}) must split evenly over --world ({args.world} >= 2)")
+    if len(args.chain) != 2 or args.chain[0] >= args.chain[1]:
+        p.error(f"--chain takes SHORT,LONG with SHORT < LONG, got {args.chain}")
+    import torch
+
+    import torch_swiftep
+
+    if not torch.cuda.is_available() or torch_swiftep.CUDA_EXTENSION_ERROR is not None:
+        print("multi-process benchmark: needs a CUDA GPU and the CUDA extension "
+              f"(extension: {torch_swiftep.CUDA_EXTENSION_ERROR or 'loaded'}); nothing run")
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
