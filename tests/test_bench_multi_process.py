@@ -14,7 +14,6 @@ from torch_swiftep.bench import deepep_peer, multi_process
 from torch_swiftep.bench.multi_process import (
     build_records,
     ceiling_fraction,
-    chain_slope,
     fit_budgets,
     format_report,
     main,
@@ -22,6 +21,7 @@ from torch_swiftep.bench.multi_process import (
     per_rank_ops,
     slowest,
 )
+from torch_swiftep.bench.rank_timing import chain_slope
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

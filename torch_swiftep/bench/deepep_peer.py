@@ -94,37 +94,13 @@ def _check(buffer, rank, shape, idx_dtype, device) -> list[str]:
 
 def _time(calls, group, shape, chain, repeats) -> tuple[str, dict]:
     """(how it was timed, {dispatch, combine, step} ms per call on this rank)."""
-    import torch
-    import torch.distributed as dist
-
-    from .multi_process import agree, capture_chains, measure_chains
-    from .timing import time_fn
+    from .rank_timing import time_dispatch_and_step
 
     worst = shape["tokens"] * shape["world"]
-    graphs, reason = None, None
-    try:  # capture on every rank first; replay only if every rank could
-        graphs = [capture_chains(lambda: calls.dispatch(worst), chain),
-                  capture_chains(lambda: calls.step(worst), chain)]
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        torch.cuda.synchronize()
-    failed = [r for r in agree(reason, group) if r]
-
-    def barrier():
-        dist.barrier(group)
-
-    if not failed:
-        d, s = (measure_chains(g, barrier, repeats, chain)["slope_ms"] for g in graphs)
-        return GRAPH_TIMING, dict(dispatch=d, combine=s - d, step=s)
-    del graphs
-
-    def together():
-        barrier()
-        torch.cuda.synchronize()
-
-    d = time_fn(lambda: calls.dispatch(0), before=together)
-    s = time_fn(lambda: calls.step(0), before=together)
-    return f"{EVENT_TIMING}: {failed[0][:200]}", dict(dispatch=d, combine=s - d, step=s)
+    failed, ops = time_dispatch_and_step(
+        group, (lambda: calls.dispatch(worst), lambda: calls.step(worst)),
+        (lambda: calls.dispatch(0), lambda: calls.step(0)), chain, repeats)
+    return (GRAPH_TIMING if failed is None else f"{EVENT_TIMING}: {failed}"), ops
 
 
 def _rank(rank, world, shape, sms, chain, repeats):

@@ -30,12 +30,10 @@ import json
 import os
 import subprocess
 import sys
-from statistics import median
 
 from ..launch import NO_MULTICAST_ENV
+from .rank_timing import LONG, REPEATS, SHORT, agree, capture_chains, measure_chains
 
-SHORT, LONG = 2, 10  # calls per chain (per rank, per CUDA graph)
-REPEATS = 5  # timed replays of each chain (median)
 # Ranks as processes on one GPU (tests/gpu_world.py's environment): multicast off.
 ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", **NO_MULTICAST_ENV,
        "CUDA_MODULE_LOADING": "LAZY"}
@@ -48,13 +46,6 @@ HEADERS = ["op", "SMs/rank", "SMs total", "ms", "algbw GB/s/rank", "of ceiling",
 
 
 # ------------------------------------------------------------------ arithmetic (unit-tested)
-def chain_slope(t_short: float, t_long: float, short: int = SHORT, long: int = LONG) -> float:
-    """Per-call time from two chain times: what the LONG - SHORT extra calls cost each."""
-    if long <= short:
-        raise ValueError(f"the long chain must be longer than the short one: {short}, {long}")
-    return (t_long - t_short) / (long - short)
-
-
 def per_rank_ops(slopes: dict) -> dict:
     """One rank's ms per call of each op from its chain slopes (dispatch; pair: dispatch +
     zero-copy combine; pair_own: dispatch + combine from the experts' own tensor)."""
@@ -142,46 +133,6 @@ def fit_budgets(budgets, world: int, device_sms: int) -> tuple[list, list]:
     return kept, dropped
 
 
-# --------------------------------------------------- device-aligned timing (shared by the peers)
-def capture_chains(call, chain=(SHORT, LONG)) -> list:
-    """One eager call (every rank: it communicates), then one CUDA graph per chain length, each
-    of that many back-to-back calls. Nothing runs while capturing."""
-    import torch
-
-    call()
-    torch.cuda.synchronize()
-    graphs = []
-    for layers in chain:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(layers):
-                call()
-        graphs.append(graph)
-    return graphs
-
-
-def measure_chains(graphs, barrier, repeats=REPEATS, chain=(SHORT, LONG)) -> dict:
-    """Replays each chain graph after a host barrier, timed with CUDA events (one untimed round
-    first: graph upload). Returns the medians, the samples and the per-call slope (ms)."""
-    import torch
-
-    samples = {n: [] for n in chain}
-    for round_ in range(repeats + 1):
-        for layers, graph in zip(chain, graphs):
-            barrier()
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            if round_:
-                samples[layers].append(start.elapsed_time(end))
-    short, long = chain
-    t_short, t_long = median(samples[short]), median(samples[long])
-    return dict(short_ms=t_short, long_ms=t_long, samples=samples,
-                slope_ms=chain_slope(t_short, t_long, short, long))
-
-
 # ------------------------------------------------------------------------- inputs, one rank
 def rank_inputs(shape: dict, tokens: int, rank: int, device, seed: int) -> tuple:
     """(x, topk_idx, topk_weights) of one rank on device, and every rank's topk_idx (CPU): the
@@ -195,15 +146,6 @@ def rank_inputs(shape: dict, tokens: int, rank: int, device, seed: int) -> tuple
     inp = case.inputs()
     mine = (inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank])
     return tuple(t.to(device) for t in mine) + (inp.topk_idx,)
-
-
-def agree(ok, group) -> list:
-    """Every rank's value of ok (gloo all_gather_object), in rank order."""
-    import torch.distributed as dist
-
-    every = [None] * group.size()
-    dist.all_gather_object(every, ok, group)
-    return every
 
 
 def _check_rank(comm, rank: int, shape: dict, budgets, device) -> list[str]:

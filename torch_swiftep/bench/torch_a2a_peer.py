@@ -112,38 +112,16 @@ def _check(ex, rank, shape, device) -> list[str]:
 
 
 def _time(ex, group, chain, repeats) -> tuple[str, dict]:
-    import torch
-    import torch.distributed as dist
-
-    from .multi_process import agree, capture_chains, measure_chains
-    from .timing import time_fn
+    from .rank_timing import time_dispatch_and_step
 
     ex.step()  # eager, then the capacity the routing needs
     if int(ex.out_so[0].sum()) > ex.cap_out:
         raise RuntimeError(f"received {int(ex.out_so[0].sum())} rows > capacity {ex.cap_out}")
-    graphs, reason = None, None
-    try:
-        graphs = [capture_chains(ex.dispatch, chain), capture_chains(ex.step, chain)]
-    except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        torch.cuda.synchronize()
-    failed = [r for r in agree(reason, group) if r]
-
-    def barrier():
-        dist.barrier(group)
-
-    if not failed:
-        d, s = (measure_chains(g, barrier, repeats, chain)["slope_ms"] for g in graphs)
-        return "chained CUDA graphs, as swiftep's", dict(dispatch=d, combine=s - d, step=s)
-    del graphs
-
-    def together():
-        barrier()
-        torch.cuda.synchronize()
-
-    d, s = time_fn(ex.dispatch, before=together), time_fn(ex.step, before=together)
-    return (f"CUDA events after a host barrier (capture failed: {failed[0][:200]})",
-            dict(dispatch=d, combine=s - d, step=s))
+    calls = (ex.dispatch, ex.step)
+    failed, ops = time_dispatch_and_step(group, calls, calls, chain, repeats)
+    if failed is None:
+        return "chained CUDA graphs, as swiftep's", ops
+    return f"CUDA events after a host barrier (capture failed: {failed})", ops
 
 
 def _rank(rank, world, shape, chain, repeats):
