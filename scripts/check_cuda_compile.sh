@@ -66,6 +66,18 @@ for i in "${!sources[@]}"; do
   fi
 done
 
+# Build-time variants that the default build does not instantiate (the experimental combine
+# of csrc/ops/combine/kernel_ldg.cuh): they must keep compiling, without spills.
+variant="-DSWIFTEP_COMBINE_LDG=1"
+if "$nvcc_bin" "${nvcc_flags[@]}" $variant -c csrc/ops/combine/launcher.cu \
+    -o "$obj_dir/combine_ldg.o" > "$log_dir/combine_ldg.log" 2>&1; then
+  echo "ok    nvcc $variant csrc/ops/combine/launcher.cu"
+else
+  echo "FAIL  nvcc $variant csrc/ops/combine/launcher.cu"
+  cat "$log_dir/combine_ldg.log"
+  status=1
+fi
+
 # Spills are a regression worth failing on; the only stack expected is printf's argument
 # buffer in the bounded wait's slow path.
 if grep -H "bytes spill stores" "$log_dir"/*.log | grep -v " 0 bytes spill stores" ; then

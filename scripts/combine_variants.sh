@@ -8,13 +8,21 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-for flags in "-DSWIFTEP_COMBINE_WARPS=8" "-DSWIFTEP_COMBINE_WARPS=4" \
-             "-DSWIFTEP_COMBINE_WARPS=2 -DSWIFTEP_COMBINE_MAX_CHUNK=8192" \
-             "-DSWIFTEP_COMBINE_WARPS=4 -DSWIFTEP_COMBINE_STAGES=3"; do
+# VARIANTS: one set of nvcc flags per line (default: the TMA combine as built, and the
+# register-load combine of kernel_ldg.cuh at two unroll depths and two warp counts).
+VARIANTS=${VARIANTS:-"-DSWIFTEP_COMBINE_WARPS=8
+-DSWIFTEP_COMBINE_LDG=1
+-DSWIFTEP_COMBINE_LDG=1 -DSWIFTEP_COMBINE_LDG_UNROLL=4
+-DSWIFTEP_COMBINE_LDG=1 -DSWIFTEP_COMBINE_WARPS=16"}
+while IFS= read -r flags; do
+  [ -n "$flags" ] || continue
   echo "=== variant: $flags"
   SWIFTEP_NVCC_FLAGS="$flags" python3 setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1 \
     || { tail -20 "$OUT/build.log"; continue; }
-  # the table's dispatch and combine rows (throughput_emulated.py), not the progress lines
-  python3 -m torch_swiftep.bench --quick --throughput-only --no-check 2>&1 \
-    | grep -E "^ *(dispatch|combine) " | head -2
-done
+  # the table's rows (throughput_emulated.py) and the reference check: a variant that computes
+  # something else must not look fast
+  python3 -m torch_swiftep.bench --quick --throughput-only 2>&1 \
+    | grep -E "^ *(dispatch|combine)|check" | head -8
+done <<< "$VARIANTS"
+echo "=== rebuilding the default"
+python3 setup.py -q build_ext --inplace --force > "$OUT/build.log" 2>&1

@@ -6,6 +6,7 @@
 
 #include "ops/combine/copy_rows.cuh"
 #include "ops/combine/kernel.cuh"
+#include "ops/combine/kernel_ldg.cuh"
 #include "ops/launch_utils.h"
 #include "swiftep/launchers.h"
 
@@ -68,6 +69,14 @@ LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win, cuda
   cudaError_t err = configure_combine<T, IdxT>(p, &cfg);
   if (err != cudaSuccess) return launch_result(err);
   if (!cfg.smem.ok) return smem_refused(cfg.smem);
+  if constexpr (kCombineLdg) {  // the experimental register-load combine (kernel_ldg.cuh)
+    if (win.epoch_slot == kEpochThroughput && cfg.shape.use_tma) {
+      const int64_t blocks = clamp_blocks(ceil_div(p.num_tokens, kCombineWarps), p.num_sms);
+      combine_ldg_kernel<T, IdxT>
+          <<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(p, win);
+      return launch_result(cudaGetLastError());
+    }
+  }
   err = ensure_dynamic_smem(reinterpret_cast<const void*>(&combine_kernel<T, IdxT>),
                             cfg.smem_bytes);
   if (err != cudaSuccess) return launch_result(err);

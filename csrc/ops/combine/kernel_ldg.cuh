@@ -1,0 +1,106 @@
+// An experimental throughput combine (built only with -DSWIFTEP_COMBINE_LDG=1, e.g.
+// SWIFTEP_NVCC_FLAGS="-DSWIFTEP_COMBINE_LDG=1"; scripts/combine_variants.sh times it against the
+// default): no shared-memory stages, no mbarriers, no TMA. Each warp takes whole tokens; each
+// lane loads its 16-byte vectors of up to kLdgSlots source rows at once with vector loads
+// straight into registers (kLdgUnroll vectors per slot in flight, kLdgSlots * kLdgUnroll loads
+// per lane), then reduces them in float32.
+//
+// Why try it: the TMA combine is issue-bound at ~2,000 warp instructions per (token, chunk)
+// item while DRAM idles (docs/perf-notes.md, ncu and v3): its per-item mbarrier round trip,
+// the lane-0 bulk-load issue loop and two stages per warp leave little in flight per warp. Here
+// every lane has up to 16 loads in flight and the only per-token bookkeeping is the routing
+// metadata. Same contract and results as combine_kernel (the same float32 order of the slots);
+// launched by launcher.cu for the throughput window when rows and pointers are 16-byte aligned.
+#pragma once
+
+#include <cstdint>
+
+#include "device/common.cuh"
+#include "ops/combine/kernel.cuh"
+#include "swiftep/params.h"
+
+namespace swiftep {
+
+#ifndef SWIFTEP_COMBINE_LDG
+#define SWIFTEP_COMBINE_LDG 0
+#endif
+#ifndef SWIFTEP_COMBINE_LDG_UNROLL
+#define SWIFTEP_COMBINE_LDG_UNROLL 2
+#endif
+
+constexpr bool kCombineLdg = SWIFTEP_COMBINE_LDG != 0;
+// Source rows whose vectors are loaded together (a token with more valid slots takes rounds).
+constexpr int kLdgSlots = 8;
+// Vectors per slot and lane in flight at once (32 * kLdgUnroll vectors of the row per round).
+constexpr int kLdgUnroll = SWIFTEP_COMBINE_LDG_UNROLL;
+
+template <typename T, typename IdxT>
+__global__ void __launch_bounds__(kCombineThreads)
+    combine_ldg_kernel(const __grid_constant__ CombineParams p, CombineWindow win) {
+  __shared__ float weights[kCombineWarps][kMaxTopk];
+  __shared__ const uint8_t* sources[kCombineWarps][kMaxTopk];
+  const CommParams& c = p.comm;
+  const int warp = warp_id();
+  const int lane = lane_id();
+  const int64_t epoch = ctrl_epoch(c)[win.epoch_slot];  // the matching dispatch's epoch
+  // This rank's window was filled by kernels that finished before this one (stream order).
+  if (blockIdx.x == 0) block_release_to_all_peers(c, win.off_flags, epoch);
+  const bool peers_ready =
+      block_wait_all_peers(c, at_offset<int64_t>(c.workspace, win.off_flags), epoch,
+                           win.wait_what);  // on timeout: no remote reads, y = 0
+
+  constexpr int kElemsPerVec = 16 / sizeof(T);
+  const int64_t vecs = p.out_row_bytes / 16;
+  const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kCombineWarps + warp; n < p.num_tokens;
+       n += num_warps_total) {
+    const uint8_t* src = combine_source<IdxT>(p, win, n, lane, peers_ready);
+    const uint32_t valid = __ballot_sync(kFullMask, src != nullptr);
+    if (lane < p.num_topk) {
+      sources[warp][lane] = src;
+      weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
+    }
+    __syncwarp();
+    uint4* out = reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.y) + n * p.out_row_bytes);
+    for (int64_t v0 = lane; v0 < vecs; v0 += kWarpSize * kLdgUnroll) {
+      float acc[kLdgUnroll][kElemsPerVec];
+#pragma unroll
+      for (int u = 0; u < kLdgUnroll; ++u) {
+#pragma unroll
+        for (int e = 0; e < kElemsPerVec; ++e) acc[u][e] = 0.f;
+      }
+      for (uint32_t rest = valid; rest != 0;) {  // warp-uniform: rounds of kLdgSlots slots
+        int slot[kLdgSlots];
+        uint4 raw[kLdgSlots][kLdgUnroll];
+#pragma unroll
+        for (int s = 0; s < kLdgSlots; ++s) {  // every load of the round first ...
+          slot[s] = rest != 0 ? __ffs(rest) - 1 : -1;
+          rest = rest != 0 ? rest & (rest - 1) : 0;
+          const uint4* row = slot[s] >= 0
+                                 ? reinterpret_cast<const uint4*>(sources[warp][slot[s]])
+                                 : nullptr;
+#pragma unroll
+          for (int u = 0; u < kLdgUnroll; ++u) {
+            const int64_t v = v0 + u * kWarpSize;
+            raw[s][u] = row != nullptr && v < vecs ? __ldg(row + v) : make_uint4(0, 0, 0, 0);
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < kLdgSlots; ++s) {  // ... then the reduction, slots in order
+          if (slot[s] < 0) continue;
+          const float w = weights[warp][slot[s]];
+#pragma unroll
+          for (int u = 0; u < kLdgUnroll; ++u) accumulate_vec16<T>(acc[u], raw[s][u], w);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kLdgUnroll; ++u) {
+        const int64_t v = v0 + u * kWarpSize;
+        if (v < vecs) out[v] = pack_vec16<T>(acc[u]);
+      }
+    }
+    __syncwarp();  // sources/weights are rewritten by the next token
+  }
+}
+
+}  // namespace swiftep
