@@ -226,6 +226,7 @@ MULTI_RANK_FAULTS = [
 
 # Asserted by tests/test_gpu_failures.py (CUDA backend, ranks as processes sharing one GPU).
 _GPU = "CUDA (2 processes, one GPU)"
+_GPU3 = "CUDA (3 processes, one GPU)"
 GPU_MULTI_RANK_FAULTS = {
     "config": Fault("ranks build Communicators with different hidden sizes", ValueError,
                     r"hidden differs \(rank 0: 256; rank 1: 512\)", where=_GPU),
@@ -239,10 +240,11 @@ GPU_MULTI_RANK_FAULTS = {
         where=_GPU),
     "later": Fault("... any later call, on either rank", ts.BrokenCommunicatorError,
                    r"this communicator is broken .* build a new one", where=_GPU),
-    "killed": Fault("a rank killed (SIGKILL) between calls, timeout_s=2: the survivor",
+    "killed": Fault("a rank killed (SIGKILL) between calls, timeout_s=2: the survivors (then "
+                    "they rebuild over the ranks that remain)",
                     ts.BrokenCommunicatorError,
-                    r"timed out waiting for rank 1 \(dispatch .*must be rebuilt",
-                    where=_GPU),
+                    r"timed out waiting for rank 2 \(dispatch .*must be rebuilt",
+                    where=_GPU3),
 }
 
 

@@ -1,6 +1,7 @@
 """Failures across ranks on the CUDA backend (ranks as processes sharing one GPU): the
 configuration agreed at construction, a peer whose rejected input makes the others give up at
-once, and a killed rank named by the survivors. Skipped without a GPU and the compiled extension."""
+once, and a killed rank named by the survivors, who rebuild over the ranks that remain. Skipped
+without a GPU and the compiled extension."""
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ from fault_catalogue import GPU_MULTI_RANK_FAULTS as FAULTS
 from gpu_world import ENV, GPU_MARKS
 
 import torch_swiftep as ts
+from torch_swiftep import testing
 from torch_swiftep.launch import run_world
 
 pytestmark = GPU_MARKS
@@ -90,22 +92,30 @@ def test_a_peers_rejected_input_fails_the_others_fast_naming_it():
 
 
 def _killed(rank, world):
+    """World 3: rank 2 dies between calls; the survivors name it within the bound, then rebuild
+    a communicator over ranks 0 and 1 in the same process and run a checked step on it."""
     device, cfg = _setup(rank)
     comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
     x, idx, w = _inputs(device)
     comm.combine(comm.combine_buffer().zero_(), comm.dispatch(x, idx, w))
     comm.check()
-    if rank == 1:
+    if rank == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(1)
     t0 = time.monotonic()
     comm.dispatch(x, idx, w)
-    return _error_of(comm.check), time.monotonic() - t0
+    failed, seconds = _error_of(comm.check), time.monotonic() - t0
+    group = dist.new_group([0, 1], use_local_synchronization=True)
+    case = testing.Case(11, torch.bfloat16, 256, 2, "holes", 8, (13, 7))
+    small = ts.Communicator(group, case.config(timeout_s=30), device=device)
+    return failed, seconds, testing.run_step(small, rank, testing.expected(case), device=device)
 
 
-def test_a_killed_rank_is_named_by_the_survivor_within_the_bound():
-    results = run_world(2, _killed, env=ENV, timeout_s=120, may_die=(1,))
-    msg, seconds = results[0]
-    _assert_matches(msg, "killed")
-    assert seconds < TIMEOUT_S + 5, seconds
-    print(f"the survivor raised {seconds:.2f} s after its dispatch (timeout_s={TIMEOUT_S:g})")
+def test_a_killed_rank_is_named_and_the_survivors_rebuild():
+    results = run_world(3, _killed, env=ENV, timeout_s=180, may_die=(2,))
+    assert results[2] is None
+    for msg, seconds, errors in results[:2]:
+        _assert_matches(msg, "killed")
+        assert seconds < TIMEOUT_S + 5, seconds
+        print(f"a survivor raised {seconds:.2f} s after its dispatch (timeout_s={TIMEOUT_S:g})")
+        assert not errors, errors[:5]
