@@ -12,6 +12,7 @@
 # that launch every kernel of both schedules), transformers (tests/test_transformers_gpu.py),
 # bench, bench_quick. Not in the default list: sanitize_ranks (memcheck over 2 ranks as
 # processes), pipeline (the pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes),
+# pipeline_mp (that layer with 8 ranks as processes under MPS, both shapes, 4096 tokens/rank),
 # multi_process (ranks as processes on one GPU under MPS, DeepEP in the same run when built:
 # scripts/build_deepep.sh, DEEPEP_DIR). NVLink multicast stays off: the environment comes from
 # torch_swiftep.launch.NO_MULTICAST_ENV.
@@ -154,5 +155,15 @@ multi_process() {
 }
 if has multi_process; then
   run multi_process multi_process
+fi
+# pipeline_mp (opt-in): bench/pipeline_multi_process.py, the ranks side by side under the MPS
+# daemon (stopped again after).
+if has pipeline_mp; then
+  mps_on
+  for shape in deepseek-v3 qwen3-moe; do
+    run "pipeline_mp_$shape" python3 -m torch_swiftep.bench.pipeline_multi_process --world 8 \
+      --shape "$shape" --tokens 4096 --out "$OUT/pipeline_mp_$shape"
+  done
+  mps_off
 fi
 exit $status

@@ -41,18 +41,24 @@ CUDA_SMS = (8, 16, 24, 32, 48, 64)
 CPU_SMS = (4, 8)
 
 
-def build(shape: str, tokens: int, device: torch.device):
+def build(shape: str, tokens: int, device: torch.device, group=None, seed: int = 0,
+          moe_type=ExpertParallelMoE, **config):
+    """(moe, its two Communicators, the shared expert or None, x [tokens, hidden]) of `shape`.
+    group: the process group (None: a world of one); seed: x's draw; moe_type: called as
+    moe_type(comm, ffn, dtype=...); config: CommConfig fields to override (num_experts,
+    capacity, num_sms, ...)."""
     hidden, ffn, topk, experts, shared_ffn = SHAPES[shape]
     dtype = torch.bfloat16
-    cfg = CommConfig(num_experts=experts, hidden=hidden, num_topk=topk,
-                     max_tokens_per_rank=tokens, dtype=dtype)
-    comms = [Communicator(None, cfg, device=device) for _ in range(2)]
-    moe = ExpertParallelMoE(comms[0], ffn, dtype=dtype)
+    cfg = CommConfig(**{**dict(num_experts=experts, hidden=hidden, num_topk=topk,
+                               max_tokens_per_rank=tokens, dtype=dtype), **config})
+    comms = [Communicator(group, cfg, device=device) for _ in range(2)]
+    moe = moe_type(comms[0], ffn, dtype=dtype)
     shared = None
     if shared_ffn:
         shared = nn.Sequential(nn.Linear(hidden, shared_ffn, bias=False), nn.SiLU(),
                                nn.Linear(shared_ffn, hidden, bias=False)).to(device, dtype)
-    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device, dtype)
     return moe, comms, shared, x
 
 

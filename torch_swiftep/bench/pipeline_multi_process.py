@@ -1,0 +1,450 @@
+"""python3 -m torch_swiftep.bench.pipeline_multi_process: the pipelined MoE layer, ranks as
+processes on one GPU (under MPS), each holding num_experts / W experts.
+
+    python3 -m torch_swiftep.bench.pipeline_multi_process --world 8 --shape deepseek-v3 \\
+        --tokens 4096 --out DIR
+
+Every rank makes the same communication calls in the same order: a check (pipelined equals
+unpipelined; any failure stops every rank), calibration (fitted on each sample's slowest rank;
+rank 0 solves and broadcasts the Schedule), timing (slope of chained CUDA graphs, else CUDA
+events after a host barrier; slowest rank), one traced forward per rank. --carveout share sizes
+a rank's GEMMs for its share of the SMs. docs/pipelining.md explains each choice.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import pathlib
+import sys
+import time
+from statistics import median
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..moe import ExpertParallelMoE
+from ..pipeline import CostModel, Sample, Schedule, calibrate, equal_chunks, simulate, solve
+from ..pipeline.carveout import carveout_supported, sm_carveout
+from ..pipeline.layer import PipelinedMoE
+from ..pipeline.schedule import ORDERS, Task
+from .multi_process import ENV, _int_list, fit_budgets, mps_status, slowest
+from .pipeline_layer import SHAPES, _exposed, _traced, build
+from .rank_timing import REPEATS, agree, capture_chains, measure_chains
+from .timing import time_fn
+
+# Experts of the whole model, num_experts / W per rank (pipeline_layer's SHAPES hold one EP8
+# rank's share: its world of one).
+MODEL_EXPERTS = {"deepseek-v3": 256, "qwen3-moe": 128, "tiny": 16}
+CUDA_SMS, CPU_SMS = (2, 4, 8, 12), (4, 8)
+CPU_DEVICE_SMS = 132  # nominal on CPU, where nothing is carved out
+CHUNK_COUNTS = (1, 2, 4, 8)
+POLICIES = ("share", "comm", "off")
+# Window rows per rank over an even routing's tokens x top-k: the random router is close to
+# even; the worst case (W x tokens x top-k) would not fit 8 ranks' windows on one GPU.
+CAPACITY_FACTOR = 1.5
+# The real GEMMs' check: max |pipelined - unpipelined| / max |unpipelined|. A differently
+# blocked bf16 GEMM differs by rounding (~1e-2 at most); a token routed or combined wrongly, O(1).
+CHECK_TOLERANCE = 0.05
+
+
+# ------------------------------------------------------------------ arithmetic (unit-tested)
+def carveout_sms(comm_sms: int, device_sms: int, world: int, policy: str = "share") -> int:
+    """SMs carved out of a rank's GEMMs beside communication at comm_sms SMs per rank (0: none
+    beside them). share: the GEMMs get device_sms // world - comm_sms (W = 1: as the layer)."""
+    return {"off": 0, "comm": comm_sms,
+            "share": device_sms - device_sms // world + comm_sms}[policy]
+
+
+def usable_budgets(budgets, world: int, device_sms: int) -> tuple[list, list]:
+    """(budgets with W x s on the GPU that leave a rank's GEMMs SMs, messages for the rest)."""
+    kept, dropped = fit_budgets(budgets, world, device_sms)
+    share = device_sms // world
+    dropped += [f"{s} SMs/rank dropped: not below a rank's share of {share} SMs (its GEMMs "
+                "would get none)" for s in kept if s >= share]
+    return [s for s in kept if s < share], dropped
+
+
+def world_capacity(tokens: int, topk: int, world: int, local: int) -> int:
+    """Window rows per rank: CAPACITY_FACTOR x tokens x top-k, at least 1024, at most the worst
+    case W x tokens x min(top-k, local experts)."""
+    return min(world * tokens * min(topk, local),
+               max(1024, math.ceil(CAPACITY_FACTOR * tokens * topk)))
+
+
+def check_chunkings(n: int) -> list[tuple]:
+    """Pipelined chunkings (2+ chunks) of an n-token check: equal and uneven."""
+    candidates = (equal_chunks(n, 2), equal_chunks(n, 4), (1, n - 1), (1, n // 3, n - 1 - n // 3))
+    return [c for c in dict.fromkeys(candidates) if len(c) > 1 and min(c) > 0]
+
+
+def slowest_samples(per_rank: list) -> list[Sample]:
+    """Per sample the slowest rank's time; every rank measured the same samples in order."""
+    if len({len(r) for r in per_rank}) != 1 or any(len({r[:3] for r in rows}) != 1
+                                                   for rows in zip(*per_rank)):
+        raise ValueError("the ranks measured different samples")
+    return [Sample(*rows[0][:3], max(r[3] for r in rows)) for rows in zip(*per_rank)]
+
+
+def summarize(sweep: dict, chosen_us: float, comm_sms: int, predicted_us: float) -> dict:
+    """The issue's figures from the slowest rank's times; sweep: {(chunks, SMs/rank): us}."""
+    serial_sms = min((s for k, s in sweep if k == 1), key=lambda s: sweep[(1, s)])
+    serial_us, best = sweep[(1, serial_sms)], min(sweep, key=sweep.get)
+    return dict(serial_us=serial_us, serial_comm_sms=serial_sms, chosen_us=chosen_us,
+                predicted_us=predicted_us, prediction_error=(predicted_us - chosen_us) / chosen_us,
+                sweep_best=dict(chunks=best[0], comm_sms=best[1], us=sweep[best]),
+                speedup=serial_us / chosen_us, vs_sweep_best=chosen_us / sweep[best],
+                speedup_same_sms=sweep.get((1, comm_sms), math.nan) / chosen_us)
+
+
+# -------------------------------------------------------------------- one rank's layer
+def local_moe(comm, ffn: int, *, dtype) -> ExpertParallelMoE:
+    """ExpertParallelMoE over comm drawing its local experts only (the same on every rank), not
+    all of them (DeepSeek-V3's 256 in float32: 30 GB of host memory per rank); a full router."""
+    cfg, local = comm.config, comm.num_local_experts
+    few = SimpleNamespace(num_experts=local, hidden=cfg.hidden, num_topk=min(cfg.num_topk, local))
+    moe = ExpertParallelMoE(SimpleNamespace(config=few, num_local_experts=local, rank=0,
+                                            device=comm.device), ffn, dtype=dtype)
+    router = torch.randn(cfg.num_experts, cfg.hidden, generator=torch.Generator().manual_seed(1))
+    moe.router = nn.Parameter((router * cfg.hidden ** -0.5).to(comm.device, dtype),
+                              requires_grad=False)
+    moe.comm, moe.top_k = comm, cfg.num_topk
+    return moe
+
+
+class WorldLayer(PipelinedMoE):
+    """PipelinedMoE whose GEMMs are carved out by `policy` for a GPU that W ranks share."""
+
+    def __init__(self, moe, comms, shared, opts: dict):
+        super().__init__(moe, comms, shared, bound_rows=opts["bound_rows"])
+        self.policy, self.sms, self.world = opts["carveout"], opts["device_sms"], opts["world"]
+
+    def _carve(self, sms: int):
+        carve = carveout_sms(sms, self.sms, self.world, self.policy)
+        return sm_carveout(carve) if self._streams.cuda else contextlib.nullcontext()
+
+
+class _World:
+    """This rank's side of the collective steps: every rank calls each in the same order."""
+
+    def __init__(self, device: torch.device, opts: dict):
+        self.group, self.cuda = dist.group.WORLD, device.type == "cuda"
+        self.rank, self.repeats = self.group.rank(), opts["repeats"]
+        self.methods: set = set()
+
+    def barrier(self) -> None:
+        dist.barrier(self.group)
+
+    def gather(self, value) -> list:
+        return agree(value, self.group)
+
+    def time_us(self, call) -> float:
+        """This rank's us per call(), every rank running it at the same time."""
+        if not self.cuda:
+            self.methods.add("host clock after a barrier (CPU), slowest rank's median")
+            times = []
+            for _ in range(self.repeats):
+                self.barrier()
+                t0 = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - t0) * 1e6)
+            return median(times)
+        graphs, reason = None, None
+        try:  # every rank captures first; replays only if every rank could
+            graphs = capture_chains(call)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:200]
+            torch.cuda.synchronize()
+        failed = [r for r in self.gather(reason) if r]
+        if failed:
+            del graphs
+            self.methods.add("CUDA events after a host barrier, slowest rank's median (capture "
+                             f"failed: {failed[0]})")
+            return time_fn(call, self.repeats, before=lambda: (torch.cuda.synchronize(),
+                                                               self.barrier())) * 1e3
+        self.methods.add("chained CUDA graphs (slope of SHORT and LONG forwards), slowest rank")
+        slope = measure_chains(graphs, self.barrier, self.repeats)["slope_ms"]
+        del graphs
+        torch.cuda.empty_cache()  # the graphs' private pools
+        return max(slope * 1e3, 1e-3)
+
+
+# ------------------------------------------------------------------------ the rank's steps
+def _check(layer, x, opts, world) -> tuple[list, dict]:
+    """The pipelined layer against the unpipelined one (module docstring)."""
+    n, s, moe = min(opts["check_tokens"], x.size(0)), opts["sms"][0], layer.moe
+    xs, errors, worst, identical = x[:n], [], 0.0, True
+    moe.experts = lambda rows, offs: rows * 1.5 - 0.25  # each row on its own: bit-exact
+    try:
+        shared = nn.Identity() if layer.shared is not None else None  # row-wise too
+        exact = WorldLayer(moe, layer.comms, shared, opts)
+        want = moe(xs) + xs if shared is not None else moe(xs)
+        errors += [f"rank {world.rank}: row-wise experts, chunks {list(c)}, {o}: not "
+                   "bit-identical to the unpipelined layer" for c in check_chunkings(n)
+                   for o in ORDERS if not torch.equal(exact(xs, Schedule(c, s, o, 0.0, ())), want)]
+    finally:
+        del moe.experts
+    for order in ORDERS:
+        want = layer(xs, Schedule((n,), s, order, 0.0, ()))
+        scale = want.float().abs().max().item() or 1.0
+        for chunks in check_chunkings(n):
+            y = layer(xs, Schedule(chunks, s, order, 0.0, ()))
+            identical = identical and torch.equal(y, want)
+            worst = max(worst, (y.float() - want.float()).abs().max().item() / scale)
+    if not worst <= CHECK_TOLERANCE:
+        errors.append(f"rank {world.rank}: real experts: pipelined differs from unpipelined by "
+                      f"{worst:.3g} of the output's max (tolerance {CHECK_TOLERANCE})")
+    for comm in layer.comms:
+        comm.check()
+    return errors, dict(tokens=n, bit_identical=identical, max_rel_diff=worst)
+
+
+def _measure(layer, x, sizes, sms_options, world) -> list:
+    """calibrate.measure's samples, collectively: the same calls on every rank (beside the
+    GEMMs, the ranks' largest number of communication steps)."""
+    moe, comm = layer.moe, layer.comms[0]
+    samples = []
+    for n in sizes:
+        part = x[:n]
+        idx, wt = moe.route(part)
+        pair_us = {}
+        for s in sms_options:
+            def dispatch(s=s):
+                return comm.dispatch(part, idx, wt, num_sms=s)
+            out = layer.expert_outputs(0, dispatch(), n)
+            d = world.time_us(dispatch)
+            pair_us[s] = world.time_us(lambda s=s: comm.combine(out, dispatch(s), num_sms=s))
+            samples += [Sample("dispatch", n, s, d),
+                        Sample("combine", n, s, max(pair_us[s] - d, 1e-3))]
+        handle = comm.dispatch(part, idx, wt, num_sms=sms_options[0])
+        work = {"experts": lambda: layer.expert_outputs(0, handle, n),
+                "shared": lambda: layer.shared(part)}
+        for task in ("experts",) + (("shared",) if layer.shared is not None else ()):
+            def carved(task=task, s=0):
+                with layer._carve(s):
+                    work[task]()
+            alone = world.time_us(carved)
+            samples.append(Sample(task, n, 0, alone))
+            for s in sms_options:
+                reps = max(world.gather(2 + math.ceil(2.0 * alone / max(pair_us[s], 1.0))))
+                steps = calibrate._comm_steps(layer, part, idx, wt, s, reps)
+                us, _ = calibrate.time_beside_us(lambda task=task, s=s: carved(task, s), steps,
+                                                 layer, x.device, world.repeats)
+                samples.append(Sample(task, n, s, us))
+    return samples
+
+
+def _decide(samples, world, opts):
+    """Rank 0 fits each sample's slowest rank and broadcasts (chosen, unpipelined, model)."""
+    every, box = world.gather([tuple(s) for s in samples]), [None]
+    if world.rank == 0:
+        model = CostModel.fit(slowest_samples(every), opts["device_sms"] // opts["world"])
+        kw = dict(shared=model.has("shared"), sms_options=opts["sms"])
+        box = [(solve(model, opts["tokens"], **kw),
+                solve(model, opts["tokens"], fixed_chunks=1, **kw), model.to_json())]
+    dist.broadcast_object_list(box, src=0, group=world.group)
+    return box[0], every
+
+
+def _time_layer(layer, x, chosen, sms_options, world) -> dict:
+    """The sweep, the choice, and on CUDA the choice under each carve-out policy."""
+    sweep, policy = {}, layer.policy
+    for k in CHUNK_COUNTS:
+        for s in sms_options:
+            sched = Schedule(equal_chunks(x.size(0), k), s, chosen.order, 0.0, ())
+            sweep[(k, s)] = world.time_us(lambda: layer(x, sched))
+    out = dict(sweep=sweep, chosen=world.time_us(lambda: layer(x, chosen)), policies={})
+    for p in [p for p in POLICIES if p != policy] if world.cuda else []:
+        layer.policy = p
+        out["policies"][p] = world.time_us(lambda: layer(x, chosen))
+    layer.policy, out["policies"][policy] = policy, out["chosen"]
+    return out
+
+
+def _trace(layer, x, chosen, world) -> tuple[list, float]:
+    """One forward's per-stream timeline, every rank's host queued ahead; host us/forward."""
+    host = calibrate.host_us(lambda: layer(x, chosen), x.device, iters=3)
+    hold = max(world.gather(host))
+    world.barrier()
+    return _traced(layer, x, chosen, x.device, hold), host
+
+
+def _rank(rank: int, world_size: int, opts: dict) -> dict:
+    device = torch.device("cuda", 0) if opts["device"] == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # every rank on the one GPU
+    torch.manual_seed(0)  # the shared expert's weights: the same on every rank
+    world, tokens = _World(device, opts), opts["tokens"]
+    moe, comms, shared, x = build(opts["shape"], tokens, device, world.group, seed=1 + rank,
+                                  moe_type=local_moe, num_experts=MODEL_EXPERTS[opts["shape"]],
+                                  capacity=opts["capacity"], num_sms=opts["sms"][0])
+    layer = WorldLayer(moe, comms, shared, opts)
+    with torch.no_grad():
+        errors, check = _check(layer, x, opts, world)
+        if any(world.gather(bool(errors))):  # every rank stops: nothing broken is timed
+            return dict(errors=errors, check=check)
+        sizes = sorted({max(1, tokens // d) for d in (32, 16, 8, 4, 2, 1)})
+        samples = _measure(layer, x, sizes, opts["sms"], world)
+        (chosen, serial, model), every = _decide(samples, world, opts)
+        route_us = world.time_us(lambda: moe.route(x))
+        timed = _time_layer(layer, x, chosen, opts["sms"], world)
+        measured, host_us = _trace(layer, x, chosen, world)
+        for comm in comms:
+            comm.check()
+    return dict(errors=[], check=check, every=every if rank == 0 else None, chosen=chosen,
+                serial=serial, model=model, route_us=route_us, timed=timed,
+                timeline=[tuple(t) for t in measured], exposed=_exposed(measured, chosen),
+                makespan_us=max(t.end_us for t in measured), host_forward_us=host_us,
+                methods=sorted(world.methods), bound_rows=layer.bound_rows)
+
+
+# ------------------------------------------------------------------------------- the run
+def aggregate(ranks: list) -> dict:
+    """The world's figures from every rank's results: per figure the slowest rank."""
+    first, route_us = ranks[0], max(r["route_us"] for r in ranks)
+    chosen, model = first["chosen"], CostModel.from_json(first["model"])
+    sweep, samples, fit = slowest([r["timed"]["sweep"] for r in ranks]), \
+        slowest_samples(first["every"]), {}
+    for sample, error in zip(samples, model.relative_errors(samples)):
+        fit.setdefault(sample.task, []).append(abs(error))
+    own = [CostModel.fit([Sample(*s) for s in mine], model.total_sms) for mine in first["every"]]
+    slow = max(range(len(ranks)), key=lambda r: ranks[r]["makespan_us"])
+    return dict(
+        summarize(sweep, max(r["timed"]["chosen"] for r in ranks), chosen.comm_sms,
+                  route_us + chosen.predicted_us),
+        chosen=dict(chunks=list(chosen.chunks), comm_sms=chosen.comm_sms, order=chosen.order),
+        schedule_agreed=all(r["chosen"] == chosen for r in ranks), route_us=route_us,
+        serial_predicted_us=route_us + first["serial"].predicted_us,
+        sweep={f"{k}x{s}": us for (k, s), us in sweep.items()},
+        chosen_by_carveout=slowest([r["timed"]["policies"] for r in ranks]),
+        exposed_comm_fraction=ranks[slow]["exposed"], exposed_rank=slow,
+        exposed_by_rank=[r["exposed"] for r in ranks],
+        chosen_us_by_rank=[r["timed"]["chosen"] for r in ranks],
+        own_model_predicted_us=[simulate(m, chosen.chunks, chosen.comm_sms, chosen.order,
+                                         m.has("shared"))[0] for m in own],
+        cost_model=str(model), cost_model_json=first["model"],
+        fit_errors={t: dict(mean=sum(e) / len(e), max=max(e)) for t, e in fit.items()},
+        bound_rows=first["bound_rows"], timing=sorted({m for r in ranks for m in r["methods"]}),
+        host_forward_us=max(r["host_forward_us"] for r in ranks),
+        measured_timeline_rank0=[Task(*t)._asdict() for t in first["timeline"]])
+
+
+def rounded(value):
+    """value with every float at 4 significant digits (the printed summary)."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v) for v in value]
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def _report(r: dict, first, out_dir) -> None:
+    """The sweep's table and every figure of the JSON but the long ones; the JSON; the PNG."""
+    from .metrics import format_table
+
+    if first is not None:
+        print(r["cost_model"], f"{r['shape']}, {r['tokens']} tokens/rank, {r['world']} ranks, "
+              "us per forward of the slowest rank:", sep="\n")
+        print(format_table(["chunks"] + [f"{s} SMs/rank" for s in r["sms_per_rank"]],
+                           [[k] + [r["sweep"][f"{k}x{s}"] for s in r["sms_per_rank"]]
+                            for k in CHUNK_COUNTS]))
+        for key, value in r.items():
+            if key not in ("cost_model", "cost_model_json", "sweep", "measured_timeline_rank0"):
+                print(f"  {key}: {rounded(value)}")
+    print(f"check: {'FAILED' if r['errors'] else 'passed'}", *r["errors"][:10], sep="\nFAILED: ")
+    if out_dir is None:
+        return
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline_multi_process.json").write_text(json.dumps(r, indent=1, default=str))
+    try:
+        from .timeline_plot import plot_timelines
+    except ImportError as exc:  # matplotlib missing
+        return print(f"no timeline plot: {exc}")
+    if first is not None:
+        chosen, model = first["chosen"], CostModel.from_json(first["model"])
+        predicted = simulate(model, chosen.chunks, chosen.comm_sms, chosen.order,
+                             model.has("shared"))[1]
+        plot_timelines({"measured, rank 0": [Task(*t) for t in first["timeline"]],
+                        "predicted": predicted}, out / "pipeline_multi_process.png")
+
+
+def run(opts: dict) -> int:
+    from ..launch import WorldError, run_world
+
+    world, shape, tokens, cuda = opts["world"], opts["shape"], opts["tokens"], \
+        opts["device"] == "cuda"
+    g = torch.cuda.get_device_properties(0).multi_processor_count if cuda else CPU_DEVICE_SMS
+    sms, dropped = usable_budgets(opts["sms"] or (CUDA_SMS if cuda else CPU_SMS), world, g)
+    capacity = world_capacity(tokens, SHAPES[shape][2], world, MODEL_EXPERTS[shape] // world)
+    opts = dict(opts, sms=sms, device_sms=g, capacity=capacity)
+    mps = mps_status() if cuda else dict(active=False)
+    result = dict(shape=shape, tokens=tokens, world=world, device=opts["device"], device_sms=g,
+                  rank_sms=g // world, sms_per_rank=sms, dropped=dropped, mps=mps,
+                  carveout=opts["carveout"], carveout_supported=carveout_supported(),
+                  capacity=capacity, errors=[])
+    print(f"pipelined layer, {shape}, {world} ranks as processes on one {opts['device']} ({g} "
+          f"SMs, {g // world} per rank), {tokens} tokens/rank, window {capacity} rows; MPS "
+          f"{'on' if mps['active'] else 'OFF'}", *dropped, sep="\n", flush=True)
+    if cuda and not mps["active"]:
+        print(f"{'!' * 100}\nWARNING: no MPS daemon: the ranks take turns on the GPU, the times "
+              f"below MEAN NOTHING (`nvidia-cuda-mps-control -d` first)\n{'!' * 100}", flush=True)
+    first = None
+    try:
+        if not sms:
+            raise WorldError("no SM budget fits")
+        ranks = run_world(world, _rank, opts, env=ENV if cuda else {}, timeout_s=opts["timeout"])
+        result.update(errors=[e for r in ranks for e in r["errors"]],
+                      check=[r["check"] for r in ranks])
+        if not result["errors"]:
+            first = ranks[0]
+            result.update(aggregate(ranks))
+            result["errors"] += [] if result["schedule_agreed"] else ["ranks ran other schedules"]
+    except WorldError as exc:
+        result["errors"] = [f"not run: {exc}"]
+    _report(result, first, opts["out"])
+    return 1 if result["errors"] else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 -m torch_swiftep.bench.pipeline_multi_process",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    add = p.add_argument
+    add("--world", type=int, default=8, help="ranks, one process each (default: 8)")
+    add("--shape", choices=list(MODEL_EXPERTS), default="deepseek-v3", help="default: %(default)s")
+    add("--tokens", type=int, default=4096, help="tokens per rank (default: 4096)")
+    add("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: CPU backend over gloo")
+    add("--sms", type=_int_list, default=None, metavar="LIST", help="communication SMs per rank "
+        f"(default: {','.join(map(str, CUDA_SMS))}; those that do not fit are dropped)")
+    add("--check-tokens", type=int, default=256, help="tokens/rank of the check (default: 256)")
+    add("--repeats", type=int, default=REPEATS, help=f"replays per figure (default: {REPEATS})")
+    add("--carveout", choices=POLICIES, default="share", help="GEMM SM carve-out (default: share)")
+    add("--bound-rows", action="store_true", help="experts over each chunk's row bound")
+    add("--timeout", type=float, default=1800.0, help="seconds for the world (default: 1800)")
+    add("--out", default=None, metavar="DIR", help="folder for the JSON and the PNG")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    for name in ("world", "tokens", "check_tokens", "repeats"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if MODEL_EXPERTS[args.shape] % args.world:
+        p.error(f"--world {args.world} must divide {args.shape}'s experts")
+    from .. import CUDA_EXTENSION_ERROR as error
+
+    if args.device == "cuda" and (error or not torch.cuda.is_available()):
+        print(f"needs a CUDA GPU and the extension ({error or 'no GPU'}); nothing run")
+        return 2
+    return run(dict(vars(args), bound_rows=True if args.bound_rows else None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
