@@ -229,18 +229,32 @@ def _emulated_step(comms, streams, exp, knobs, low_latency: bool) -> list[str]:
     inputs = [exp.rank_inputs(r, comms[r].device) for r in range(len(comms))]
     out_dtype = exp.case.out_dtype
 
-    def rank_step(r):
+    def dispatch(r):
         comm, (x, idx, w, scales) = comms[r], inputs[r]
-        dispatch = comm.low_latency_dispatch if low_latency else comm.dispatch
-        handle = dispatch(x, idx, w, x_scales=scales, quantize_fp8=exp.case.fused)
-        out = testing.expert_output(handle, out_dtype)
+        call = comm.low_latency_dispatch if low_latency else comm.dispatch
+        return call(x, idx, w, x_scales=scales, quantize_fp8=exp.case.fused)
+
+    def experts(r):
+        out = testing.expert_output(handles[r], out_dtype)
         if knobs.zero_copy:
+            comm = comms[r]
             window = comm.low_latency_combine_buffer if low_latency else comm.combine_buffer
             out = window(out_dtype).copy_(out)
-        combine = comm.low_latency_combine if low_latency else comm.combine
-        return handle, combine(out, handle)
+        return out
 
-    pairs = fork_join([functools.partial(rank_step, r) for r in range(len(comms))], streams)
+    def combine(r):
+        call = comms[r].low_latency_combine if low_latency else comms[r].combine
+        return call(outs[r], handles[r])
+
+    # Phase by phase, every rank's call issued before the next phase's: between two ranks'
+    # issues of calls that wait for each other the host must not block (a first use of a torch
+    # kernel, or an allocation, can synchronize the context under a sanitizer or MPS; the
+    # spinning rank would then wait for a rank whose call was never issued).
+    ranks = range(len(comms))
+    handles = fork_join([functools.partial(dispatch, r) for r in ranks], streams)
+    outs = fork_join([functools.partial(experts, r) for r in ranks], streams)
+    ys = fork_join([functools.partial(combine, r) for r in ranks], streams)
+    pairs = list(zip(handles, ys))
     torch.cuda.synchronize()
     errors = []
     for r, comm in enumerate(comms):
