@@ -98,6 +98,18 @@ if [ "${DEEPEP_EDIT_ONLY:-0}" = 1 ]; then
   echo "build_deepep: edited copy at $DEST (DEEPEP_EDIT_ONLY=1: not built)"
   exit 0
 fi
+# DeepEP links with -lcuda. Where only the driver's libcuda.so.1 is installed (no unversioned
+# libcuda.so and no CUDA stubs on the linker path), point the linker at it.
+if ! ldconfig -p 2> /dev/null | grep -q 'libcuda\.so ' \
+    && [ ! -e "${CUDA_HOME:-/usr/local/cuda}/lib64/stubs/libcuda.so" ]; then
+  driver_lib=$(ldconfig -p 2> /dev/null | awk '/libcuda\.so\.1 /{print $NF; exit}')
+  if [ -n "$driver_lib" ]; then
+    link_dir="$DEST/.libcuda_link"
+    mkdir -p "$link_dir" && ln -sf "$driver_lib" "$link_dir/libcuda.so"
+    export LIBRARY_PATH="$link_dir${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    echo "build_deepep: linking -lcuda against $driver_lib"
+  fi
+fi
 t0=$SECONDS
 ( cd "$DEST" && env -u NVSHMEM_DIR python3 setup.py build_ext --inplace )
 echo "build_deepep: built in $((SECONDS - t0)) s"

@@ -27,6 +27,9 @@ env_lines=$(python3 -m torch_swiftep.launch --print-env 2> "$OUT/env.log") \
 eval "$env_lines"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 status=0
+# An MPS daemon left running by an interrupted round would put every later step under MPS (the
+# sanitizers refuse it, emulated worlds hang in it): steps that want it start it themselves.
+echo quit | nvidia-cuda-mps-control > /dev/null 2>&1 && sleep 1
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 run() {  # run NAME CMD...: log to $OUT/NAME.log, remember failures, never stop the round
   local name=$1; shift
@@ -147,7 +150,8 @@ multi_process() {
   fi
   mps_on
   ( if [ -n "$pypath" ]; then export PYTHONPATH="$pypath"; fi
-    python3 -m torch_swiftep.bench.multi_process --out "$OUT/multi_process" ) || rc=1
+    python3 -m torch_swiftep.bench.multi_process --timeout "${TIMEOUT:-500}" \
+      --out "$OUT/multi_process" ) || rc=1
   mps_off
   return $rc
 }
@@ -156,11 +160,13 @@ if has multi_process; then
 fi
 # pipeline_mp (opt-in): bench/pipeline_multi_process.py, the ranks side by side under the MPS
 # daemon (stopped again after).
+# PIPELINE_SHAPES picks the shapes (one per command keeps a command short); TIMEOUT bounds each.
 if has pipeline_mp; then
   mps_on
-  for shape in deepseek-v3 qwen3-moe; do
+  for shape in ${PIPELINE_SHAPES:-deepseek-v3 qwen3-moe}; do
     run "pipeline_mp_$shape" python3 -m torch_swiftep.bench.pipeline_multi_process --world 8 \
-      --shape "$shape" --tokens 4096 --out "$OUT/pipeline_mp_$shape"
+      --shape "$shape" --tokens 4096 --timeout "${TIMEOUT:-500}" \
+      --out "$OUT/pipeline_mp_$shape"
   done
   mps_off
 fi

@@ -269,7 +269,11 @@ def _emulated_case(world_comms, shape, case, knobs) -> list[str]:
     world, where = case.world, knobs.describe(shape)
     if (world, shape) not in world_comms:
         comms = ts.Communicator.emulated_world(shape.config(world), world, torch.device("cuda"))
-        world_comms[(world, shape)] = comms, [torch.cuda.Stream() for _ in range(world)]
+        streams = [torch.cuda.Stream() for _ in range(world)]
+        for s in streams:  # a cached block per stream, so no rank's first call allocates a
+            with torch.cuda.stream(s):  # segment (which may synchronize) while another spins
+                torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+        world_comms[(world, shape)] = comms, streams
     comms, streams = world_comms[(world, shape)]
     exp = expected(case, knobs)
     errors = []

@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
       swiftep::copy_rows_tma_kernel<<<blocks, swiftep::kCopyTmaThreads, smem>>>(p);
     };
     launch();  // warm-up
+    if (!ok(cudaGetLastError(), "launch") || !ok(cudaDeviceSynchronize(), "warm-up copy")) return 1;
     constexpr int kReps = 5;
     cudaEventRecord(start);
     for (int r = 0; r < kReps; ++r) launch();

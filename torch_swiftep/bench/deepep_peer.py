@@ -140,6 +140,10 @@ def run(shape: dict, budgets, chain, repeats, timeout_s) -> dict:
     if reason:
         print(f"DeepEP: not run: {reason}", flush=True)
         return dict(status=f"not run: {reason}", sm_budget=SM_BUDGET)
+    if shape["world"] not in (2, 4, 8):  # DeepEP's intranode kernels are built for these
+        reason = f"not run: DeepEP intranode takes 2, 4 or 8 ranks, not {shape['world']}"
+        print(f"DeepEP: {reason}", flush=True)
+        return dict(status=reason, sm_budget=SM_BUDGET)
     import deep_ep
 
     from ..launch import WorldError, run_world

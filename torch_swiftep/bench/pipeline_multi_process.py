@@ -33,8 +33,7 @@ from ..pipeline.layer import PipelinedMoE
 from ..pipeline.schedule import ORDERS, Task
 from .multi_process import ENV, _int_list, fit_budgets, mps_status, slowest
 from .pipeline_layer import SHAPES, _exposed, _traced, build
-from .rank_timing import REPEATS, agree, capture_chains, measure_chains
-from .timing import time_fn
+from .rank_timing import REPEATS, after_failed_capture, agree, capture_chains, measure_chains
 
 # Experts of the whole model, num_experts / W per rank (pipeline_layer's SHAPES hold one EP8
 # rank's share: its world of one).
@@ -159,12 +158,11 @@ class _World:
             reason = f"{type(exc).__name__}: {exc}"[:200]
             torch.cuda.synchronize()
         failed = [r for r in self.gather(reason) if r]
-        if failed:
-            del graphs
-            self.methods.add("CUDA events after a host barrier, slowest rank's median (capture "
-                             f"failed: {failed[0]})")
-            return time_fn(call, self.repeats, before=lambda: (torch.cuda.synchronize(),
-                                                               self.barrier())) * 1e3
+        if failed:  # no eager fallback: after a failed capture the allocator keeps every
+            del graphs  # block a side stream used until the process ends (out of memory)
+            after_failed_capture()
+            raise RuntimeError(f"rank {self.rank}: the pipelined forward could not be captured "
+                               f"in a CUDA graph on every rank ({failed[0]}); not timed")
         self.methods.add("chained CUDA graphs (slope of SHORT and LONG forwards), slowest rank")
         slope = measure_chains(graphs, self.barrier, self.repeats)["slope_ms"]
         del graphs

@@ -57,6 +57,16 @@ def measure_chains(graphs, barrier, repeats=REPEATS, chain=(SHORT, LONG)) -> dic
                 slope_ms=chain_slope(t_short, t_long, short, long))
 
 
+def after_failed_capture() -> None:
+    """Back to a usable state after a capture that raised on some rank: the default stream
+    current again and the graphs' private pools returned (other processes share the GPU)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_stream(torch.cuda.default_stream())
+    torch.cuda.empty_cache()
+
+
 def agree(ok, group) -> list:
     """Every rank's value of ok (gloo all_gather_object), in rank order."""
     import torch.distributed as dist
@@ -92,6 +102,7 @@ def time_dispatch_and_step(group, graphed, eager, chain=(SHORT, LONG),
         d, s = (measure_chains(g, barrier, repeats, chain)["slope_ms"] for g in graphs)
         return None, dict(dispatch=d, combine=s - d, step=s)
     del graphs
+    after_failed_capture()
 
     def together():
         barrier()

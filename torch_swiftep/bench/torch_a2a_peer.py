@@ -87,6 +87,10 @@ class _Exchange:
         return self.combine(*self.dispatch())
 
 
+# torch's all_to_all_vdev_2d limits (its NVSHMEM extension: experts per rank <= its tile count,
+# world <= 32): checked here so a run that cannot work spawns no world.
+MAX_LOCAL_EXPERTS, MAX_WORLD = 16, 32
+
 def _check(ex, rank, shape, device) -> list[str]:
     """One step at check_tokens per rank: rows received as the routing implies, and combine of
     the identity experts = each token times the sum of its valid weights."""
@@ -157,7 +161,14 @@ def run(shape: dict, budgets, chain, repeats, timeout_s) -> dict:
     from .multi_process import ENV, slowest
 
     result = dict(status="ran", sm_budget=SM_BUDGET, by_sms={}, errors=[], timing=None)
-    try:  # torch's own checks (e.g. experts per rank) fail on every rank alike
+    local = shape["experts"] // shape["world"]
+    if local > MAX_LOCAL_EXPERTS or shape["world"] > MAX_WORLD:  # refused before any spawn
+        result["status"] = (f"not run: all_to_all_vdev_2d takes at most {MAX_LOCAL_EXPERTS} "
+                            f"experts per rank and {MAX_WORLD} ranks (here {local} and "
+                            f"{shape['world']})")
+        print(f"torch all_to_all_vdev_2d: {result['status']}", flush=True)
+        return result
+    try:  # torch's own checks fail on every rank alike
         ranks = run_world(shape["world"], _rank, shape, chain, repeats, env=ENV,
                           timeout_s=min(timeout_s, 300))
     except WorldError as exc:

@@ -191,7 +191,9 @@ class PipelinedMoE(nn.Module):
         def call():
             with self._span("comm", "combine", i):
                 return method(out, handle, num_sms=sms)
-        return self._streams.on_comm(call, (out,))
+        # No record_stream on out: under CUDA-graph capture the allocator keeps such blocks
+        # until the capture ends (a whole window per chunk); _run keeps out alive instead.
+        return self._streams.on_comm(call)
 
     def _experts(self, i: int, handle, tokens: int, sms: int) -> torch.Tensor:
         with self._span("compute", "experts", i), self._carve(sms):
@@ -212,14 +214,18 @@ class PipelinedMoE(nn.Module):
             shared[0] = self._shared(0, parts[0][0] if interleaved else x,
                                      compute_sms("shared", k, sms))
         pending = {i: self._dispatch(i, parts, sms, routed) for i in range(min(2, k))}
-        combined, started = [], None
+        combined, started, outs = [], None, {}
         for i in range(k):
             if self.shared is not None and interleaved and i > 0:
                 shared[i] = self._shared(i, parts[i][0], compute_sms("shared", k, sms))
             handle, _, landed = pending.pop(i)
             self._streams.join(landed, _tensors(handle))
+            # dispatch i was queued after combine i - 2 on the communication stream: once the
+            # caller's stream has waited for it, combine i - 2 has read its experts' outputs
+            outs.pop(i - 2, None)
             self._streams.join(started)  # combine i - 1's kernels are launched first
             out = self._experts(i, handle, parts[i][0].size(0), compute_sms("experts", k, sms))
+            outs[i] = out
             y, started, combined_event = self._combine(i, out, handle, sms)
             combined.append((y, combined_event))
             if i + 2 < k:
@@ -228,6 +234,7 @@ class PipelinedMoE(nn.Module):
         for i, (y, done) in enumerate(combined):  # the caller's stream waits only at the end
             self._streams.join(done, (y,))
             outputs.append(y + shared[i] if interleaved and i in shared else y)
+        outs.clear()  # every combine has been joined: their inputs may be reused
         if shared and not interleaved:
             outputs = list(torch.cat(outputs).add_(shared[0]).split(list(schedule.chunks)))
         return outputs
