@@ -61,9 +61,11 @@ class CommConfig:
     max_tokens_per_rank: T, most tokens one rank dispatches in one call.
     dtype: activation dtype the windows are sized for (bf16, fp16 or fp32); FP8 dispatch
         uses the same windows at one byte per element.
-    capacity: rows of each rank's throughput window. ``None``: the worst case,
-        ``world_size * T * min(K, E / world_size)``. A smaller value saves memory; a call whose
-        routing needs more rows raises (nothing is written past the window).
+    capacity: rows of each rank's throughput window. ``None``: the worst case of routings
+        without repeated experts, ``world_size * T * min(K, E / world_size)`` (a token that
+        names one expert twice takes one row per slot, up to K on one rank: size the window
+        for it). A smaller value saves memory; a call whose routing needs more rows raises
+        (nothing is written past the window).
     ll_max_tokens_per_rank: tokens per rank of the low-latency (decode) windows; 0 = none.
     num_sms: SMs the communication kernels may use (the rest stays with the GEMMs).
     timeout_s: bound of every wait for another rank, host or device.
