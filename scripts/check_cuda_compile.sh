@@ -42,29 +42,16 @@ log_name() {
   echo "${name//\//_}"
 }
 
+# shellcheck source=lib/nvcc_each.sh
+source "$root/scripts/lib/nvcc_each.sh"
 status=0
-pids=()
 # csrc/nvshmem is a build unit of its own (-rdc=true against NVSHMEM): check_nvshmem_link.sh.
 mapfile -t sources < <(find csrc -name '*.cu' -not -path 'csrc/nvshmem/*' | LC_ALL=C sort)
 if [ "${#sources[@]}" -eq 0 ]; then
   echo "FAIL  no .cu files under csrc/"
   exit 1
 fi
-for src in "${sources[@]}"; do
-  name="$(log_name "$src")"
-  ( "$nvcc_bin" "${nvcc_flags[@]}" -c "$src" -o "$obj_dir/$name.o" > "$log_dir/$name.log" 2>&1 ) &
-  pids+=("$!")
-done
-for i in "${!sources[@]}"; do
-  name="$(log_name "${sources[$i]}")"
-  if wait "${pids[$i]}"; then
-    echo "ok    nvcc ${sources[$i]}"
-  else
-    echo "FAIL  nvcc ${sources[$i]}"
-    cat "$log_dir/$name.log"
-    status=1
-  fi
-done
+nvcc_each log_name "$obj_dir" "$log_dir" "" "${sources[@]}" || status=1
 
 # Build-time variants that the default build does not instantiate (the experimental combine
 # of csrc/ops/combine/kernel_ldg.cuh): they must keep compiling, without spills.

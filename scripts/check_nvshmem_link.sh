@@ -19,6 +19,8 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# shellcheck source=lib/nvcc_each.sh
+source "$root/scripts/lib/nvcc_each.sh"
 
 nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 cxx_bin="${CXX:-g++}"
@@ -85,24 +87,10 @@ if [ "${#sources[@]}" -eq 0 ]; then
   echo "FAIL  no .cu files under csrc/nvshmem/"
   exit 1
 fi
-pids=()
+cu_name() { basename "$1" .cu; }
+nvcc_each cu_name "$build" "$build" " -rdc=true" "${sources[@]}" || status=1
 objects=()
-for src in "${sources[@]}"; do
-  name="$(basename "$src" .cu)"
-  objects+=("$build/$name.o")
-  ( "$nvcc_bin" "${nvcc_flags[@]}" -c "$src" -o "$build/$name.o" > "$build/$name.log" 2>&1 ) &
-  pids+=("$!")
-done
-for i in "${!sources[@]}"; do
-  name="$(basename "${sources[$i]}" .cu)"
-  if wait "${pids[$i]}"; then
-    echo "ok    nvcc -rdc=true ${sources[$i]}"
-  else
-    echo "FAIL  nvcc -rdc=true ${sources[$i]}"
-    cat "$build/$name.log"
-    status=1
-  fi
-done
+for src in "${sources[@]}"; do objects+=("$build/$(cu_name "$src").o"); done
 [ "$status" -eq 0 ] || exit "$status"
 
 # Our kernels only: NVSHMEM's own device functions appear in the report too.
