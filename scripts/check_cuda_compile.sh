@@ -14,15 +14,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-cxx_bin="${CXX:-g++}"
-if [ -n "${CUDA_HOME:-}" ]; then
-  cuda_home="$CUDA_HOME"
-elif [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
-  cuda_home=/usr/local/cuda
-else
-  cuda_home="$(cd "$(dirname "$(readlink -f "$nvcc_bin")")/.." && pwd)"
-fi
 log_dir="${SWIFTEP_PTXAS_LOG_DIR:-build/ptxas}"
 obj_dir="$(mktemp -d)"
 trap 'rm -rf "$obj_dir"' EXIT

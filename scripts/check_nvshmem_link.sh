@@ -22,16 +22,7 @@ cd "$root"
 # shellcheck source=lib/nvcc_each.sh
 source "$root/scripts/lib/nvcc_each.sh"
 
-nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-cxx_bin="${CXX:-g++}"
 python_bin="${PYTHON:-python3}"
-if [ -n "${CUDA_HOME:-}" ]; then
-  cuda_home="$CUDA_HOME"
-elif [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
-  cuda_home=/usr/local/cuda
-else
-  cuda_home="$(cd "$(dirname "$(readlink -f "$nvcc_bin")")/.." && pwd)"
-fi
 
 if [ -n "${NVSHMEM_HOME:-}" ]; then
   nvshmem_home="$NVSHMEM_HOME"

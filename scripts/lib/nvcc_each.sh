@@ -1,5 +1,16 @@
-# Sourced by scripts/check_cuda_compile.sh and scripts/check_nvshmem_link.sh: the parallel
-# compile loop both share.
+# Sourced by scripts/check_cuda_compile.sh and scripts/check_nvshmem_link.sh: the tools they
+# use (NVCC, CXX and CUDA_HOME override them) and the parallel compile loop they share.
+
+nvcc_bin="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
+cxx_bin="${CXX:-g++}"
+if [ -n "${CUDA_HOME:-}" ]; then
+  cuda_home="$CUDA_HOME"
+elif [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+  cuda_home=/usr/local/cuda
+else
+  cuda_home="$(cd "$(dirname "$(readlink -f "$nvcc_bin")")/.." && pwd)"
+fi
+
 #
 # nvcc_each NAME_FN OBJ_DIR LOG_DIR LABEL SRC...
 #   compiles every SRC at once with "$nvcc_bin" "${nvcc_flags[@]}" -c (the caller's variables)
