@@ -19,12 +19,13 @@ from torch_swiftep.launch import run_world
 pytestmark = GPU_MARKS
 TIMEOUT_S = 2.0
 SLOW_TIMEOUT_S = 20.0  # long enough that giving up "at once" cannot be a timeout
+NUM_EXPERTS = 12  # divisible by every world these tests use (2 and 3)
 
 
 def _setup(rank, hidden=256, timeout_s=TIMEOUT_S):
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
-    cfg = ts.CommConfig(num_experts=8, hidden=hidden, num_topk=2, max_tokens_per_rank=16,
+    cfg = ts.CommConfig(num_experts=NUM_EXPERTS, hidden=hidden, num_topk=2, max_tokens_per_rank=16,
                         timeout_s=timeout_s)
     return device, cfg
 
@@ -32,7 +33,7 @@ def _setup(rank, hidden=256, timeout_s=TIMEOUT_S):
 def _inputs(device, hidden=256):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(16, hidden, generator=gen).bfloat16().to(device)
-    idx = torch.rand(16, 8, generator=gen).topk(2, dim=1).indices.to(device)
+    idx = torch.rand(16, NUM_EXPERTS, generator=gen).topk(2, dim=1).indices.to(device)
     return x, idx, torch.rand(16, 2, generator=gen).to(device)
 
 
@@ -108,7 +109,8 @@ def _killed(rank, world):
     group = dist.new_group([0, 1], use_local_synchronization=True)
     case = testing.Case(11, torch.bfloat16, 256, 2, "holes", 8, (13, 7))
     small = ts.Communicator(group, case.config(timeout_s=30), device=device)
-    return failed, seconds, testing.run_step(small, rank, testing.expected(case), device=device)
+    return failed, seconds, testing.run_step(small, rank, testing.expected(case), zero_copy=False,
+                                                    device=device)
 
 
 def test_a_killed_rank_is_named_and_the_survivors_rebuild():

@@ -40,19 +40,20 @@ def dispatch(
     world = len(xs)
     local = num_experts // world
     token_rows = [torch.full(t.shape, -1, dtype=torch.int32) for t in topk_idxs]
+    idxs = [t.long().cpu() for t in topk_idxs]
     per_rank = []
     for dst in range(world):
         xs_out, scales_out, src_out, w_out, offsets = [], [], [], [], [0]
+        base = 0  # rows already placed on this rank
         for j in range(local):
             expert = dst * local + j
             for src in range(world):
-                idx = topk_idxs[src].long().cpu()
                 # (token, slot) pairs of this source for this expert, in (token, slot) order
-                tokens, slots = (idx == expert).nonzero(as_tuple=True)
-                base = sum(t.size(0) for t in w_out)  # rows already placed on this rank
+                tokens, slots = (idxs[src] == expert).nonzero(as_tuple=True)
                 token_rows[src][tokens, slots] = torch.arange(
                     base, base + tokens.numel(), dtype=torch.int32
                 )
+                base += tokens.numel()
                 xs_out.append(xs[src].cpu()[tokens])
                 if x_scales is not None:
                     scales_out.append(x_scales[src].cpu()[tokens])
@@ -60,7 +61,7 @@ def dispatch(
                     torch.stack([torch.full_like(tokens, src), tokens], dim=1).to(torch.int32)
                 )
                 w_out.append(topk_weights[src].cpu().float()[tokens, slots])
-            offsets.append(sum(t.size(0) for t in w_out))
+            offsets.append(base)
         hidden = xs[0].size(1)
         per_rank.append(
             RefDispatch(

@@ -189,7 +189,10 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
                         dtype=torch.bfloat16, capacity=max(rows + rows // 4, 1024),
                         timeout_s=60.0)
     comm = Communicator(group, config, device=device)
+    progress = print if rank == 0 else (lambda *a, **k: None)
+    progress("  swiftep: communicators built; checking", flush=True)
     errors = _check_rank(comm, rank, shape, budgets, device) if shape["check_tokens"] else []
+    progress("  swiftep: checked; drawing the timed inputs", flush=True)
     if any(agree(errors, group)):  # every rank stops together: a broken kernel is never timed
         return dict(errors=errors, routing=None, slopes={})
     x, idx, w, _ = rank_inputs(shape, shape["tokens"], rank, device, seed=shape["tokens"])
@@ -208,7 +211,9 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
         calls["pair_own"] = lambda: comm.combine(own, calls["dispatch"](), num_sms=sms)
         slopes[sms] = {}
         for name, call in calls.items():
+            progress(f"  swiftep, {sms} SMs/rank: {name}: capturing", flush=True)
             graphs = capture_chains(call, chain)
+            progress(f"  swiftep, {sms} SMs/rank: {name}: replaying", flush=True)
             slopes[sms][name] = measure_chains(graphs, lambda: dist.barrier(group), repeats,
                                                chain)
             del graphs
