@@ -8,7 +8,9 @@
 #     registers this module's device state) with -z defs, so an unresolved symbol fails here;
 #  4. csrc/nvshmem/link_check.cpp linked against that shared object and run: without a GPU it
 #     checks the host API's argument checks and that init refuses instead of exiting; with one
-#     it runs a one-PE round trip through the transport.
+#     it runs a one-PE round trip through the transport;
+#  5. csrc/nvshmem/pe_exchange.cpp linked the same way (not run here: it is one PE of several,
+#     which tests/test_nvshmem_pes.py starts on a GPU machine from the kept build directory).
 # NVSHMEM comes from the pip package nvidia-nvshmem-cu13 (the `test` extra), found through
 # Python (`nvidia` is a namespace package: the directory is nvidia.nvshmem.__path__[0]), or from
 # NVSHMEM_HOME (a directory with include/ and lib/). Exits non-zero on any failure.
@@ -113,6 +115,10 @@ step "shared object against $host_lib + libnvshmem_device.a (-z defs)" \
 step "host program csrc/nvshmem/link_check.cpp against the shared object" \
   "$cxx_bin" -std=c++17 -O1 -Wall -Wextra -Werror -Icsrc/include -Icsrc \
   -isystem "$cuda_home/include" csrc/nvshmem/link_check.cpp -o "$build/link_check" \
+  -L"$build" -lswiftep_nvshmem -L"$cuda_lib" -lcudart "-Wl,-rpath,$build" "-Wl,-rpath,$cuda_lib"
+step "host program csrc/nvshmem/pe_exchange.cpp (several PEs; tests/test_nvshmem_pes.py)" \
+  "$cxx_bin" -std=c++17 -O1 -Wall -Wextra -Werror -Icsrc/include -Icsrc \
+  -isystem "$cuda_home/include" csrc/nvshmem/pe_exchange.cpp -o "$build/pe_exchange" \
   -L"$build" -lswiftep_nvshmem -L"$cuda_lib" -lcudart "-Wl,-rpath,$build" "-Wl,-rpath,$cuda_lib"
 
 echo "run   link_check"

@@ -7,7 +7,9 @@
 #   PYTEST_ARGS="-k missing_rank" STEPS=build,tests bash scripts/gpu_round.sh OUT_DIR
 #   SWIFTEP_FUZZ_CASES=20 STEPS=fuzz bash scripts/gpu_round.sh OUT_DIR   # a quick fuzz
 #
-# Steps: build, tests, fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both
+# Steps: build, tests, nvshmem (the scale-out transport: csrc/nvshmem built and linked against
+# the NVSHMEM pip package, then 2-8 PEs as processes exchanging rows across virtual nodes and a
+# PE that never sends named by the others: tests/test_nvshmem_link.py), fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both
 # schedules; MPS=1 runs its processes concurrently), sanitize (memcheck and racecheck over cases
 # that launch every kernel of both schedules), transformers (tests/test_transformers_gpu.py),
 # bench, bench_quick. Not in the default list: sanitize_ranks (memcheck over 2 ranks as
@@ -18,7 +20,7 @@
 # torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
-STEPS=${STEPS:-build,tests,fuzz,sanitize,transformers,bench}
+STEPS=${STEPS:-build,tests,nvshmem,fuzz,sanitize,transformers,bench}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -57,6 +59,10 @@ fi
 if has tests; then
   run tests python3 -m pytest -q -p no:cacheprovider -rs --durations=15 tests/test_gpu.py \
     tests/test_gpu_failures.py ${PYTEST_ARGS:-}
+fi
+if has nvshmem; then
+  run nvshmem python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_nvshmem_link.py
+  grep -E "exchange waited|gave up|passed|failed" "$OUT/nvshmem.log" | tee -a "$OUT/summary.log"
 fi
 # MPS=1: the fuzz's processes run under the MPS daemon (root), concurrently instead of taking
 # turns on the GPU. The daemon is stopped again before the sanitizers (which refuse MPS).
