@@ -83,8 +83,10 @@ bench() {  # bench KIND FLAG: A, B, A, B, ...
 for step in ${STEPS//,/ }; do  # in the order STEPS lists them
   case $step in
     build) build ;;
-    tests) run tests_B "$ROOT" python3 -m pytest -q -x -p no:cacheprovider -m gpu tests \
-             ${PYTEST_ARGS:-} ;;
+    # the GPU tests of gpu_round.sh's tests step (the fuzz, with its 1001 cases, is a step of
+    # its own there: under `-m gpu tests` its worlds would take turns on the GPU for an hour)
+    tests) run tests_B "$ROOT" python3 -m pytest -q -p no:cacheprovider -rs --durations=15 \
+             tests/test_gpu.py tests/test_gpu_failures.py ${PYTEST_ARGS:-} ;;
     throughput) bench throughput --throughput-only ;;
     low_latency) bench low_latency --low-latency-only ;;
     *) log "unknown step $step"; status=1 ;;
