@@ -3,14 +3,15 @@
 # links without a GPU, the way NVSHMEM prescribes for relocatable device code:
 #  1. nvcc -rdc=true for sm_90a: every csrc/nvshmem/*.cu, against NVSHMEM's headers;
 #  2. nvcc -dlink of those objects against libnvshmem_device.a (NVSHMEM's device library);
-#  3. a shared object, as the torch extension will be: the objects + the device-link object,
+#  3. a shared object (libswiftep_nvshmem.so, which torch_swiftep/nvshmem_engine.py loads): the
+#     objects, the C interface for Python (c_api.cpp) and the device-link object,
 #     linked against libnvshmem_host.so and libnvshmem_device.a (its host half: the init that
 #     registers this module's device state) with -z defs, so an unresolved symbol fails here;
 #  4. csrc/nvshmem/link_check.cpp linked against that shared object and run: without a GPU it
 #     checks the host API's argument checks and that init refuses instead of exiting; with one
 #     it runs a one-PE round trip through the transport;
 #  5. csrc/nvshmem/pe_exchange.cpp linked the same way (not run here: it is one PE of several,
-#     which tests/test_nvshmem_pes.py starts on a GPU machine from the kept build directory).
+#     which tests/test_nvshmem_link.py starts on a GPU machine from the kept build directory).
 # NVSHMEM comes from the pip package nvidia-nvshmem-cu13 (the `test` extra), found through
 # Python (`nvidia` is a namespace package: the directory is nvidia.nvshmem.__path__[0]), or from
 # NVSHMEM_HOME (a directory with include/ and lib/). Exits non-zero on any failure.
@@ -108,15 +109,19 @@ step() {  # step NAME COMMAND...: runs the command, prints ok/FAIL, exits on fai
 step "nvcc -dlink against libnvshmem_device.a" \
   "$nvcc_bin" "${arch[@]}" -dlink -Xcompiler -fPIC "${objects[@]}" -L"$nvshmem_lib" \
   -lnvshmem_device -o "$build/dlink.o"
+step "host C interface csrc/nvshmem/c_api.cpp (what Python's ctypes calls)" \
+  "$cxx_bin" -std=c++17 -O2 -fPIC -Wall -Wextra -Werror -Icsrc/include -Icsrc \
+  -isystem "$cuda_home/include" -c csrc/nvshmem/c_api.cpp -o "$build/c_api.o"
 step "shared object against $host_lib + libnvshmem_device.a (-z defs)" \
-  "$cxx_bin" -shared -o "$build/libswiftep_nvshmem.so" "${objects[@]}" "$build/dlink.o" \
+  "$cxx_bin" -shared -o "$build/libswiftep_nvshmem.so" "${objects[@]}" "$build/c_api.o" \
+  "$build/dlink.o" \
   -L"$nvshmem_lib" "-l:$host_lib" -l:libnvshmem_device.a -L"$cuda_lib" -lcudart \
   "-Wl,-rpath,$nvshmem_lib" -Wl,-z,defs
 step "host program csrc/nvshmem/link_check.cpp against the shared object" \
   "$cxx_bin" -std=c++17 -O1 -Wall -Wextra -Werror -Icsrc/include -Icsrc \
   -isystem "$cuda_home/include" csrc/nvshmem/link_check.cpp -o "$build/link_check" \
   -L"$build" -lswiftep_nvshmem -L"$cuda_lib" -lcudart "-Wl,-rpath,$build" "-Wl,-rpath,$cuda_lib"
-step "host program csrc/nvshmem/pe_exchange.cpp (several PEs; tests/test_nvshmem_pes.py)" \
+step "host program csrc/nvshmem/pe_exchange.cpp (several PEs; tests/test_nvshmem_link.py)" \
   "$cxx_bin" -std=c++17 -O1 -Wall -Wextra -Werror -Icsrc/include -Icsrc \
   -isystem "$cuda_home/include" csrc/nvshmem/pe_exchange.cpp -o "$build/pe_exchange" \
   -L"$build" -lswiftep_nvshmem -L"$cuda_lib" -lcudart "-Wl,-rpath,$build" "-Wl,-rpath,$cuda_lib"

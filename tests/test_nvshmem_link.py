@@ -141,3 +141,108 @@ def test_nvshmem_host_interface_needs_no_nvshmem_headers():
             if line.startswith("#include"):
                 assert "nvshmem.h" not in line and "nvshmemx.h" not in line \
                     and ".cuh" not in line, f"csrc/nvshmem/{name}: {line}"
+
+
+# ------------------------------------------------------- the engine from Python (ctypes)
+def _library(build) -> str:
+    return str(build["dir"] / "libswiftep_nvshmem.so")
+
+
+@_with(NEEDS_BUILD)
+def test_engine_library_loads_with_the_layout_python_mirrors(build):
+    from torch_swiftep import nvshmem_engine as ne
+
+    lib = ne.load_library(_library(build))
+    assert lib.swiftep_nvshmem_header_version().decode().count(".") == 2
+    assert lib.swiftep_nvshmem_unique_id_bytes() == 128
+
+
+def test_engine_library_missing_is_a_clear_error(tmp_path, monkeypatch):
+    from torch_swiftep import nvshmem_engine as ne
+
+    monkeypatch.delenv(ne.LIB_ENV, raising=False)
+    with pytest.raises(ne.NvshmemError, match="SWIFTEP_NVSHMEM_LIB is not set"):
+        ne.load_library()
+    with pytest.raises(ne.NvshmemError, match="does not exist"):
+        ne.load_library(str(tmp_path / "nope.so"))
+    (tmp_path / "bad.so").write_text("not a library")
+    with pytest.raises(ne.NvshmemError, match="does not load"):
+        ne.load_library(str(tmp_path / "bad.so"))
+
+
+def _start_without_gpu(rank, world, library):
+    from torch_swiftep import nvshmem_engine as ne
+
+    try:
+        ne.NvshmemEngine.start(library=library)
+    except ne.NvshmemError as exc:
+        return str(exc)
+    return "started"
+
+
+@_with(NEEDS_BUILD)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: init would run")
+def test_engine_start_without_a_gpu_refuses_on_every_rank(build):
+    from torch_swiftep.launch import run_world
+
+    for msg in run_world(2, _start_without_gpu, _library(build), timeout_s=120):
+        assert "no current CUDA device" in msg, msg
+
+
+def _engine_exchange(rank, world, library):
+    """Every PE puts (3 * rank + d) % 4 rows of 528 bytes to every PE d over 2 channels, waits
+    for its signals, and compares what it received with what the senders hold."""
+    import torch.distributed as dist
+
+    from torch_swiftep import nvshmem_engine as ne
+
+    torch.cuda.set_device(0)
+    engine = ne.NvshmemEngine.start(library=library)
+    width, per_pair, channels = 528, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randint(0, 256, (8, width), generator=gen, dtype=torch.uint8)
+               for _ in range(world)]  # every PE's rows, drawn alike everywhere
+    count = [[(3 * s + d) % (per_pair + 1) for d in range(world)] for s in range(world)]
+    dst = engine.alloc(world * per_pair * width).view(world * per_pair, width)
+    signals = engine.alloc(world * channels * 8).view(torch.int64)
+    dst.zero_()
+    signals.zero_()
+    torch.cuda.synchronize()
+    dist.barrier()  # nobody puts before every PE has zeroed its buffers
+    src = sources[rank].cuda()
+    engine.register(src)
+    items = [(j % 8, rank * per_pair + j, d) for d in range(world) for j in range(count[rank][d])]
+    as_i32 = lambda values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
+    offsets = [0]
+    for d in range(world):
+        offsets.append(offsets[-1] + count[rank][d])
+    status = torch.zeros(4, dtype=torch.int64, device="cuda")
+    engine.put_rows(src, dst, as_i32([i[0] for i in items] or [0]),
+                    as_i32([i[1] for i in items] or [0]), as_i32(offsets),
+                    as_i32(list(range(world))), channels=channels, signals=signals, epoch=1,
+                    status=status)
+    engine.wait_signals(signals, as_i32(list(range(world))), channels=channels, epoch=1,
+                        ranks_per_node=2, timeout_ms=30000, status=status)
+    torch.cuda.synchronize()
+    want = torch.zeros(world * per_pair, width, dtype=torch.uint8)
+    for s in range(world):
+        for j in range(count[s][rank]):
+            want[s * per_pair + j] = sources[s][j % 8]
+    errors = [] if torch.equal(dst.cpu(), want) else [f"PE {rank}: received rows differ"]
+    if int(status[0]) != 0:
+        errors.append(f"PE {rank}: status {status.tolist()}")
+    engine.unregister(src)
+    dist.barrier()  # every PE has read its rows before the buffers go
+    engine.free(signals.view(torch.uint8).view(-1))
+    engine.free(dst.view(-1))
+    engine.finalize()
+    return errors
+
+
+@_with(NEEDS_GPU)
+def test_engine_from_python_exchanges_rows(build):
+    from torch_swiftep.launch import run_world
+
+    results = run_world(4, _engine_exchange, _library(build), env=dict(NO_MULTICAST_ENV),
+                        timeout_s=240)
+    assert not [e for r in results for e in r], results

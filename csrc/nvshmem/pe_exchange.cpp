@@ -1,5 +1,5 @@
 // Several NVSHMEM PEs through the scale-out transport: one process per PE, started by the caller
-// (tests/test_nvshmem_pes.py starts WORLD of them, on one GPU or one each). Every PE sends rows
+// (tests/test_nvshmem_link.py starts WORLD of them, on one GPU or one each). Every PE sends rows
 // to every PE (itself and its own node included: the transport addresses PEs, not nodes) with
 // put_rows over several channels, waits for its signals with wait_signals, and compares every
 // row it received, and the rows nobody wrote, with what the senders' pattern says. Uneven
