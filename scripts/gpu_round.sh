@@ -8,15 +8,19 @@
 #   SWIFTEP_FUZZ_CASES=20 STEPS=fuzz bash scripts/gpu_round.sh OUT_DIR   # a quick fuzz
 #
 # Steps: build, tests, nvshmem (the scale-out transport: csrc/nvshmem built and linked against
-# the NVSHMEM pip package, then 2-8 PEs as processes exchanging rows across virtual nodes and a
-# PE that never sends named by the others: tests/test_nvshmem_link.py), fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both
-# schedules; MPS=1 runs its processes concurrently), sanitize (memcheck and racecheck over cases
-# that launch every kernel of both schedules), transformers (tests/test_transformers_gpu.py),
-# bench, bench_quick. Not in the default list: sanitize_ranks (memcheck over 2 ranks as
-# processes), pipeline (the pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes),
-# pipeline_mp (that layer with 8 ranks as processes under MPS, both shapes, 4096 tokens/rank),
-# multi_process (ranks as processes on one GPU under MPS, DeepEP in the same run when built:
-# scripts/build_deepep.sh, DEEPEP_DIR). NVLink multicast stays off: the environment comes from
+# the NVSHMEM pip package, then 2-8 PEs as processes exchanging rows across virtual nodes, a PE
+# that never sends named by the others, and the engine from Python: tests/test_nvshmem_link.py),
+# fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both schedules; MPS=1 runs
+# its processes concurrently), sanitize (memcheck and racecheck over cases that launch every
+# kernel of both schedules), transformers (tests/test_transformers_gpu.py), bench, bench_quick.
+# Not in the default list: sanitize_ranks (memcheck over 2 ranks as processes), pipeline (the
+# pipelined layer at the DeepSeek-V3 and Qwen3-MoE shapes), pipeline_mp (that layer with 8 ranks
+# as processes under MPS, both shapes, 4096 tokens/rank), deepep (scripts/build_deepep.sh:
+# DeepEP's intranode build from its source in third_party/DeepEP, for multi_process),
+# multi_process (ranks as processes on one GPU under MPS, DeepEP in the same run when built,
+# DEEPEP_DIR), variants (scripts/combine_variants.sh: the combine's build variants timed with
+# the reference check, then the default rebuilt). Steps run in this file's order, whatever the
+# order of STEPS. NVLink multicast stays off: the environment comes from
 # torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
@@ -146,7 +150,8 @@ if has pipeline; then
 fi
 # multi_process (opt-in): ranks as processes on one GPU, side by side under the MPS daemon
 # (stopped again after); DeepEP's intranode build on PYTHONPATH when there is one (DEEPEP_DIR,
-# default third_party/deepep_intranode, from scripts/build_deepep.sh).
+# default third_party/deepep_intranode, from scripts/build_deepep.sh). MP_ARGS: more flags for
+# the benchmark, e.g. MP_ARGS="--sms 4,8,16".
 multi_process() {
   local rc=0 deepep=${DEEPEP_DIR:-third_party/deepep_intranode} pypath=${PYTHONPATH:-}
   if [ -d "$deepep" ]; then
@@ -157,12 +162,18 @@ multi_process() {
   mps_on
   ( if [ -n "$pypath" ]; then export PYTHONPATH="$pypath"; fi
     python3 -m torch_swiftep.bench.multi_process --timeout "${TIMEOUT:-500}" \
-      --out "$OUT/multi_process" ) || rc=1
+      --out "$OUT/multi_process" ${MP_ARGS:-} ) || rc=1
   mps_off
   return $rc
 }
+if has deepep; then
+  run deepep bash scripts/build_deepep.sh "${DEEPEP_DIR:-third_party/deepep_intranode}"
+fi
 if has multi_process; then
   run multi_process multi_process
+fi
+if has variants; then
+  run variants bash scripts/combine_variants.sh "$OUT/variants"
 fi
 # pipeline_mp (opt-in): bench/pipeline_multi_process.py, the ranks side by side under the MPS
 # daemon (stopped again after).
