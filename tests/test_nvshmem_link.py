@@ -157,10 +157,19 @@ def test_engine_library_loads_with_the_layout_python_mirrors(build):
     assert lib.swiftep_nvshmem_unique_id_bytes() == 128
 
 
+@_with(NEEDS_BUILD)
+def test_engine_command_line_checks_a_built_library(build, capsys):
+    from torch_swiftep import nvshmem_engine as ne
+
+    assert ne.main(["--dir", str(build["dir"])]) == 0
+    assert "parameter layout matches" in capsys.readouterr().out
+
+
 def test_engine_library_missing_is_a_clear_error(tmp_path, monkeypatch):
     from torch_swiftep import nvshmem_engine as ne
 
     monkeypatch.delenv(ne.LIB_ENV, raising=False)
+    monkeypatch.setattr(ne, "DEFAULT_DIR", tmp_path)
     with pytest.raises(ne.NvshmemError, match="SWIFTEP_NVSHMEM_LIB is not set"):
         ne.load_library()
     with pytest.raises(ne.NvshmemError, match="does not exist"):

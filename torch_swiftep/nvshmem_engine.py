@@ -7,9 +7,10 @@ process group, its symmetric buffers as torch tensors, and the transport's two l
     engine.free(rows); engine.finalize()           # collective
 
 It drives libswiftep_nvshmem.so (csrc/nvshmem: engine, transport and their C interface
-c_api.cpp) through ctypes: the library is built torch-free, by `scripts/check_nvshmem_link.sh`
-(`SWIFTEP_NVSHMEM_BUILD_DIR=DIR` keeps DIR/libswiftep_nvshmem.so), and found through
-SWIFTEP_NVSHMEM_LIB or the `library` argument. The unique id travels from the group's rank 0
+c_api.cpp) through ctypes. The library is built torch-free, from a source checkout:
+`python3 -m torch_swiftep.nvshmem_engine --build` (nvcc and nvidia-nvshmem-cu13 needed; it runs
+scripts/check_nvshmem_link.sh and keeps the library in torch_swiftep/_nvshmem/). It is found
+through the `library` argument, else SWIFTEP_NVSHMEM_LIB, else that folder. The unique id travels from the group's rank 0
 to the others with one broadcast over the group (gloo is enough); no MPI launcher. Not yet used
 by Communicator: the hierarchical dispatch and combine kernels that will put over it are the
 next step (docs/design.md, "Scale-out").
@@ -19,8 +20,12 @@ or the NVSHMEM call), on the rank where it happens.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
+import pathlib
+import subprocess
+import sys
 from typing import Optional
 
 import torch
@@ -28,9 +33,11 @@ import torch
 from .status import SwiftepError
 
 LIB_ENV = "SWIFTEP_NVSHMEM_LIB"
+LIB_NAME = "libswiftep_nvshmem.so"
+DEFAULT_DIR = pathlib.Path(__file__).resolve().parent / "_nvshmem"
 _ERR_BYTES = 1024
-BUILD_HINT = ("build it with `SWIFTEP_NVSHMEM_BUILD_DIR=DIR bash scripts/check_nvshmem_link.sh` "
-              f"(needs nvcc and nvidia-nvshmem-cu13) and set {LIB_ENV}=DIR/libswiftep_nvshmem.so")
+BUILD_HINT = ("build it with `python3 -m torch_swiftep.nvshmem_engine --build` (needs nvcc and "
+              f"nvidia-nvshmem-cu13), or point {LIB_ENV} at one")
 
 
 class NvshmemError(SwiftepError):
@@ -94,7 +101,10 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
     parameter layout checked against this module's mirrors."""
     path = path or os.environ.get(LIB_ENV)
     if not path:
-        raise NvshmemError(f"no NVSHMEM engine library: {LIB_ENV} is not set; {BUILD_HINT}")
+        path = str(DEFAULT_DIR / LIB_NAME)
+        if not os.path.isfile(path):
+            raise NvshmemError(f"no NVSHMEM engine library: {LIB_ENV} is not set and {path} "
+                               f"does not exist; {BUILD_HINT}")
     if not os.path.isfile(path):
         raise NvshmemError(f"NVSHMEM engine library {path!r} does not exist; {BUILD_HINT}")
     try:
@@ -250,3 +260,48 @@ class NvshmemEngine:
                                "allocated: free() them first")
         _call(self.lib.swiftep_nvshmem_finalize)
         NvshmemEngine._running = None
+
+
+# --------------------------------------------------------------------------- command line
+def build(out_dir: pathlib.Path) -> int:
+    """Builds (and link-checks) the library into out_dir with scripts/check_nvshmem_link.sh of
+    the source checkout this module sits in."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "check_nvshmem_link.sh"
+    if not script.is_file():
+        print(f"nvshmem_engine: {script} not found: --build needs a source checkout of "
+              "torch_swiftep", file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SWIFTEP_NVSHMEM_BUILD_DIR": str(out_dir)}
+    rc = subprocess.run(["bash", str(script)], env=env).returncode
+    if rc == 0:
+        load_library(str(out_dir / LIB_NAME))
+        print(f"nvshmem_engine: built {out_dir / LIB_NAME} (its layout matches this module)")
+    return rc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python3 -m torch_swiftep.nvshmem_engine",
+        description="Build or check libswiftep_nvshmem.so, the NVSHMEM engine and transport "
+                    "that torch_swiftep.nvshmem_engine drives.")
+    p.add_argument("--build", action="store_true",
+                   help="compile, device-link and link the library (and its checks) from "
+                        "csrc/nvshmem")
+    p.add_argument("--dir", type=pathlib.Path, default=DEFAULT_DIR,
+                   help=f"where --build puts the library (default: {DEFAULT_DIR})")
+    args = p.parse_args(argv)
+    if args.build:
+        return build(args.dir)
+    try:
+        lib = load_library(str(args.dir / LIB_NAME) if args.dir != DEFAULT_DIR else None)
+    except NvshmemError as exc:
+        print(f"nvshmem_engine: {exc}", file=sys.stderr)
+        return 1
+    print(f"nvshmem_engine: {lib._name} loads; NVSHMEM headers "
+          f"{lib.swiftep_nvshmem_header_version().decode()}; parameter layout matches")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
