@@ -59,7 +59,6 @@ def _worker(rank, world_size, port, backend, group_timeout_s, env, fn, args, res
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if backend == "nccl":
-
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
