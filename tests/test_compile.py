@@ -52,3 +52,33 @@ def _compile_in_world(rank, world):
 def test_compile_fullgraph_world_of_two():
     errors = run_world(2, _compile_in_world, timeout_s=300)
     assert errors == [None, None], errors
+
+
+@pytest.mark.parametrize("low_latency", [False, True])
+def test_combine_window_inside_compile_is_refused_with_the_reason(low_latency):
+    """A write into the combine window inside a compiled region would reach combine as a
+    temporary copy of the workspace (inductor functionalizes it), which the peers never see:
+    fullgraph compilation refuses it, naming the way out; eager does it in place."""
+    comm = ts.Communicator(None, _config())
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T - 1, H, generator=gen).bfloat16()
+    idx = torch.rand(T - 1, E, generator=gen).topk(K, dim=1).indices
+    w = torch.rand(T - 1, K, generator=gen)
+
+    def step(x, idx, w):
+        if low_latency:
+            h = comm.low_latency_dispatch(x, idx, w)
+            window = comm.low_latency_combine_buffer(x.dtype)
+            window.copy_(h.recv_x)
+            return comm.low_latency_combine(window, h)
+        h = comm.dispatch(x, idx, w)
+        window = comm.combine_buffer(x.dtype)
+        window.copy_(h.recv_x)
+        return comm.combine(window, h)
+
+    eager = step(x, idx, w)
+    want = (x.float() * w.sum(1, keepdim=True)).bfloat16()  # the identity expert, weighted
+    assert testing.close(eager, want, torch.bfloat16) is None
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="not available inside torch.compile"):
+        torch.compile(step, fullgraph=True)(x, idx, w)
