@@ -191,6 +191,25 @@ def test_world_of_one_matches_whole_model(compute, checkpoints):
         assert diff <= LOGIT_ATOL, f"{family}: {diff}"
 
 
+def test_compiled_model_matches_whole_model(checkpoints):
+    """torch.compile of a model served through the integration (one family, world of one):
+    inside the compiled region the experts write a fresh tensor, not the combine window
+    (Communicator.combine_buffer refuses compilation), and the logits still match."""
+    from transformers import AutoModelForCausalLM
+
+    swiftep_hf.register("swiftep_test_compiled", experts_compute="loop")
+    family = FAMILIES[0]
+    path = checkpoints[family]
+    ref = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    one = AutoModelForCausalLM.from_pretrained(
+        path, experts_implementation="swiftep_test_compiled").eval()
+    prompt = _prompt(4)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        diff = (torch.compile(one)(prompt).logits - ref(prompt).logits).abs().max().item()
+    assert diff <= LOGIT_ATOL, f"{family}: {diff}"
+
+
 def test_grad_mode_raises(checkpoints):
     from transformers import AutoModelForCausalLM
 
