@@ -53,11 +53,13 @@ def _worker(rank, world_size, port, backend, group_timeout_s, env, fn, args, res
         import torch
 
         # The ranks share the host's cores: each takes its share for torch's CPU threads (as
-        # torchrun does), unless OMP_NUM_THREADS says otherwise. Measured: 8 ranks on 16 cores,
-        # each with torch's default of 16 threads, spent over 70 s building a reference that
-        # takes under a second alone (the thread pools spin against each other).
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        # torchrun does), unless OMP_NUM_THREADS says otherwise (set here explicitly: torch read
+        # the environment when this process imported it, before `env` was applied). Measured:
+        # 8 ranks on 16 cores, each with torch's default of 16 threads, spent over 70 s building
+        # a reference that takes under a second alone (the thread pools spin against each other).
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                              else max(1, (os.cpu_count() or 1) // world_size))
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
