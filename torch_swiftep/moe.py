@@ -65,7 +65,15 @@ class ExpertParallelMoE(nn.Module):
             return self.comm.low_latency_combine(self.experts_low_latency(handle.recv_x), handle)
         handle = self.comm.dispatch(x, idx, weights)
         out = self.experts(handle.recv_x, handle.expert_offsets[1:])
-        return self.comm.combine(out, handle)
+        if torch.compiler.is_compiling():  # the window cannot be written here: combine stages
+            return self.comm.combine(out, handle)
+        # The grouped GEMM returns a fresh tensor. Eager (and in CUDA graphs) it goes into the
+        # combine window by a plain copy over the whole GPU, idle between the GEMM and the
+        # combine in this unpipelined layer, rather than by the combine's staging over its few
+        # SMs (41 GB/s per SM measured, docs/perf-notes.md); the combine then reads it in place.
+        window = self.comm.combine_buffer(out.dtype)
+        window.copy_(out)
+        return self.comm.combine(window, handle)
 
 
 def dense_reference(layers: list[ExpertParallelMoE], x: torch.Tensor) -> torch.Tensor:
