@@ -12,20 +12,9 @@ from .backends.cpu import check_index_values
 from .ops import BY_NAME as CONTRACTS
 from .ops._checks import check_low_latency_windows
 from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE, plan_value
-from .plan import CommConfig, Plan, ctrl_region, typed_region
+from .plan import WINDOW_UNDER_COMPILE, CommConfig, Plan, ctrl_region, typed_region
 from .status import BrokenCommunicatorError, SwiftepError, raise_if_error
 
-
-# Why the combine windows are not handed out inside torch.compile: a write into a view of the
-# workspace there is functionalized, and inductor then passes combine a temporary copy of the
-# whole workspace (with the rows written), copying it back only after the combine (seen in the
-# generated code), while the peers read this rank's real window through the peer table: stale
-# rows, or a wait that times out. Outside a compiled region the write is in place.
-WINDOW_UNDER_COMPILE = (
-    "the combine window is not available inside torch.compile: a write into it there reaches "
-    "combine as a temporary copy of the workspace, which the peers cannot see. Pass the "
-    "experts' output tensor to combine / low_latency_combine (they stage it), or write the "
-    "window and call combine outside the compiled region")
 
 class DispatchResult(NamedTuple):
     """What dispatch returns; pass it whole to combine. L = local experts, C = capacity.
@@ -249,7 +238,7 @@ class Communicator:
     def combine_buffer(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """[capacity, hidden] view of this rank's combine window. Experts that write their
         outputs here (row i for dispatch row i) make combine zero-copy. Not inside
-        torch.compile (WINDOW_UNDER_COMPILE says why): there, pass the experts' tensor to
+        torch.compile (plan.WINDOW_UNDER_COMPILE says why): there, pass the experts' tensor to
         combine, which stages it."""
         return typed_region(self.workspace, self._plan_list, "off_combine_x",
                             dtype or self.config.dtype, (self.plan.capacity, self.config.hidden))

@@ -227,3 +227,15 @@ def ctrl_region(workspace, plan, field, dtype, shape) -> torch.Tensor:
     start = plan_value(plan, f"off_ctrl_{field}")
     numel = math.prod(shape)
     return workspace.narrow(0, start, numel * dtype.itemsize).view(dtype).view(shape)
+
+
+# Why the combine windows are not handed out inside torch.compile: a write into a view of the
+# workspace there is functionalized, and inductor then passes combine a temporary copy of the
+# whole workspace (with the rows written), copying it back only after the combine (seen in the
+# generated code), while the peers read this rank's real window through the peer table: stale
+# rows, or a wait that times out. Outside a compiled region the write is in place.
+WINDOW_UNDER_COMPILE = (
+    "the combine window is not available inside torch.compile: a write into it there reaches "
+    "combine as a temporary copy of the workspace, which the peers cannot see. Pass the "
+    "experts' output tensor to combine / low_latency_combine (they stage it), or write the "
+    "window and call combine outside the compiled region")

@@ -128,7 +128,7 @@ def _moe_forward(ep: _EPGroup, module: torch.nn.Module, hidden_states: torch.Ten
         x.contiguous(), idx.contiguous(), weights.to(torch.float32).contiguous())
     # The experts write straight into the combine window (zero copy), except inside
     # torch.compile, where a write into the window cannot reach the peers
-    # (communicator.WINDOW_UNDER_COMPILE): there they write a fresh tensor, which combine stages.
+    # (plan.WINDOW_UNDER_COMPILE): there they write a fresh tensor, which combine stages.
     out = (x.new_empty(handle.recv_x.size(0), hidden) if torch.compiler.is_compiling()
            else comm.combine_buffer(x.dtype))
     rows = int(handle.expert_offsets[-1])  # one host sync per layer: run only the live rows
