@@ -202,12 +202,43 @@ def _all_layers(comm, world, layer):
             self.rank, self.world_size, self.config = r, world, comm.config
             self.num_local_experts, self.device = comm.num_local_experts, comm.device
 
-    return [layer if r == comm.rank else ExpertParallelMoE(_Shard(r), 128, low_latency=True)
+    return [layer if r == comm.rank
+            else ExpertParallelMoE(_Shard(r), 128, low_latency=layer.low_latency)
             for r in range(world)]
 
 
 def test_cuda_graph_replay_and_reduce_overhead():
     results = run_world(2, _graph_replay, env=ENV, timeout_s=600)
+    flat = [e for r in results for e in r]
+    assert not flat, "\n".join(flat)
+
+
+def _throughput_layer(rank, world):
+    """The throughput layer eager (the experts' output copied into the combine window) and
+    under torch.compile (combine stages the experts' own tensor), against the dense layer."""
+    from torch_swiftep.moe import ExpertParallelMoE, dense_reference
+
+    device = _device(rank)
+    cfg = ts.CommConfig(num_experts=4 * world, hidden=256, num_topk=4, max_tokens_per_rank=32,
+                        timeout_s=60)
+    layer = ExpertParallelMoE(ts.Communicator(dist.group.WORLD, cfg, device=device), 128)
+    compiled = torch.compile(layer, fullgraph=True)
+    errors = []
+    for step, run in enumerate((layer, layer, compiled, compiled)):
+        gen = torch.Generator().manual_seed(100 * step + rank)
+        x = torch.randn(17 + 5 * step, 256, generator=gen).bfloat16().to(device)
+        got = run(x)
+        layer.comm.check()
+        want = dense_reference(_all_layers(layer.comm, world, layer), x)
+        msg = testing.close(got, want, torch.bfloat16)
+        if msg:
+            errors.append(f"rank {rank} step {step} ({'compiled' if step > 1 else 'eager'}): "
+                          f"{msg}")
+    return errors
+
+
+def test_throughput_layer_eager_and_compiled():
+    results = run_world(2, _throughput_layer, env=ENV, timeout_s=600)
     flat = [e for r in results for e in r]
     assert not flat, "\n".join(flat)
 
