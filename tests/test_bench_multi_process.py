@@ -78,13 +78,13 @@ def test_chain_slope_cancels_the_start_skew():
 
 
 def test_per_rank_ops_and_the_slowest_rank():
-    ranks = [per_rank_ops(dict(dispatch=2.0, pair=7.0, pair_own=9.5)),
-             per_rank_ops(dict(dispatch=2.5, pair=7.0, pair_own=9.0))]
+    ranks = [per_rank_ops(dict(dispatch=2.0, pair=7.0, pair_own=9.5, pair_copy=7.5)),
+             per_rank_ops(dict(dispatch=2.5, pair=7.0, pair_own=9.0, pair_copy=8.5))]
     assert ranks[0] == {"dispatch": 2.0, "combine": 5.0, "combine, own tensor": 7.5,
-                        "step, own tensor": 9.5}
+                        "combine, torch copy": 5.5, "step, own tensor": 9.5}
     # per op the slowest rank, each op on its own
     assert slowest(ranks) == {"dispatch": 2.5, "combine": 5.0, "combine, own tensor": 7.5,
-                              "step, own tensor": 9.5}
+                              "combine, torch copy": 6.0, "step, own tensor": 9.5}
 
 
 def test_ceiling_fraction_counts_read_and_write():
@@ -96,9 +96,9 @@ def test_ceiling_fraction_counts_read_and_write():
 
 def _records(peers):
     swiftep = {4: {"dispatch": 2.0, "combine": 4.0, "combine, own tensor": 8.0,
-                   "step, own tensor": 10.0},
+                   "combine, torch copy": 5.0, "step, own tensor": 10.0},
                8: {"dispatch": 1.0, "combine": 2.0, "combine, own tensor": 4.0,
-                   "step, own tensor": 5.0}}
+                   "combine, torch copy": 2.5, "step, own tensor": 5.0}}
     world_bytes = dict(pairs_per_rank=1000.0, dispatch=4e9, combine=6e9)
     return build_records(swiftep, world_bytes, {32: 1000.0}, 8, 500, peers)
 
@@ -106,22 +106,24 @@ def _records(peers):
 def test_records_arithmetic():
     deepep = {"status": "ran", "by_sms": {4: {"dispatch": 3.0, "combine": 6.0, "step": 9.0}}}
     records = _records({"deepep": deepep})
-    assert [(r["op"], r["sms_per_rank"]) for r in records][:4] == [
-        ("dispatch", 4), ("combine", 4), ("combine, own tensor", 4), ("step, own tensor", 4)]
-    d4, c4, own4, step4 = records[:4]
+    assert [(r["op"], r["sms_per_rank"]) for r in records][:5] == [
+        ("dispatch", 4), ("combine", 4), ("combine, own tensor", 4), ("combine, torch copy", 4),
+        ("step, own tensor", 4)]
+    d4, c4, own4, copy4, step4 = records[:5]
     # algbw: 1000 pairs x 500 channels x 2 bytes = 1 MB per rank; in 2 ms: 0.5 GB/s
     assert d4["algbw_gbps"] == pytest.approx(0.5)
     assert step4["algbw_gbps"] == pytest.approx(2 * 1e6 / 10e-3 / 1e9)  # both directions
     assert d4["sms_total"] == 32 and d4["least_bytes"] == 4e9
     assert d4["ceiling_fraction"] == pytest.approx(4e9 / 2e-3 / 1e9 / 2000)
     assert step4["least_bytes"] == 10e9
-    assert records[4]["ceiling_fraction"] is None  # no ceiling at 64 SMs
+    assert records[5]["ceiling_fraction"] is None  # no ceiling at 64 SMs
     # each op beside the peer's figure of the same kind, as peer ms / swiftep ms
     assert d4["peers"]["deepep"] == dict(ms=3.0, speedup=1.5)
     assert c4["peers"]["deepep"]["speedup"] == pytest.approx(1.5)
     assert own4["peers"]["deepep"]["speedup"] == pytest.approx(0.75)
+    assert copy4["peers"]["deepep"]["speedup"] == pytest.approx(1.2)
     assert step4["peers"]["deepep"]["speedup"] == pytest.approx(0.9)
-    assert records[4]["peers"] == {}  # DeepEP has no 8-SM figure
+    assert records[5]["peers"] == {}  # DeepEP has no 8-SM figure
 
 
 def test_report_table_and_peer_lines():
@@ -151,7 +153,7 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
 
     def rank(d, pair, own, pairs):
         slopes = {name: {"slope_ms": v} for name, v in
-                  (("dispatch", d), ("pair", pair), ("pair_own", own))}
+                  (("dispatch", d), ("pair", pair), ("pair_own", own), ("pair_copy", pair + 1))}
         routing = RoutingBytes(token_rank_pairs=pairs, rows=2 * pairs, tokens_sent=pairs // 2,
                                num_tokens=pairs // 2)
         return dict(errors=[], routing=routing.__dict__, slopes={4: slopes})
@@ -163,7 +165,7 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
     by_sms, extra, errors = multi_process._swiftep_world(shape, [4], args)
     assert errors == []
     assert by_sms[4] == {"dispatch": 2.2, "combine": 4.0, "combine, own tensor": 7.0,
-                         "step, own tensor": 9.0}
+                         "combine, torch copy": 5.0, "step, own tensor": 9.0}
     row = 10 * 2
     assert extra["world_bytes"] == dict(pairs_per_rank=200.0,
                                         dispatch=(50 + 200 + 150 + 600) * row,

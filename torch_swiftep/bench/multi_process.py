@@ -7,7 +7,9 @@ nothing (the run says so, loudly).
 
 Per SM budget, the calls as users make them: dispatch; combine zero-copy (the experts wrote
 into comm.combine_buffer()); combine from the experts' own tensor (allocated as a grouped GEMM's
-output); the step (dispatch + combine from the experts' own tensor).
+output: combine stages it with its SMs); combine after a torch copy of that tensor into the
+window (the copy over the whole GPU, as ExpertParallelMoE does outside torch.compile; the copy
+is counted in the combine); the step (dispatch + combine from the experts' own tensor).
 
 Timing is aligned on the device, not by a host barrier: each rank captures chains of SHORT and
 LONG back-to-back calls in CUDA graphs, replays each after a host barrier, times it with CUDA
@@ -37,8 +39,9 @@ from .rank_timing import LONG, REPEATS, SHORT, agree, capture_chains, measure_ch
 # Ranks as processes on one GPU (tests/gpu_world.py's environment): multicast off.
 ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", **NO_MULTICAST_ENV,
        "CUDA_MODULE_LOADING": "LAZY"}
-OPS = ("dispatch", "combine", "combine, own tensor", "step, own tensor")
+OPS = ("dispatch", "combine", "combine, own tensor", "combine, torch copy", "step, own tensor")
 PEER_OP = {"dispatch": "dispatch", "combine": "combine", "combine, own tensor": "combine",
+           "combine, torch copy": "combine",
            "step, own tensor": "step"}  # the peer figure each swiftep op is compared with
 PEERS = ("deepep", "torch")
 HEADERS = ["op", "SMs/rank", "SMs total", "ms", "algbw GB/s/rank", "of ceiling", "DeepEP ms",
@@ -48,10 +51,12 @@ HEADERS = ["op", "SMs/rank", "SMs total", "ms", "algbw GB/s/rank", "of ceiling",
 # ------------------------------------------------------------------ arithmetic (unit-tested)
 def per_rank_ops(slopes: dict) -> dict:
     """One rank's ms per call of each op from its chain slopes (dispatch; pair: dispatch +
-    zero-copy combine; pair_own: dispatch + combine from the experts' own tensor)."""
+    zero-copy combine; pair_own: dispatch + combine from the experts' own tensor; pair_copy:
+    dispatch + a torch copy of that tensor into the window + zero-copy combine)."""
     d = slopes["dispatch"]
     return {"dispatch": d, "combine": slopes["pair"] - d,
-            "combine, own tensor": slopes["pair_own"] - d, "step, own tensor": slopes["pair_own"]}
+            "combine, own tensor": slopes["pair_own"] - d,
+            "combine, torch copy": slopes["pair_copy"] - d, "step, own tensor": slopes["pair_own"]}
 
 
 def slowest(per_rank: list) -> dict:
@@ -200,6 +205,7 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
     handle = comm.dispatch(x, idx, w, num_sms=budgets[0])
     out = testing.expert_output(handle, torch.bfloat16)  # the fake expert's rows, once
     comm.combine_buffer().copy_(out)  # zero copy: the experts wrote into the window
+    window = comm.combine_buffer()
     own = torch.empty_like(out).copy_(out)  # the experts' own tensor, as a grouped GEMM's
     comm.combine(own, handle, num_sms=budgets[0])
     comm.check()
@@ -209,6 +215,12 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
         calls["pair"] = lambda: comm.combine(comm.combine_buffer(), calls["dispatch"](),
                                              num_sms=sms)
         calls["pair_own"] = lambda: comm.combine(own, calls["dispatch"](), num_sms=sms)
+
+        def pair_copy(sms=sms):  # the copy after the dispatch: peers read the window until then
+            handle = comm.dispatch(x, idx, w, num_sms=sms)
+            window.copy_(own)
+            return comm.combine(window, handle, num_sms=sms)
+        calls["pair_copy"] = pair_copy
         slopes[sms] = {}
         for name, call in calls.items():
             progress(f"  swiftep, {sms} SMs/rank: {name}: capturing", flush=True)
