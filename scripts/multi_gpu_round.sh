@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The multi-GPU round (one process per GPU, NVLink): machine record, build, GPU tests,
-# benchmark against NCCL, the scale-out row counts and the NVSHMEM transport's link check. Logs under OUT_DIR. Usage: bash scripts/multi_gpu_round.sh OUT_DIR
+# benchmark against NCCL, the scale-out row counts and the NVSHMEM transport (its build and link
+# check, then PEs exchanging rows across virtual nodes, one per GPU: tests/test_nvshmem_link.py).
+# Logs under OUT_DIR. Usage: bash scripts/multi_gpu_round.sh OUT_DIR
 # NVLink multicast stays off: the environment comes from torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-multi_gpu_out}
@@ -22,10 +24,12 @@ tail -5 "$OUT/gpu_tests.log"
 python3 -m torch_swiftep.bench.multi_gpu_vs_nccl --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # Scale-out: the rows that cross virtual node boundaries (2 nodes of this machine's GPUs), and
-# the NVSHMEM transport's build and one-PE round trip (csrc/nvshmem; the CUDA scale-out path is
-# not behind the Communicator yet: docs/design.md, "Scale-out").
+# the NVSHMEM transport: build, link check, one-PE round trip, then 2-8 PEs (PE r on GPU
+# r % GPUs) exchanging rows across virtual nodes and the engine from Python (csrc/nvshmem; the
+# CUDA scale-out path is not behind the Communicator yet: docs/design.md, "Scale-out").
 python3 -m torch_swiftep.bench.scale_out > "$OUT/scale_out.log" 2>&1 || status=1
 tail -12 "$OUT/scale_out.log"
-bash scripts/check_nvshmem_link.sh > "$OUT/nvshmem.log" 2>&1 || status=1
+python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_nvshmem_link.py \
+  > "$OUT/nvshmem.log" 2>&1 || status=1
 tail -8 "$OUT/nvshmem.log"
 exit $status
