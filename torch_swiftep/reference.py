@@ -40,7 +40,11 @@ def dispatch(
     world = len(xs)
     local = num_experts // world
     token_rows = [torch.full(t.shape, -1, dtype=torch.int32) for t in topk_idxs]
+    # every source's tensors on the CPU once, not once per (destination, expert)
     idxs = [t.long().cpu() for t in topk_idxs]
+    xs_cpu = [x.cpu() for x in xs]
+    ws_cpu = [w.cpu().float() for w in topk_weights]
+    scales_cpu = None if x_scales is None else [s.cpu() for s in x_scales]
     per_rank = []
     for dst in range(world):
         xs_out, scales_out, src_out, w_out, offsets = [], [], [], [], [0]
@@ -54,13 +58,13 @@ def dispatch(
                     base, base + tokens.numel(), dtype=torch.int32
                 )
                 base += tokens.numel()
-                xs_out.append(xs[src].cpu()[tokens])
+                xs_out.append(xs_cpu[src][tokens])
                 if x_scales is not None:
-                    scales_out.append(x_scales[src].cpu()[tokens])
+                    scales_out.append(scales_cpu[src][tokens])
                 src_out.append(
                     torch.stack([torch.full_like(tokens, src), tokens], dim=1).to(torch.int32)
                 )
-                w_out.append(topk_weights[src].cpu().float()[tokens, slots])
+                w_out.append(ws_cpu[src][tokens, slots])
             offsets.append(base)
         hidden = xs[0].size(1)
         per_rank.append(
