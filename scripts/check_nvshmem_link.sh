@@ -48,8 +48,14 @@ for need in include/nvshmem.h lib/libnvshmem_device.a "lib/${host_lib:-libnvshme
     exit 1
   fi
 done
+# The version: the string macro of recent headers, else the numeric parts older ones have
+# (wherever they sit under include/).
 version="$(sed -n 's/^#define NVSHMEM_VENDOR_BASE_VERSION_STRING "\(.*\)"/\1/p' \
            "$nvshmem_inc/non_abi/nvshmem_version.h" 2>/dev/null || true)"
+if [ -z "$version" ]; then
+  version="$(grep -rhoE '^#define NVSHMEM_VENDOR_(MAJOR|MINOR|PATCH)_VERSION +[0-9]+' \
+             "$nvshmem_inc" 2>/dev/null | awk '{print $3}' | paste -sd. || true)"
+fi
 echo "NVSHMEM ${version:-(version unknown)} at $nvshmem_home (found by $found_by)"
 echo "        headers $nvshmem_inc, host library $host_lib, device library libnvshmem_device.a"
 

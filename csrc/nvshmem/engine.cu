@@ -248,7 +248,23 @@ Status finalize() {
   return ok();
 }
 
-const char* header_version() { return NVSHMEM_VENDOR_BASE_VERSION_STRING; }
+// The version string macro is recent (3.x); older headers have only the numeric parts, and the
+// packages in use differ between machines, so build the string from whichever is there.
+#define SWIFTEP_STRINGIFY_(x) #x
+#define SWIFTEP_STRINGIFY(x) SWIFTEP_STRINGIFY_(x)
+const char* header_version() {
+#if defined(NVSHMEM_VENDOR_BASE_VERSION_STRING)
+  return NVSHMEM_VENDOR_BASE_VERSION_STRING;
+#elif defined(NVSHMEM_VENDOR_MAJOR_VERSION) && defined(NVSHMEM_VENDOR_MINOR_VERSION) && \
+    defined(NVSHMEM_VENDOR_PATCH_VERSION)
+  return SWIFTEP_STRINGIFY(NVSHMEM_VENDOR_MAJOR_VERSION) "." SWIFTEP_STRINGIFY(
+      NVSHMEM_VENDOR_MINOR_VERSION) "." SWIFTEP_STRINGIFY(NVSHMEM_VENDOR_PATCH_VERSION);
+#elif defined(NVSHMEM_MAJOR_VERSION) && defined(NVSHMEM_MINOR_VERSION)
+  return SWIFTEP_STRINGIFY(NVSHMEM_MAJOR_VERSION) "." SWIFTEP_STRINGIFY(NVSHMEM_MINOR_VERSION);
+#else
+  return "unknown";
+#endif
+}
 
 }  // namespace nvshmem
 }  // namespace swiftep
