@@ -137,5 +137,9 @@ if "$build/link_check"; then
   echo "ok    link_check"
 else
   echo "FAIL  link_check"
+  # NVSHMEM's own failure messages are terse ("nvshmem initialization failed"): run it once more
+  # with its debug log so the reason (transport, heap, context) is in this output.
+  echo "      again with NVSHMEM_DEBUG=INFO (last 80 lines):"
+  NVSHMEM_DEBUG=INFO "$build/link_check" 2>&1 | tail -n 80 | sed 's/^/      /'
   exit 1
 fi

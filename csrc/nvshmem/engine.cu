@@ -126,6 +126,13 @@ Status init(int rank, int world, const std::vector<uint8_t>& id) {
                                      cudaGetErrorString(err) +
                                      "); set this process's GPU before init");
   }
+  // cudaGetDevice creates no context; NVSHMEM's initialization works in the current context, so
+  // make the device's primary context current first (what a torch process has already done).
+  const cudaError_t set_err = cudaSetDevice(device);
+  if (set_err != cudaSuccess) {
+    return fail(Code::kNoDevice, std::string("init: cudaSetDevice(") + std::to_string(device) +
+                                     ") failed: " + cudaGetErrorString(set_err));
+  }
   // Another library of this process may have initialized NVSHMEM (torch's NVSHMEM backend):
   // join it only if it is the same world. NVSHMEM counts init calls; a later call registers
   // this module's device state and bootstraps nothing again.
