@@ -44,15 +44,16 @@ if [ "${#sources[@]}" -eq 0 ]; then
 fi
 nvcc_each log_name "$obj_dir" "$log_dir" "" "${sources[@]}" || status=1
 
-# Build-time variants that the default build does not instantiate (the experimental combine
-# of csrc/ops/combine/kernel_ldg.cuh): they must keep compiling, without spills.
-variant="-DSWIFTEP_COMBINE_LDG=1"
+# Build-time variants that the default build does not instantiate (the staged TMA combine for
+# the throughput window, kept for A/B runs against the default register-load combine of
+# csrc/ops/combine/kernel_ldg.cuh): they must keep compiling, without spills.
+variant="-DSWIFTEP_COMBINE_LDG=0"
 if "$nvcc_bin" "${nvcc_flags[@]}" $variant -c csrc/ops/combine/launcher.cu \
-    -o "$obj_dir/combine_ldg.o" > "$log_dir/combine_ldg.log" 2>&1; then
+    -o "$obj_dir/combine_tma.o" > "$log_dir/combine_tma.log" 2>&1; then
   echo "ok    nvcc $variant csrc/ops/combine/launcher.cu"
 else
   echo "FAIL  nvcc $variant csrc/ops/combine/launcher.cu"
-  cat "$log_dir/combine_ldg.log"
+  cat "$log_dir/combine_tma.log"
   status=1
 fi
 

@@ -307,11 +307,15 @@ COVERAGE = (
     # the direct FP8 kernel's row chunks (2 tokens, 64 warps), zero copy
     (BF16, BF16, 1024, 2, 8, "uniform", "fused", (2, 2), 8, True, True),
 )
-# Kernels (and instantiations) the COVERAGE cases must launch: substrings of the names.
+# Kernels (and instantiations) the COVERAGE cases must launch: substrings of the names. The
+# staged combine_kernel serves the low-latency window, combine_ldg_kernel the throughput window
+# (a build with -DSWIFTEP_COMBINE_LDG=0, for A/B runs only, has no combine_ldg_kernel).
 REQUIRED_KERNELS = (
     ("dispatch_layout_kernel",), ("dispatch_counts_kernel",), ("dispatch_data_kernel",),
     ("ll_dispatch_kernel", "false"), ("ll_dispatch_kernel", "true"), ("copy_rows_tma_kernel",),
     ("combine_kernel<__nv_bfloat16",), ("combine_kernel<__half",), ("combine_kernel<float",),
+    ("combine_ldg_kernel<__nv_bfloat16",), ("combine_ldg_kernel<__half",),
+    ("combine_ldg_kernel<float",),
 )
 
 

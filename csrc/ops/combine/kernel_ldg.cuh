@@ -1,16 +1,21 @@
-// An experimental throughput combine (built only with -DSWIFTEP_COMBINE_LDG=1, e.g.
-// SWIFTEP_NVCC_FLAGS="-DSWIFTEP_COMBINE_LDG=1"; scripts/combine_variants.sh times it against the
-// default): no shared-memory stages, no mbarriers, no TMA. Each warp takes whole tokens; each
-// lane loads its 16-byte vectors of up to kLdgSlots source rows at once with vector loads
-// straight into registers (kLdgUnroll vectors per slot in flight, kLdgSlots * kLdgUnroll loads
-// per lane), then reduces them in float32.
+// The throughput combine (the default; -DSWIFTEP_COMBINE_LDG=0 builds the staged TMA combine of
+// kernel.cuh for this window instead, for A/B runs): no shared-memory stages, no mbarriers, no
+// TMA. Each warp takes whole tokens; each lane loads its 16-byte vectors of up to kLdgSlots
+// source rows at once with vector loads straight into registers (kLdgUnroll vectors per slot
+// in flight, kLdgSlots * kLdgUnroll loads per lane), then reduces them in float32.
 //
-// Why try it: the TMA combine is issue-bound at ~2,000 warp instructions per (token, chunk)
-// item while DRAM idles (docs/perf-notes.md, ncu and v3): its per-item mbarrier round trip,
-// the lane-0 bulk-load issue loop and two stages per warp leave little in flight per warp. Here
-// every lane has up to 16 loads in flight and the only per-token bookkeeping is the routing
-// metadata. Same contract and results as combine_kernel (the same float32 order of the slots);
-// launched by launcher.cu for the throughput window when rows and pointers are 16-byte aligned.
+// Why: the TMA combine is issue-bound at ~2,000 warp instructions per (token, chunk) item while
+// DRAM idles (docs/perf-notes.md): its per-item mbarrier round trip, the lane-0 bulk-load issue
+// loop and two stages per warp leave little in flight per warp. Here every lane has 16 loads in
+// flight and the only per-token bookkeeping is the routing metadata. Measured at 4096
+// tokens/rank, 4 SMs/rank: 2.12 ms against the TMA combine's 5.11 ms (docs/perf-notes.md).
+// Same contract and results as combine_kernel (the same float32 order of the slots); launched
+// by launcher.cu for the throughput window when rows and pointers are 16-byte aligned.
+//
+// The loads are __ldg (the non-coherent path). That is sound here: a window row is written by
+// kernels that finished before its owner released its combine flag, this kernel loads no row
+// before it has seen every owner's flag, and no row changes until every rank's combine is done
+// (the next dispatch waits for that); the read-only cache holds nothing from an earlier kernel.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +27,10 @@
 namespace swiftep {
 
 #ifndef SWIFTEP_COMBINE_LDG
-#define SWIFTEP_COMBINE_LDG 0
+#define SWIFTEP_COMBINE_LDG 1
+#endif
+#ifndef SWIFTEP_COMBINE_LDG_WARPS
+#define SWIFTEP_COMBINE_LDG_WARPS 16
 #endif
 #ifndef SWIFTEP_COMBINE_LDG_UNROLL
 #define SWIFTEP_COMBINE_LDG_UNROLL 2
@@ -32,13 +40,18 @@ constexpr bool kCombineLdg = SWIFTEP_COMBINE_LDG != 0;
 // Source rows whose vectors are loaded together (a token with more valid slots takes rounds).
 constexpr int kLdgSlots = 8;
 // Vectors per slot and lane in flight at once (32 * kLdgUnroll vectors of the row per round).
+// 2 at 16 warps measured best (docs/perf-notes.md); 4 needs more registers than 16 warps leave.
 constexpr int kLdgUnroll = SWIFTEP_COMBINE_LDG_UNROLL;
+// Warps of a block: a warp's loads wait on memory, so more warps per SM keep more in flight
+// (8 warps: 3.50 ms, 16: 2.12 ms at the measured shape).
+constexpr int kLdgWarps = SWIFTEP_COMBINE_LDG_WARPS;
+constexpr int kLdgThreads = kLdgWarps * kWarpSize;
 
 template <typename T, typename IdxT>
-__global__ void __launch_bounds__(kCombineThreads)
+__global__ void __launch_bounds__(kLdgThreads)
     combine_ldg_kernel(const __grid_constant__ CombineParams p, CombineWindow win) {
-  __shared__ float weights[kCombineWarps][kMaxTopk];
-  __shared__ const uint8_t* sources[kCombineWarps][kMaxTopk];
+  __shared__ float weights[kLdgWarps][kMaxTopk];
+  __shared__ const uint8_t* sources[kLdgWarps][kMaxTopk];
   const CommParams& c = p.comm;
   const int warp = warp_id();
   const int lane = lane_id();
@@ -51,8 +64,8 @@ __global__ void __launch_bounds__(kCombineThreads)
 
   constexpr int kElemsPerVec = 16 / sizeof(T);
   const int64_t vecs = p.out_row_bytes / 16;
-  const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kCombineWarps;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kCombineWarps + warp; n < p.num_tokens;
+  const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kLdgWarps;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kLdgWarps + warp; n < p.num_tokens;
        n += num_warps_total) {
     const uint8_t* src = combine_source<IdxT>(p, win, n, lane, peers_ready);
     const uint32_t valid = __ballot_sync(kFullMask, src != nullptr);

@@ -1,5 +1,6 @@
-// Launchers of both combines (throughput and low latency: one kernel, kernel.cuh, over two
-// windows) and of the staging copy (copy_rows.cuh).
+// Launchers of both combines and of the staging copy (copy_rows.cuh). The throughput window
+// takes the register-load combine (kernel_ldg.cuh) when its rows are 16-byte aligned; the
+// low-latency window, and unaligned rows, take the staged combine (kernel.cuh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -22,6 +23,11 @@ struct CombineConfig {
   int64_t blocks;
 };
 
+// Rows of the window and of y start on 16-byte boundaries: the vector and bulk-copy paths.
+bool rows_aligned(const CombineParams& p) {
+  return p.out_row_bytes % kBulkAlign == 0 && reinterpret_cast<uintptr_t>(p.y) % kBulkAlign == 0;
+}
+
 template <typename T, typename IdxT>
 cudaError_t configure_combine(const CombineParams& p, CombineConfig* out) {
   CombineConfig cfg{};
@@ -29,8 +35,7 @@ cudaError_t configure_combine(const CombineParams& p, CombineConfig* out) {
   cudaError_t err = kernel_smem(reinterpret_cast<const void*>(&combine_kernel<T, IdxT>), &info);
   if (err != cudaSuccess) return err;
   cfg.smem = {true, 0, info.max_dynamic};
-  cfg.shape.use_tma = p.out_row_bytes % kBulkAlign == 0 &&
-                      reinterpret_cast<uintptr_t>(p.y) % kBulkAlign == 0;
+  cfg.shape.use_tma = rows_aligned(p);
   int64_t chunks = 1;
   if (cfg.shape.use_tma) {
     int64_t cap =
@@ -65,18 +70,18 @@ cudaError_t configure_combine(const CombineParams& p, CombineConfig* out) {
 
 template <typename T, typename IdxT>
 LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win, cudaStream_t stream) {
+  if constexpr (kCombineLdg) {  // the throughput window's register-load combine (kernel_ldg.cuh)
+    if (win.epoch_slot == kEpochThroughput && rows_aligned(p)) {
+      const int64_t blocks = clamp_blocks(ceil_div(p.num_tokens, kLdgWarps), p.num_sms);
+      combine_ldg_kernel<T, IdxT>
+          <<<static_cast<unsigned>(blocks), kLdgThreads, 0, stream>>>(p, win);
+      return launch_result(cudaGetLastError());
+    }
+  }
   CombineConfig cfg{};
   cudaError_t err = configure_combine<T, IdxT>(p, &cfg);
   if (err != cudaSuccess) return launch_result(err);
   if (!cfg.smem.ok) return smem_refused(cfg.smem);
-  if constexpr (kCombineLdg) {  // the experimental register-load combine (kernel_ldg.cuh)
-    if (win.epoch_slot == kEpochThroughput && cfg.shape.use_tma) {
-      const int64_t blocks = clamp_blocks(ceil_div(p.num_tokens, kCombineWarps), p.num_sms);
-      combine_ldg_kernel<T, IdxT>
-          <<<static_cast<unsigned>(blocks), kCombineThreads, 0, stream>>>(p, win);
-      return launch_result(cudaGetLastError());
-    }
-  }
   err = ensure_dynamic_smem(reinterpret_cast<const void*>(&combine_kernel<T, IdxT>),
                             cfg.smem_bytes);
   if (err != cudaSuccess) return launch_result(err);
