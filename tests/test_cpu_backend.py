@@ -53,11 +53,12 @@ def test_cpu_backend_matches_reference(world):
 
 def _nodes_cases(rank, world, per_node):
     """The cases with the world grouped into nodes: the throughput schedule forwards through
-    each destination node (backends/cpu_hierarchical.py), the low-latency one stays direct."""
+    each destination node (backends/cpu_hierarchical.py) and its combine equals the reference's
+    node order bit for bit; the low-latency one stays direct."""
     errors = []
     for case in _cases(world):
         comm = ts.Communicator(dist.group.WORLD, case.config(ranks_per_node=per_node))
-        errors += testing.run_step(comm, rank, testing.expected(case),
+        errors += testing.run_step(comm, rank, testing.expected(case, ranks_per_node=per_node),
                                    zero_copy=case.seed % 2 == 0)
     return [f"ranks_per_node={per_node}: {e}" for e in errors]
 
@@ -101,6 +102,45 @@ def test_plain_torch_baseline_matches_reference():
         assert testing.close(a, b, torch.float32) is None
 
 
+def _one_token_over_two_nodes(dtype):
+    """A world of 4 ranks, one expert each; rank 0's one token names expert 0 (value 1, weight
+    1), expert 2 (2^-9, weight 1) and expert 1 (2^-7, weight 1/2): slot order interleaves the
+    nodes {0, 1} and {2, 3}. Returns rank 0's y from reference.combine, as a function of its
+    keywords (ranks_per_node)."""
+    outs = [torch.tensor([[1.0]]), torch.tensor([[2.0 ** -7]]), torch.tensor([[2.0 ** -9]]),
+            torch.empty(0, 1)]
+    idx = [torch.tensor([[0, 2, 1]])] + [torch.empty(0, 3, dtype=torch.long)] * 3
+    weights = [torch.tensor([[1.0, 1.0, 0.5]])] + [torch.empty(0, 3)] * 3
+    rows = [torch.zeros(1, 3, dtype=torch.int32)] + [torch.empty(0, 3, dtype=torch.int32)] * 3
+    args = ([o.to(dtype) for o in outs], idx, weights, rows, 4)
+    return lambda **kw: reference.combine(*args, **kw)[0]
+
+
+def test_reference_combine_across_nodes_rounds_each_partial_in_node_order():
+    y = _one_token_over_two_nodes(torch.bfloat16)
+    # flat, slot order: 1 + 2^-9 + 2^-8 = 1 + 0.75 ulp (bf16's ulp at 1 is 2^-7): rounds up
+    flat = y()
+    assert flat.item() == 1.0 + 2.0 ** -7
+    # nodes: node 0's partial 1 + 2^-8 is a tie, rounded to even: 1.0; node 1's is 2^-9;
+    # 1 + 2^-9 = 1 + 0.25 ulp rounds down
+    nodes = y(ranks_per_node=2)
+    assert nodes.dtype == torch.bfloat16 and nodes.item() == 1.0
+    assert not torch.equal(testing._bits(nodes), testing._bits(flat))
+    # one node is the flat sum, exactly; a node per rank here happens to round like the flat sum
+    assert torch.equal(testing._bits(y(ranks_per_node=4)), testing._bits(flat))
+    assert y(ranks_per_node=1).item() == 1.0 + 2.0 ** -7
+    # float32: both orders are exact here, so they agree
+    y32 = _one_token_over_two_nodes(torch.float32)
+    assert y32(ranks_per_node=2).item() == y32().item() == 1.0 + 2.0 ** -8 + 2.0 ** -9
+
+
+@pytest.mark.parametrize("bad", [0, -2, 3, 8, 2.0, True])
+def test_reference_combine_refuses_a_bad_ranks_per_node(bad):
+    y = _one_token_over_two_nodes(torch.bfloat16)
+    with pytest.raises(ValueError, match=rf"ranks_per_node={bad!r}"):
+        y(ranks_per_node=bad)
+
+
 def test_fp8_round_trip():
     x = torch.randn(9, 256) * torch.logspace(-3, 3, 9).unsqueeze(1)
     x[3] = 0
@@ -130,7 +170,8 @@ def _fuzz(rank, world):
         per_node = 1 if case % 2 else None  # every other case across nodes (one rank each)
         comm = ts.Communicator(dist.group.WORLD, c.config(ll_max_tokens_per_rank=0,
                                                           ranks_per_node=per_node))
-        errors += testing.run_step(comm, rank, testing.expected(c), zero_copy=True,
+        errors += testing.run_step(comm, rank, testing.expected(c, ranks_per_node=per_node),
+                                   zero_copy=True,
                                    schedules=("throughput",))
     return errors
 

@@ -85,25 +85,59 @@ def combine(
     topk_weights: Sequence[torch.Tensor],
     token_rows: Sequence[torch.Tensor],
     num_experts: int,
+    *,
+    ranks_per_node: Optional[int] = None,
 ) -> list[torch.Tensor]:
-    """y[n] = sum_k w[n, k] * expert_outs[owner(n, k)][token_rows[n, k]], float32 accumulation,
-    written in expert_outs' dtype; zeros for a token with no valid expert."""
+    """y[n] = sum_k w[n, k] * expert_outs[owner(n, k)][token_rows[n, k]], float32 accumulation
+    in slot order, written in expert_outs' dtype; zeros for a token with no valid expert.
+
+    ranks_per_node < world (several nodes): the throughput schedule's order across nodes. For
+    each node in ascending order, its slots' float32 sum in slot order is rounded to the output
+    dtype (the partial that crosses nodes); y is the float32 sum of the partials in node order,
+    rounded. None or == world: one node, the flat sum above."""
     world = len(expert_outs)
+    per_node = _ranks_per_node(ranks_per_node, world)
     local = num_experts // world
     hidden = expert_outs[0].size(-1)
+    dtype = expert_outs[0].dtype
     outs = [e.cpu().reshape(-1, hidden) for e in expert_outs]
     ys = []
     for src in range(world):
         idx = topk_idxs[src].long().cpu()
         rows = token_rows[src].long().cpu()
         w = topk_weights[src].cpu().float()
-        y = torch.zeros(idx.size(0), hidden, dtype=torch.float32)
-        for k in range(idx.size(1)):  # slot by slot, so the sum runs in slot order
-            for owner in range(world):
-                mask = (idx[:, k] >= 0) & (idx[:, k] // local == owner)
-                y[mask] += w[mask, k, None] * outs[owner][rows[mask, k]].float()
-        ys.append(y.to(expert_outs[0].dtype))
+        if per_node == world:
+            y = _slot_sum(idx, rows, w, outs, range(world), local)
+        else:
+            y = torch.zeros(idx.size(0), hidden, dtype=torch.float32)
+            for first in range(0, world, per_node):  # node by node, so in node order
+                partial = _slot_sum(idx, rows, w, outs, range(first, first + per_node), local)
+                # A token with no slot on this node adds +0.0, which leaves y's bits as they are
+                # (y starts at +0.0, so it is never -0.0).
+                y += partial.to(dtype).float()
+        ys.append(y.to(dtype))
     return ys
+
+
+def _ranks_per_node(ranks_per_node: Optional[int], world: int) -> int:
+    if ranks_per_node is None:
+        return world
+    if (not isinstance(ranks_per_node, int) or isinstance(ranks_per_node, bool)
+            or ranks_per_node <= 0 or world % ranks_per_node != 0):
+        raise ValueError(f"ranks_per_node must be a positive int dividing the world size "
+                         f"{world}, got ranks_per_node={ranks_per_node!r}")
+    return ranks_per_node
+
+
+def _slot_sum(idx, rows, w, outs, owners, local) -> torch.Tensor:
+    """[N, hidden] float32: per token, the sum from 0 of w[n, k] * outs[owner][rows[n, k]] over
+    its valid slots owned by one of owners, in slot order."""
+    y = torch.zeros(idx.size(0), outs[0].size(1), dtype=torch.float32)
+    for k in range(idx.size(1)):  # slot by slot, so the sum runs in slot order
+        for owner in owners:
+            mask = (idx[:, k] >= 0) & (idx[:, k] // local == owner)
+            y[mask] += w[mask, k, None] * outs[owner][rows[mask, k]].float()
+    return y
 
 
 def low_latency_dispatch(

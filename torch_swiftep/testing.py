@@ -10,7 +10,9 @@ the whole-world reference without any extra communication:
     errors = testing.run_step(comm, rank, exp, zero_copy=True)   # [] when everything matches
 
 A step dispatches the rank's tokens, runs the fake expert on the received rows and combines;
-dispatch must match the reference bit for bit, combine within `close`'s tolerance.
+dispatch must match the reference bit for bit, combine within `close`'s tolerance. Across nodes
+(`expected(case, ranks_per_node=P)`, P < world, for a CPU world of CommConfig(ranks_per_node=P))
+the throughput combine must match the reference's node order bit for bit too.
 """
 from __future__ import annotations
 
@@ -144,7 +146,9 @@ class Expected:
 
     sent_xs / sent_scales: the bytes dispatch moves (x as given, or x quantized by the torch
     recipe, which the quantizing kernels must reproduce exactly). y: per rank, the reference
-    combine of the fake expert's outputs, the target of both schedules' combine."""
+    combine of the fake expert's outputs, the target of both schedules' combine within `close`.
+    y_nodes: per rank, the reference combine across nodes (expected's ranks_per_node), which
+    replaces y for the throughput schedule, bit for bit; None on one node."""
 
     case: Case
     inputs: WorldInputs
@@ -153,6 +157,7 @@ class Expected:
     dispatch: list  # per rank: reference.RefDispatch
     token_rows: list  # per rank: [N, K] int32
     y: list
+    y_nodes: Optional[list] = None
     _low_latency: dict = field(default_factory=dict, repr=False)
 
     def low_latency(self, ll_tokens: int) -> tuple[list, list]:
@@ -174,9 +179,11 @@ class Expected:
                      for t in tensors)
 
 
-def expected(case: Case) -> Expected:
+def expected(case: Case, ranks_per_node: Optional[int] = None) -> Expected:
     """The case's inputs, the reference dispatch and the reference combine of the fake
-    expert's outputs (the low-latency reference comes on demand: Expected.low_latency)."""
+    expert's outputs (the low-latency reference comes on demand: Expected.low_latency).
+    ranks_per_node: the nodes the throughput combine runs across (CPU backend; the
+    low-latency schedule stays flat), which also gives Expected.y_nodes when < world."""
     inp = case.inputs()
     sent_xs, sent_scales = inp.xs, inp.x_scales
     if case.fused:
@@ -186,7 +193,11 @@ def expected(case: Case) -> Expected:
                                    sent_scales)
     outs = [fake_expert(r.recv_x, r.expert_offsets, case.out_dtype, r.recv_scales) for r in ref]
     y = reference.combine(outs, inp.topk_idx, inp.topk_weights, rows, case.experts)
-    return Expected(case, inp, sent_xs, sent_scales, ref, rows, y)
+    y_nodes = None
+    if ranks_per_node not in (None, case.world):  # several nodes (reference checks the value)
+        y_nodes = reference.combine(outs, inp.topk_idx, inp.topk_weights, rows, case.experts,
+                                    ranks_per_node=ranks_per_node)
+    return Expected(case, inp, sent_xs, sent_scales, ref, rows, y, y_nodes)
 
 
 def run_step(comm, rank: int, exp: Expected, *, zero_copy: bool,
@@ -215,16 +226,18 @@ def run_step(comm, rank: int, exp: Expected, *, zero_copy: bool,
 
 def check_step(rank: int, exp: Expected, handle, y: torch.Tensor) -> list[str]:
     """One rank's dispatch result (either schedule) bit for bit, and its combine output y (of
-    the fake expert's outputs) within `close`, against the reference."""
+    the fake expert's outputs) within `close`, against the reference (across nodes, the
+    throughput combine bit for bit: Expected.y_nodes)."""
     if isinstance(handle, LowLatencyDispatchResult):
         ll_tokens = handle.recv_x.size(1) // exp.case.world
         ref, ref_rows = exp.low_latency(ll_tokens)
         errors = compare_low_latency(rank, handle, ref[rank], ref_rows[rank])
-        op = "low_latency_combine"
+        op, msg = "low_latency_combine", close(y, exp.y[rank], exp.case.out_dtype)
     else:
         errors = compare_dispatch(rank, handle, exp.dispatch[rank], exp.token_rows[rank])
         op = "combine"
-    msg = close(y, exp.y[rank], exp.case.out_dtype)
+        msg = (close(y, exp.y[rank], exp.case.out_dtype) if exp.y_nodes is None
+               else same_bits(y, exp.y_nodes[rank]))
     if msg:
         errors.append(f"rank {rank}: {op} {msg}")
     return errors
@@ -278,11 +291,9 @@ def compare_dispatch(rank: int, got, ref: reference.RefDispatch, ref_token_rows)
         ("token_rows", got.token_rows, ref_token_rows),
     ) + ((("recv_scales", got.recv_scales[:rows], ref.recv_scales),)
          if ref.recv_scales is not None else ()):
-        a = a.cpu()
-        if a.dtype != b.dtype or not torch.equal(_bits(a), _bits(b)):
-            bad = (_bits(a) != _bits(b)).nonzero()[:3].tolist() if a.shape == b.shape else "shape"
-            errors.append(f"rank {rank}: {name} differs from the reference (first at {bad}; "
-                          f"shapes {tuple(a.shape)} vs {tuple(b.shape)})")
+        msg = same_bits(a, b)
+        if msg:
+            errors.append(f"rank {rank}: {name} differs from the reference ({msg})")
     return errors
 
 
@@ -316,6 +327,18 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> Optional[str]
     scale = b.abs().max().item() if b.numel() else 0.0
     if err > tol * max(scale, 1.0):
         return f"max abs error {err:.3g} > {tol} * max(|ref|={scale:.3g}, 1)"
+    return None
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
+    """None if a (any device) equals b bit for bit (dtype, shape and every bit), else a
+    message."""
+    a = a.cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return f"{a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    bad = (_bits(a) != _bits(b)).nonzero()
+    if bad.numel():
+        return f"{bad.size(0)} elements differ bit for bit, first at {bad[:3].tolist()}"
     return None
 
 

@@ -10,10 +10,12 @@ row on to each owner in its node (one load, several stores on a GPU). Rows land 
 schedule puts them: the layout is the same pure function of the routing.
 
 Combine mirrors it: each owner sends its rows' outputs to the forwarder on its node that serves
-their source, the forwarder reduces a token's slots on that node in float32 (with the weights the
-source sends at combine time), and one partial row per (token, node) crosses back; the source
-adds its nodes' partials in float32. The sum is regrouped by node, so it equals the reference's
-slot-order sum to float32 rounding, not bit for bit.
+their source, the forwarder reduces a token's slots on that node in float32 in slot order (with
+the weights the source sends at combine time) and rounds the sum to the output dtype, and that
+one partial row per (token, node) crosses back; the source adds its nodes' partials in float32 in
+node order. The partial crosses in the output dtype, not float32, so a bf16 combine moves half
+the bytes (float32 partials would double them and undo the hierarchy's saving). The result is
+reference.combine(..., ranks_per_node=P) bit for bit: that order is the contract.
 """
 from __future__ import annotations
 
@@ -101,26 +103,34 @@ def combine_exchange(window: torch.Tensor, valid_rows: torch.Tensor, row_sources
                                  world, group)
     out_rows, _ = _exchange(valid_rows[by_forwarder].unsqueeze(1), to_forwarder[by_forwarder],
                             world, group)
-    # C. forwarder: each pair's output, reduced per (source, token) in slot order, in float32
+    # C. forwarder: each pair's output, reduced per (source, token) in slot order, in float32,
+    # then rounded to the output dtype: the partial crosses nodes in that dtype
     keys, positions = torch.sort(out_owners * span_rows + out_rows[:, 0])
     found = positions[torch.searchsorted(keys, pairs[:, 4] * span_rows + pairs[:, 3])]
     span_tokens = int(pairs[:, 0].max()) + 1 if pairs.numel() else 1
-    span_slots = int(pairs[:, 1].max()) + 1 if pairs.numel() else 1
-    slot_order = torch.argsort((pair_sources * span_tokens + pairs[:, 0]) * span_slots
-                               + pairs[:, 1], stable=True)
     group_keys, group_of = torch.unique(pair_sources * span_tokens + pairs[:, 0],
                                         return_inverse=True)
     weights = pairs[:, 2].to(torch.int32).view(torch.float32).unsqueeze(1)
-    partial = torch.zeros(group_keys.numel(), window.size(1), dtype=torch.float32)
-    partial.index_add_(0, group_of[slot_order],
-                       outs[found[slot_order]].float() * weights[slot_order])
+    partial = _in_order(group_keys.numel(), group_of, pairs[:, 1], outs[found].float() * weights)
     # D. forwarder -> sources (across nodes): one partial row per (token, node)
-    back, _ = _exchange(partial, group_keys // span_tokens, world, group)
+    back, forwarders = _exchange(partial.to(window.dtype), group_keys // span_tokens, world,
+                                 group)
     back_tokens, _ = _exchange((group_keys % span_tokens).unsqueeze(1), group_keys // span_tokens,
                                world, group)
-    y = torch.zeros(idx.size(0), window.size(1), dtype=torch.float32)
-    y.index_add_(0, back_tokens[:, 0], back)  # partials arrive in node order
-    return y
+    # Arrivals are grouped by forwarder, and forwarder(n) grows with n: so by node, ascending.
+    return _in_order(idx.size(0), back_tokens[:, 0], forwarders, back.float())
+
+
+def _in_order(num_out: int, out_index: torch.Tensor, step: torch.Tensor,
+              values: torch.Tensor) -> torch.Tensor:
+    """[num_out, hidden] float32: out[i] = the sum from 0 of values[j] with out_index[j] == i,
+    in ascending step[j] (each (out_index, step) at most once). One index_add_ per step, each
+    with distinct indices, so the order is exact whatever index_add_'s own order is."""
+    out = torch.zeros(num_out, values.size(1), dtype=torch.float32)
+    for s in torch.unique(step).tolist():
+        this = step == s
+        out.index_add_(0, out_index[this], values[this])
+    return out
 
 
 def cross_node_rows(topk_idx_per_rank, num_experts: int, ranks_per_node: int) -> dict:
