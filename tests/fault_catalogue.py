@@ -221,6 +221,10 @@ MULTI_RANK_FAULTS = [
     Fault("a rank killed (SIGKILL) between calls, timeout_s=2: the survivors",
           ts.BrokenCommunicatorError, r"rank 2 never arrived at dispatch call 3",
           where="CPU (gloo, 3 ranks)"),
+    Fault("a rank across a node boundary alive but not calling (2 nodes of 2, timeout_s=1.5): "
+          "the waiting ranks, on both nodes", ts.BrokenCommunicatorError,
+          r"rank 3 \(node 1\) never arrived at dispatch call 1 within timeout_s=1.5",
+          where="CPU (gloo, 4 ranks, ranks_per_node=2)"),
 ]
 
 

@@ -93,6 +93,23 @@ def test_a_rank_that_never_calls_is_named_within_the_timeout():
     assert _matches(later0, FAULTS[5]), later0
 
 
+def _late_across_nodes(rank, world):
+    comm = ts.Communicator(dist.group.WORLD, _config(timeout_s=1.5, ranks_per_node=2))
+    x, idx, w = _inputs(rank, world)
+    if rank == 3:
+        time.sleep(3)  # alive, but late for the call
+    observed = _caught(lambda: comm.dispatch(x, idx, w))
+    dist.barrier()  # rank 0 hosts the store: it stays until rank 3 has seen the verdict
+    return observed
+
+
+def test_a_rank_late_across_a_node_boundary_is_named_with_its_node():
+    results = run_world(4, _late_across_nodes, timeout_s=60)
+    for observed in results[:3]:  # rank 2 shares rank 3's node; ranks 0 and 1 do not
+        assert _matches(observed, FAULTS[7]), observed
+        assert 1.5 <= observed[2] < 4, observed[2]
+
+
 def _dead_rank(rank, world):
     comm = ts.Communicator(dist.group.WORLD, _config(timeout_s=2.0, num_experts=12))
     x, idx, w = _inputs(rank, world, experts=12)
@@ -128,6 +145,18 @@ def test_a_device_timeout_adds_what_the_awaited_rank_posted():
     with pytest.raises(ts.SwiftepError, match=r"timed out waiting for rank 1 .*call 7.*; "
                                               r"rank 1 rejected its inputs for dispatch call 3"):
         raise_if_error(status, 0, about_rank=lambda peer: posted if peer == 1 else None)
+
+
+def test_a_device_timeout_across_nodes_names_the_node():
+    """CUDA: the status word names a rank; with several nodes the message adds its node, and
+    with one node it stays as before."""
+    from torch_swiftep.ops.protocol import STATUS
+    from torch_swiftep.status import raise_if_error
+
+    for per_node, named in ((2, r"rank 3 \(node 1\) \(dispatch"), (4, r"rank 3 \(dispatch")):
+        status = torch.tensor([STATUS["timeout"], 3, 0, 7])
+        with pytest.raises(ts.SwiftepError, match=r"timed out waiting for " + named):
+            raise_if_error(status, 0, ranks_per_node=per_node, world=4)
 
 
 def _post_and_read(rank, world):

@@ -39,8 +39,10 @@ GO = "go"  # the verdict when every rank arrived with good inputs
 class Agreement:
     """One communicator's view of the store: rank, world, timeout and a unique key prefix."""
 
-    def __init__(self, group: dist.ProcessGroup, timeout_s: float):
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float,
+                 ranks_per_node: Optional[int] = None):
         self.rank, self.world = group.rank(), group.size()
+        self.ranks_per_node = ranks_per_node  # names each rank's node when there are several
         self.group_ranks = dist.get_process_group_ranks(group)
         self.timeout_s = timeout_s
         self.store = dist.distributed_c10d._get_default_store()
@@ -52,9 +54,14 @@ class Agreement:
         return "/".join([self.prefix, *map(str, parts)])
 
     def _ranks_text(self, ranks) -> str:
-        """Group ranks, with the global rank where it differs (a subgroup)."""
-        names = [str(r) if self.group_ranks[r] == r else f"{r} (global {self.group_ranks[r]})"
-                 for r in ranks]
+        """Group ranks, with the global rank where it differs (a subgroup) and the node where
+        the world has several."""
+        several_nodes = bool(self.ranks_per_node) and self.ranks_per_node < self.world
+        names = []
+        for r in ranks:
+            notes = [f"global {self.group_ranks[r]}"] if self.group_ranks[r] != r else []
+            notes += [f"node {r // self.ranks_per_node}"] if several_nodes else []
+            names.append(f"{r} ({', '.join(notes)})" if notes else str(r))
         return ("rank " if len(names) == 1 else "ranks ") + ", ".join(names)
 
     def _store_op(self, what: str, fn, *args):

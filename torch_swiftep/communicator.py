@@ -122,7 +122,7 @@ class Communicator:
         plan = Plan.build(config, rank, world)
         agreement = None
         if world > 1:  # every rank built the same configuration, before anything is allocated
-            agreement = Agreement(group, config.timeout_s)
+            agreement = Agreement(group, config.timeout_s, config.ranks_per_node)
             agreement.check_same_config(config_fingerprint(config, device))
         host_status, symm = None, None
         if device.type == "cuda" and world > 1:
@@ -358,7 +358,8 @@ class Communicator:
                                           f"({self._broken}); build a new one")
         about = self._agreement.rejection_of if self._agreement is not None else None
         try:
-            raise_if_error(self._host_status, self.rank, about_rank=about)
+            raise_if_error(self._host_status, self.rank, about_rank=about,
+                           ranks_per_node=self.config.ranks_per_node, world=self.world_size)
         except BrokenCommunicatorError as exc:  # a timeout or a peer's failure: calls disagree
             self._broken = str(exc)
             raise

@@ -31,25 +31,37 @@ REBUILD = ("this communicator must be rebuilt (over the ranks that remain: "
 BREAKING_CODES = (STATUS["timeout"], STATUS["peer_failed"])
 
 
-def describe(status: list[int], rank: int) -> tuple[type, str] | None:
-    """(exception class, message) of a status record, or None when it reports no error."""
+def rank_name(rank: int, ranks_per_node: int | None = None, world: int | None = None) -> str:
+    """"rank 3", or "rank 3 (node 1)" when the world is grouped into several nodes, so an error
+    about a rank across a node boundary says which node to look at."""
+    if ranks_per_node and world and ranks_per_node < world:
+        return f"rank {rank} (node {rank // ranks_per_node})"
+    return f"rank {rank}"
+
+
+def describe(status: list[int], rank: int, ranks_per_node: int | None = None,
+             world: int | None = None) -> tuple[type, str] | None:
+    """(exception class, message) of a status record, or None when it reports no error.
+    ranks_per_node and world (when the world has several nodes) add the node of the rank the
+    record names."""
     code, a0, a1, a2 = (int(v) for v in status[:4])
+    peer = rank_name(a0, ranks_per_node, world)
     if code == STATUS["ok"]:
         return None
     if code == STATUS["capacity"]:
         return SwiftepError, (
-            f"rank {rank}: capacity overflow: rank {a0} would receive {a1} rows, more than "
+            f"rank {rank}: capacity overflow: {peer} would receive {a1} rows, more than "
             f"capacity={a2}; no row past the window was written. Build the Communicator with "
             "a larger capacity")
     if code == STATUS["timeout"]:
         what = WAIT_NAMES[a1] if 0 <= a1 < len(WAIT_NAMES) else f"wait #{a1}"
         return SwiftepError, (
-            f"rank {rank}: timed out waiting for rank {a0} ({what}, call {a2}): that rank "
+            f"rank {rank}: timed out waiting for {peer} ({what}, call {a2}): that rank "
             "never arrived within timeout_s; results of this call are invalid")
     if code == STATUS["peer_failed"]:
         what = WAIT_NAMES[a1] if 0 <= a1 < len(WAIT_NAMES) else f"wait #{a1}"
         return BrokenCommunicatorError, (
-            f"rank {rank}: rank {a0} failed a call, so this rank's {what} wait (call {a2}) gave "
+            f"rank {rank}: {peer} failed a call, so this rank's {what} wait (call {a2}) gave "
             "up at once; results of this call are invalid")
     if code == STATUS["bad_index"]:
         return SwiftepIndexError, (
@@ -59,11 +71,12 @@ def describe(status: list[int], rank: int) -> tuple[type, str] | None:
 
 
 def raise_if_error(host_status: torch.Tensor, rank: int, clear: bool = True,
-                   about_rank=None) -> None:
+                   about_rank=None, ranks_per_node: int | None = None,
+                   world: int | None = None) -> None:
     """Raise the error the status record reports, if any. about_rank(peer) may add what is
     known of the rank a timeout waited for (e.g. that it rejected its inputs)."""
     status = host_status.tolist()
-    found = describe(status, rank)
+    found = describe(status, rank, ranks_per_node, world)
     if found is None:
         return
     if clear:
