@@ -12,6 +12,7 @@ as ``torch_swiftep.ops``), so each is loaded once.
 """
 from . import (
     combine,
+    combine_symmetric,
     dispatch,
     dispatch_layout,
     low_latency_combine,
@@ -24,6 +25,7 @@ CONTRACTS: tuple[OpContract, ...] = (
     dispatch_layout.CONTRACT,
     dispatch.CONTRACT,
     combine.CONTRACT,
+    combine_symmetric.CONTRACT,
     low_latency_dispatch.CONTRACT,
     low_latency_combine.CONTRACT,
 )

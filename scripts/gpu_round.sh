@@ -62,7 +62,8 @@ if has build; then
 fi
 if has tests; then
   run tests python3 -m pytest -q -p no:cacheprovider -rs --durations=15 tests/test_gpu.py \
-    tests/test_gpu_failures.py tests/test_gpu_pipeline.py ${PYTEST_ARGS:-}
+    tests/test_gpu_failures.py tests/test_gpu_pipeline.py tests/test_gpu_symmetric.py \
+    ${PYTEST_ARGS:-}
 fi
 if has nvshmem; then
   run nvshmem python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_nvshmem_link.py

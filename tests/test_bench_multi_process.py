@@ -78,13 +78,18 @@ def test_chain_slope_cancels_the_start_skew():
 
 
 def test_per_rank_ops_and_the_slowest_rank():
-    ranks = [per_rank_ops(dict(dispatch=2.0, pair=7.0, pair_own=9.5, pair_copy=7.5)),
-             per_rank_ops(dict(dispatch=2.5, pair=7.0, pair_own=9.0, pair_copy=8.5))]
+    ranks = [per_rank_ops(dict(dispatch=2.0, pair=7.0, pair_own=9.5, pair_copy=7.5,
+                               pair_sym=7.25)),
+             per_rank_ops(dict(dispatch=2.5, pair=7.0, pair_own=9.0, pair_copy=8.5,
+                               pair_sym=7.0))]
     assert ranks[0] == {"dispatch": 2.0, "combine": 5.0, "combine, own tensor": 7.5,
-                        "combine, torch copy": 5.5, "step, own tensor": 9.5}
+                        "combine, torch copy": 5.5, "combine, symmetric pool": 5.25,
+                        "step, own tensor": 9.5, "step, symmetric pool": 7.25}
+    assert set(ranks[0]) == set(multi_process.OPS) == set(multi_process.PEER_OP)
     # per op the slowest rank, each op on its own
     assert slowest(ranks) == {"dispatch": 2.5, "combine": 5.0, "combine, own tensor": 7.5,
-                              "combine, torch copy": 6.0, "step, own tensor": 9.5}
+                              "combine, torch copy": 6.0, "combine, symmetric pool": 5.25,
+                              "step, own tensor": 9.5, "step, symmetric pool": 7.25}
 
 
 def test_ceiling_fraction_counts_read_and_write():
@@ -96,9 +101,11 @@ def test_ceiling_fraction_counts_read_and_write():
 
 def _records(peers):
     swiftep = {4: {"dispatch": 2.0, "combine": 4.0, "combine, own tensor": 8.0,
-                   "combine, torch copy": 5.0, "step, own tensor": 10.0},
+                   "combine, torch copy": 5.0, "combine, symmetric pool": 4.8,
+                   "step, own tensor": 10.0, "step, symmetric pool": 6.0},
                8: {"dispatch": 1.0, "combine": 2.0, "combine, own tensor": 4.0,
-                   "combine, torch copy": 2.5, "step, own tensor": 5.0}}
+                   "combine, torch copy": 2.5, "combine, symmetric pool": 2.4,
+                   "step, own tensor": 5.0, "step, symmetric pool": 3.0}}
     world_bytes = dict(pairs_per_rank=1000.0, dispatch=4e9, combine=6e9)
     return build_records(swiftep, world_bytes, {32: 1000.0}, 8, 500, peers)
 
@@ -106,24 +113,30 @@ def _records(peers):
 def test_records_arithmetic():
     deepep = {"status": "ran", "by_sms": {4: {"dispatch": 3.0, "combine": 6.0, "step": 9.0}}}
     records = _records({"deepep": deepep})
-    assert [(r["op"], r["sms_per_rank"]) for r in records][:5] == [
+    assert [(r["op"], r["sms_per_rank"]) for r in records][:7] == [
         ("dispatch", 4), ("combine", 4), ("combine, own tensor", 4), ("combine, torch copy", 4),
-        ("step, own tensor", 4)]
-    d4, c4, own4, copy4, step4 = records[:5]
+        ("combine, symmetric pool", 4), ("step, own tensor", 4), ("step, symmetric pool", 4)]
+    d4, c4, own4, copy4, sym4, step4, step_sym4 = records[:7]
+    at8 = records[7]
+    assert (at8["op"], at8["sms_per_rank"]) == ("dispatch", 8)
     # algbw: 1000 pairs x 500 channels x 2 bytes = 1 MB per rank; in 2 ms: 0.5 GB/s
     assert d4["algbw_gbps"] == pytest.approx(0.5)
     assert step4["algbw_gbps"] == pytest.approx(2 * 1e6 / 10e-3 / 1e9)  # both directions
     assert d4["sms_total"] == 32 and d4["least_bytes"] == 4e9
     assert d4["ceiling_fraction"] == pytest.approx(4e9 / 2e-3 / 1e9 / 2000)
-    assert step4["least_bytes"] == 10e9
-    assert records[5]["ceiling_fraction"] is None  # no ceiling at 64 SMs
+    assert step4["least_bytes"] == step_sym4["least_bytes"] == 10e9
+    assert sym4["least_bytes"] == c4["least_bytes"] == 6e9  # a combine's bytes, as DeepEP's
+    assert step_sym4["algbw_gbps"] == pytest.approx(2 * 1e6 / 6e-3 / 1e9)
+    assert at8["ceiling_fraction"] is None  # no ceiling at 64 SMs
     # each op beside the peer's figure of the same kind, as peer ms / swiftep ms
     assert d4["peers"]["deepep"] == dict(ms=3.0, speedup=1.5)
     assert c4["peers"]["deepep"]["speedup"] == pytest.approx(1.5)
     assert own4["peers"]["deepep"]["speedup"] == pytest.approx(0.75)
     assert copy4["peers"]["deepep"]["speedup"] == pytest.approx(1.2)
     assert step4["peers"]["deepep"]["speedup"] == pytest.approx(0.9)
-    assert records[5]["peers"] == {}  # DeepEP has no 8-SM figure
+    assert sym4["peers"]["deepep"]["speedup"] == pytest.approx(1.25)  # vs DeepEP's combine
+    assert step_sym4["peers"]["deepep"]["speedup"] == pytest.approx(1.5)  # vs DeepEP's step
+    assert at8["peers"] == {}  # DeepEP has no 8-SM figure
 
 
 def test_report_table_and_peer_lines():
@@ -153,7 +166,8 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
 
     def rank(d, pair, own, pairs):
         slopes = {name: {"slope_ms": v} for name, v in
-                  (("dispatch", d), ("pair", pair), ("pair_own", own), ("pair_copy", pair + 1))}
+                  (("dispatch", d), ("pair", pair), ("pair_own", own), ("pair_copy", pair + 1),
+                   ("pair_sym", pair + 0.5))}
         routing = RoutingBytes(token_rank_pairs=pairs, rows=2 * pairs, tokens_sent=pairs // 2,
                                num_tokens=pairs // 2)
         return dict(errors=[], routing=routing.__dict__, slopes={4: slopes})
@@ -165,7 +179,8 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
     by_sms, extra, errors = multi_process._swiftep_world(shape, [4], args)
     assert errors == []
     assert by_sms[4] == {"dispatch": 2.2, "combine": 4.0, "combine, own tensor": 7.0,
-                         "combine, torch copy": 5.0, "step, own tensor": 9.0}
+                         "combine, torch copy": 5.0, "combine, symmetric pool": 4.5,
+                         "step, own tensor": 9.0, "step, symmetric pool": 6.5}
     row = 10 * 2
     assert extra["world_bytes"] == dict(pairs_per_rank=200.0,
                                         dispatch=(50 + 200 + 150 + 600) * row,
@@ -273,7 +288,7 @@ def _gpu(test):
 @pytest.mark.slow
 def test_gpu_run_writes_json(tmp_path):
     """A tiny world (without MPS the two processes take turns: correct, slow, times
-    meaningless); both combine modes checked, every op timed."""
+    meaningless); every combine mode checked (the symmetric pool's too), every op timed."""
     code = main(["--world", "2", "--tokens", "64", "--hidden", "256", "--topk", "2",
                  "--experts", "8", "--sms", "2", "--repeats", "2", "--check-tokens", "16",
                  "--peers", "none", "--out", str(tmp_path)])

@@ -48,6 +48,7 @@ class Agreement:
         self.store = dist.distributed_c10d._get_default_store()
         self.prefix = f"swiftep/{group.group_name}/{next(_INSTANCES[group.group_name])}"
         self.broken: Optional[str] = None
+        self._arrivals = itertools.count(1)  # arrive() calls so far, the same on every rank
 
     # --------------------------------------------------------------------------- helpers
     def _key(self, *parts) -> str:
@@ -126,18 +127,32 @@ class Agreement:
         once (compare-and-set): "go" by the last rank to arrive, a rejection by a rank whose
         inputs failed their checks, or "gave up" by a rank whose wait ran out. Every rank acts
         on the same verdict, so no rank enters the exchange alone."""
+        self._agree(("call", call), f"{op} call {call}", error)
+
+    def arrive(self, what: str, error: Optional[BaseException] = None) -> None:
+        """A bounded rendezvous outside the call protocol (before a collective of torch's, such
+        as the symmetric-memory rendezvous of combine(symmetric=True)): returns once every rank
+        has arrived at its n-th arrive() with good inputs. A rank that rejected its inputs
+        (error) makes the others raise SwiftepError naming it and its reason; a rank that never
+        arrives (it took another path) is named after timeout_s (BrokenCommunicatorError).
+        The caller raises its own error. Ranks must arrive in the same order, as for any
+        collective; `what` names the rendezvous in the messages."""
+        self._agree(("arrive", next(self._arrivals)), what, error)
+
+    def _agree(self, slot: tuple, what: str, error: Optional[BaseException]) -> None:
+        """The verdict protocol of one rendezvous, keyed by slot = (kind, n), n counting up
+        from 1 on every rank."""
         if self.broken is not None:
             raise BrokenCommunicatorError(f"rank {self.rank}: this communicator is broken "
                                           f"({self.broken}); build a new one")
-        what = f"{op} call {call}"
-        verdict_key = self._key("call", call, "verdict")
+        verdict_key = self._key(*slot, "verdict")
         if error is not None:
             reason = f"rank {self.rank} rejected its inputs ({type(error).__name__}: {error})"
             self._store_op(what, self.store.compare_set, verdict_key, "", reason)
             return  # the caller raises its own error
-        keys = [self._key("call", call, r) for r in range(self.world)]
-        self._store_op(what, self.store.set, keys[self.rank], op)  # names the missing on timeout
-        arrived = self._store_op(what, self.store.add, self._key("call", call, "count"), 1)
+        keys = [self._key(*slot, r) for r in range(self.world)]
+        self._store_op(what, self.store.set, keys[self.rank], what)  # names the missing later
+        arrived = self._store_op(what, self.store.add, self._key(*slot, "count"), 1)
         if arrived == self.world:
             self._store_op(what, self.store.compare_set, verdict_key, "", GO)
 
@@ -155,10 +170,11 @@ class Agreement:
             if GAVE_UP in verdict:
                 raise self._broken(f"{what}: {verdict}")
             raise SwiftepError(f"rank {self.rank}: {what}: {verdict}")
-        if call >= 3:  # everyone read call - 2's verdict before arriving at call - 1
-            old = [self._key("call", call - 2, self.rank)]
+        kind, n = slot
+        if n >= 3:  # everyone read n - 2's verdict before arriving at n - 1
+            old = [self._key(kind, n - 2, self.rank)]
             if self.rank == 0:
-                old += [self._key("call", call - 2, name) for name in ("count", "verdict")]
+                old += [self._key(kind, n - 2, name) for name in ("count", "verdict")]
             for key in old:
                 self._store_op(what, self.store.delete_key, key)
 

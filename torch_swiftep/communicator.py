@@ -14,6 +14,7 @@ from .ops._checks import check_low_latency_windows
 from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE, plan_value
 from .plan import WINDOW_UNDER_COMPILE, CommConfig, Plan, ctrl_region, typed_region
 from .status import BrokenCommunicatorError, SwiftepError, raise_if_error
+from .symmetric import RowBaseTables, expert_output_pool, symmetric_workspace
 
 
 class DispatchResult(NamedTuple):
@@ -126,7 +127,7 @@ class Communicator:
             agreement.check_same_config(config_fingerprint(config, device))
         host_status, symm = None, None
         if device.type == "cuda" and world > 1:
-            workspace, peer_ptrs, symm = _symmetric_workspace(plan, group, device)
+            workspace, peer_ptrs, symm = symmetric_workspace(plan, group, device)
         else:
             workspace = torch.zeros(plan.workspace_bytes, dtype=torch.uint8, device=device)
             peer_ptrs = torch.tensor([workspace.data_ptr()] if device.type == "cuda" else [],
@@ -184,6 +185,7 @@ class Communicator:
         self._symm = None
         self._broken: Optional[str] = None  # CUDA: why this communicator must be rebuilt
         self._ledger = CallLedger()
+        self._row_bases = RowBaseTables()  # combine(symmetric=True), by segment
         if workspace.is_cuda:
             # The workspace never moves: compiled graphs (and CUDA graph trees under
             # mode="reduce-overhead") may keep its address instead of copying it in.
@@ -243,16 +245,31 @@ class Communicator:
         return typed_region(self.workspace, self._plan_list, "off_combine_x",
                             dtype or self.config.dtype, (self.plan.capacity, self.config.hidden))
 
+    def expert_output_pool(self):
+        """Context manager for the experts' output of combine(..., symmetric=True), read in
+        place on every rank (no copy): symmetric.expert_output_pool says what it requires."""
+        return expert_output_pool(self.device)
+
     def combine(self, expert_out: torch.Tensor, handle: DispatchResult, *,
-                topk_weights: Optional[torch.Tensor] = None,
-                num_sms: Optional[int] = None) -> torch.Tensor:
+                topk_weights: Optional[torch.Tensor] = None, num_sms: Optional[int] = None,
+                symmetric: bool = False) -> torch.Tensor:
         """y[n] = sum_k w[n, k] * expert_out_owner[row(n, k)] (float32 accumulation), in
         expert_out's dtype. expert_out: [capacity, hidden], row i the output of dispatch row i
-        (use combine_buffer() to skip a copy); topk_weights defaults to the dispatch's."""
+        (use combine_buffer() to skip a copy); topk_weights defaults to the dispatch's.
+        symmetric=True: expert_out was allocated inside expert_output_pool() and is read where
+        it is (swiftep::combine_symmetric); every rank must pass the same `symmetric`, and once
+        it has, this communicator's combines stay symmetric (a plain one is refused)."""
         self._ledger.check_handle(handle, "dispatch")
         weights = handle.topk_weights if topk_weights is None else topk_weights
-        return self._call("combine", expert_out, handle.topk_idx, weights, handle.token_rows,
-                          handle.expert_offsets, *self._state(num_sms))
+        routing = (handle.topk_idx, weights, handle.token_rows, handle.expert_offsets,
+                   *self._state(num_sms))
+        if symmetric is True:
+            return self._call("combine_symmetric", expert_out,
+                              self._row_bases.table(self, expert_out), *routing)
+        if symmetric is not False:
+            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        self._row_bases.refuse_plain(self)
+        return self._call("combine", expert_out, *routing)
 
     # ---------------------------------------------------------------- low-latency path
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
@@ -421,17 +438,6 @@ def _default_device(group) -> torch.device:
             "cuda" not in str(dist.get_backend(group)):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def _symmetric_workspace(plan: Plan, group, device):
-    import torch.distributed._symmetric_memory as symm_mem
-
-    workspace = symm_mem.empty(plan.workspace_bytes, dtype=torch.uint8, device=device)
-    workspace.zero_()
-    handle = symm_mem.rendezvous(workspace, group.group_name)
-    peer_ptrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
-    torch.cuda.synchronize(device)
-    return workspace, peer_ptrs, handle
 
 
 def _attach_host_status(workspace: torch.Tensor, plan: Plan) -> torch.Tensor:

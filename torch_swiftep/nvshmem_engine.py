@@ -10,8 +10,9 @@ It drives libswiftep_nvshmem.so (csrc/nvshmem: engine, transport and their C int
 c_api.cpp) through ctypes. The library is built torch-free, from a source checkout:
 `python3 -m torch_swiftep.nvshmem_engine --build` (nvcc and nvidia-nvshmem-cu13 needed; it runs
 scripts/check_nvshmem_link.sh and keeps the library in torch_swiftep/_nvshmem/). It is found
-through the `library` argument, else SWIFTEP_NVSHMEM_LIB, else that folder. The unique id travels from the group's rank 0
-to the others with one broadcast over the group (gloo is enough); no MPI launcher. Not yet used
+through the `library` argument, else SWIFTEP_NVSHMEM_LIB, else that folder. The unique id
+travels from the group's rank 0 to the others with one broadcast over the group (gloo is
+enough); no MPI launcher. Not yet used
 by Communicator: the hierarchical dispatch and combine kernels that will put over it are the
 next step (docs/design.md, "Scale-out").
 

@@ -1,6 +1,8 @@
-// CUDA implementations of swiftep::combine and swiftep::low_latency_combine (schemas:
-// ops/combine.py, ops/low_latency_combine.py): one kernel over either path's combine window,
-// after the staging copy when expert_out is not that window.
+// CUDA implementations of swiftep::combine, swiftep::low_latency_combine and
+// swiftep::combine_symmetric (schemas: ops/combine.py, ops/low_latency_combine.py,
+// ops/combine_symmetric.py): one kernel over either path's combine window, after the staging
+// copy when expert_out is not that window; combine_symmetric reads every rank's expert_out in
+// place (no staging copy).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -49,13 +51,14 @@ DType check_expert_out(const at::Tensor& expert_out, const CommParams& comm, boo
   return dtype;
 }
 
-// Both combines: checks, the staging copy when expert_out is not the combine window, y.
-// counts: expert_offsets [L + 1] (throughput) or recv_counts [L] (low latency).
-at::Tensor run_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
-                       const at::Tensor& topk_weights, const at::Tensor& token_rows,
-                       const at::Tensor& counts, const at::Tensor& workspace,
-                       const at::Tensor& peer_ptrs, at::IntArrayRef plan, int64_t num_sms,
-                       bool low_latency, const char* op) {
+// Every combine's checks (expert_out, routing, token_rows, counts) and its parameters; y is
+// allocated here, into *y. counts: expert_offsets [L + 1] (throughput) or recv_counts [L] (low
+// latency).
+CombineParams prepare_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
+                              const at::Tensor& topk_weights, const at::Tensor& token_rows,
+                              const at::Tensor& counts, const at::Tensor& workspace,
+                              const at::Tensor& peer_ptrs, at::IntArrayRef plan, int64_t num_sms,
+                              bool low_latency, const char* op, at::Tensor* y) {
   const CommParams comm = check_comm(workspace, peer_ptrs, plan, op);
   SWIFTEP_CHECK(VALUE, !low_latency || comm.ll_max_tokens_per_rank > 0,
                 "the plan has no low-latency windows (ll_max_tokens_per_rank=0)");
@@ -78,24 +81,7 @@ at::Tensor run_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
   SWIFTEP_CHECK(VALUE, counts.dim() == 1 && counts.numel() == counts_len, counts_name,
                 " must be [", counts_len, "], got shape ", counts.sizes());
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t out_row_bytes = expert_out.element_size() * comm.hidden;
-  uint8_t* window =
-      comm.workspace + (low_latency ? comm.off_ll_combine_x : comm.off_combine_x);
-  if (expert_out.data_ptr() != static_cast<void*>(window)) {  // stage it: one local copy
-    CopyRowsParams copy{};
-    copy.dst = window;
-    copy.src = static_cast<const uint8_t*>(expert_out.data_ptr());
-    copy.row_bytes = out_row_bytes;
-    copy.group_rows = low_latency ? comm.ll_rows_per_expert : comm.capacity;
-    copy.num_groups = low_latency ? comm.num_local_experts : 1;
-    // Throughput: the valid rows are [0, expert_offsets[L]); low latency: [0, recv_counts[j]).
-    copy.counts = counts.data_ptr<int32_t>() + (low_latency ? 0 : num_local);
-    copy.num_sms = static_cast<int32_t>(num_sms);
-    check_launch(launch_copy_rows(copy, stream), op);
-  }
-
-  at::Tensor y = at::empty({num_tokens, comm.hidden}, expert_out.options());
+  *y = at::empty({num_tokens, comm.hidden}, expert_out.options());
   CombineParams p{};
   p.comm = comm;
   p.topk_idx = topk_idx.data_ptr();
@@ -106,9 +92,38 @@ at::Tensor run_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
   p.num_topk = static_cast<int32_t>(k);
   p.hidden = comm.hidden;
   p.dtype = dtype;
-  p.out_row_bytes = out_row_bytes;
-  p.y = y.data_ptr();
+  p.out_row_bytes = expert_out.element_size() * comm.hidden;
+  p.y = y->data_ptr();
   p.num_sms = static_cast<int32_t>(num_sms);
+  return p;
+}
+
+// Both combines: checks, the staging copy when expert_out is not the combine window, y.
+at::Tensor run_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
+                       const at::Tensor& topk_weights, const at::Tensor& token_rows,
+                       const at::Tensor& counts, const at::Tensor& workspace,
+                       const at::Tensor& peer_ptrs, at::IntArrayRef plan, int64_t num_sms,
+                       bool low_latency, const char* op) {
+  at::Tensor y;
+  const CombineParams p = prepare_combine(expert_out, topk_idx, topk_weights, token_rows, counts,
+                                          workspace, peer_ptrs, plan, num_sms, low_latency, op,
+                                          &y);
+  const CommParams& comm = p.comm;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  uint8_t* window =
+      comm.workspace + (low_latency ? comm.off_ll_combine_x : comm.off_combine_x);
+  if (expert_out.data_ptr() != static_cast<void*>(window)) {  // stage it: one local copy
+    CopyRowsParams copy{};
+    copy.dst = window;
+    copy.src = static_cast<const uint8_t*>(expert_out.data_ptr());
+    copy.row_bytes = p.out_row_bytes;
+    copy.group_rows = low_latency ? comm.ll_rows_per_expert : comm.capacity;
+    copy.num_groups = low_latency ? comm.num_local_experts : 1;
+    // Throughput: the valid rows are [0, expert_offsets[L]); low latency: [0, recv_counts[j]).
+    copy.counts = counts.data_ptr<int32_t>() + (low_latency ? 0 : comm.num_local_experts);
+    copy.num_sms = static_cast<int32_t>(num_sms);
+    check_launch(launch_copy_rows(copy, stream), op);
+  }
   check_launch(low_latency ? launch_low_latency_combine(p, stream) : launch_combine(p, stream), op,
                &comm);
   return y;
@@ -134,6 +149,40 @@ at::Tensor low_latency_combine_cuda(const at::Tensor& expert_out, const at::Tens
                      peer_ptrs, plan, num_sms, /*low_latency=*/true, "low_latency_combine");
 }
 
+// The throughput combine reading every owner's expert_out in place (torch's symmetric memory
+// pool): row_bases [world_size] int64 holds each rank's row 0 as mapped here. No staging copy;
+// the kernel reads 16-byte vectors, so expert_out's rows and address must be 16-byte aligned.
+at::Tensor combine_symmetric_cuda(const at::Tensor& expert_out, const at::Tensor& row_bases,
+                                  const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                                  const at::Tensor& token_rows, const at::Tensor& expert_offsets,
+                                  const at::Tensor& workspace, const at::Tensor& peer_ptrs,
+                                  c10::string_view group_name, at::IntArrayRef plan,
+                                  int64_t num_sms) {
+  c10::cuda::CUDAGuard guard(workspace.device());
+  const char* op = "combine_symmetric";
+  at::Tensor y;
+  const CombineParams p = prepare_combine(expert_out, topk_idx, topk_weights, token_rows,
+                                          expert_offsets, workspace, peer_ptrs, plan, num_sms,
+                                          /*low_latency=*/false, op, &y);
+  const int64_t world = p.comm.world_size;
+  check_cuda(row_bases, op, "row_bases", workspace.device());
+  SWIFTEP_CHECK(TYPE, row_bases.scalar_type() == at::kLong, "row_bases must be int64, got ",
+                row_bases.scalar_type());
+  SWIFTEP_CHECK(VALUE, row_bases.dim() == 1 && row_bases.numel() == world,
+                "row_bases must be [world_size=", world, "], got shape ", row_bases.sizes());
+  SWIFTEP_CHECK(VALUE, p.out_row_bytes % 16 == 0,
+                "expert_out's rows must be a multiple of 16 bytes (the kernel reads 16-byte "
+                "vectors), got ", p.out_row_bytes, " bytes (hidden=", p.hidden, ", ",
+                expert_out.scalar_type(), ")");
+  SWIFTEP_CHECK(VALUE, reinterpret_cast<uintptr_t>(expert_out.data_ptr()) % 16 == 0,
+                "expert_out must be 16-byte aligned (the kernel reads 16-byte vectors), got "
+                "address ", expert_out.data_ptr());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(launch_combine_from_table(p, row_bases.data_ptr<int64_t>(), stream), op,
+               &p.comm);
+  return y;
+}
+
 }  // namespace
 }  // namespace binding
 }  // namespace swiftep
@@ -141,4 +190,5 @@ at::Tensor low_latency_combine_cuda(const at::Tensor& expert_out, const at::Tens
 TORCH_LIBRARY_IMPL(swiftep, CUDA, m) {
   m.impl("combine", &swiftep::binding::combine_cuda);
   m.impl("low_latency_combine", &swiftep::binding::low_latency_combine_cuda);
+  m.impl("combine_symmetric", &swiftep::binding::combine_symmetric_cuda);
 }

@@ -258,6 +258,13 @@ def combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, work
                     group_name, plan, False)
 
 
+def combine_symmetric(expert_out, row_bases, topk_idx, topk_weights, token_rows, expert_offsets,
+                      workspace, peer_ptrs, group_name, plan, num_sms):
+    # Peers' addresses mean nothing to gloo: row_bases is ignored, the exchange is combine's.
+    return combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, workspace,
+                   peer_ptrs, group_name, plan, num_sms)
+
+
 def low_latency_dispatch(x, x_scales, topk_idx, topk_weights, workspace, peer_ptrs, group_name,
                          plan, num_sms, quantize_fp8=False):
     x, x_scales = _quantized(x, x_scales, quantize_fp8)

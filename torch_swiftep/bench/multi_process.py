@@ -9,14 +9,17 @@ Per SM budget, the calls as users make them: dispatch; combine zero-copy (the ex
 into comm.combine_buffer()); combine from the experts' own tensor (allocated as a grouped GEMM's
 output: combine stages it with its SMs); combine after a torch copy of that tensor into the
 window (the copy over the whole GPU, as ExpertParallelMoE does outside torch.compile; the copy
-is counted in the combine); the step (dispatch + combine from the experts' own tensor).
+is counted in the combine); combine from a tensor allocated in comm.expert_output_pool() (torch's
+symmetric memory pool: combine(symmetric=True) reads it in place on every owner, no staging);
+the step (dispatch + combine) from the experts' own tensor and from the pool's.
 
 Timing is aligned on the device, not by a host barrier: each rank captures chains of SHORT and
 LONG back-to-back calls in CUDA graphs, replays each after a host barrier, times it with CUDA
 events and takes the slope (t_long - t_short) / (LONG - SHORT): every call waits for every peer
 on the device, so the start skew cancels. Median of --repeats replays, the slowest rank;
-combine = (dispatch + combine chain) - (dispatch chain). Before timing, every rank checks both
-combine modes at every budget at --check-tokens against testing's reference.
+combine = (dispatch + combine chain) - (dispatch chain). Before timing, every rank checks every
+combine mode at every budget at --check-tokens against testing's reference (the symmetric pool's
+result also bit for bit against the plain combine's of the same tensor).
 
 Ceiling: the library's bulk copy at the same total SM count (copy_ceiling.py), measured before
 the ranks start; each op's least bytes (read + write, metrics.py) per second is quoted as a
@@ -39,10 +42,12 @@ from .rank_timing import LONG, REPEATS, SHORT, agree, capture_chains, measure_ch
 # Ranks as processes on one GPU (tests/gpu_world.py's environment): multicast off.
 ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", **NO_MULTICAST_ENV,
        "CUDA_MODULE_LOADING": "LAZY"}
-OPS = ("dispatch", "combine", "combine, own tensor", "combine, torch copy", "step, own tensor")
+OPS = ("dispatch", "combine", "combine, own tensor", "combine, torch copy",
+       "combine, symmetric pool", "step, own tensor", "step, symmetric pool")
 PEER_OP = {"dispatch": "dispatch", "combine": "combine", "combine, own tensor": "combine",
-           "combine, torch copy": "combine",
-           "step, own tensor": "step"}  # the peer figure each swiftep op is compared with
+           "combine, torch copy": "combine", "combine, symmetric pool": "combine",
+           "step, own tensor": "step",
+           "step, symmetric pool": "step"}  # the peer figure each swiftep op is compared with
 PEERS = ("deepep", "torch")
 HEADERS = ["op", "SMs/rank", "SMs total", "ms", "algbw GB/s/rank", "of ceiling", "DeepEP ms",
            "vs DeepEP"]
@@ -52,11 +57,14 @@ HEADERS = ["op", "SMs/rank", "SMs total", "ms", "algbw GB/s/rank", "of ceiling",
 def per_rank_ops(slopes: dict) -> dict:
     """One rank's ms per call of each op from its chain slopes (dispatch; pair: dispatch +
     zero-copy combine; pair_own: dispatch + combine from the experts' own tensor; pair_copy:
-    dispatch + a torch copy of that tensor into the window + zero-copy combine)."""
+    dispatch + a torch copy of that tensor into the window + zero-copy combine; pair_sym:
+    dispatch + combine(symmetric=True) of a tensor from the symmetric memory pool)."""
     d = slopes["dispatch"]
     return {"dispatch": d, "combine": slopes["pair"] - d,
             "combine, own tensor": slopes["pair_own"] - d,
-            "combine, torch copy": slopes["pair_copy"] - d, "step, own tensor": slopes["pair_own"]}
+            "combine, torch copy": slopes["pair_copy"] - d,
+            "combine, symmetric pool": slopes["pair_sym"] - d,
+            "step, own tensor": slopes["pair_own"], "step, symmetric pool": slopes["pair_sym"]}
 
 
 def slowest(per_rank: list) -> dict:
@@ -153,9 +161,12 @@ def rank_inputs(shape: dict, tokens: int, rank: int, device, seed: int) -> tuple
     return tuple(t.to(device) for t in mine) + (inp.topk_idx,)
 
 
-def _check_rank(comm, rank: int, shape: dict, budgets, device) -> list[str]:
-    """Both combine modes at every SM budget, at check_tokens per rank, against testing's
-    reference (dispatch bit-exact, combine of the fake expert within testing.close)."""
+def _check_rank(comms, rank: int, shape: dict, budgets, device) -> list[str]:
+    """Every combine mode at every SM budget, at check_tokens per rank, against testing's
+    reference (dispatch bit-exact, combine of the fake expert within testing.close); the
+    symmetric pool's combine also bit for bit against the plain combine of the same rows.
+    comms: (plain, symmetric): once a communicator's ranks agree on symmetric combines it
+    refuses plain ones, so the symmetric pool's calls have a communicator of their own."""
     import torch
 
     from .. import testing
@@ -165,17 +176,27 @@ def _check_rank(comm, rank: int, shape: dict, budgets, device) -> list[str]:
                         shape["experts"], (tokens,) * shape["world"])
     exp = testing.expected(case)
     x, idx, w, _ = exp.rank_inputs(rank, device)
+    plain_comm, sym_comm = comms
+    with sym_comm.expert_output_pool():  # the same size on every rank: a symmetric segment
+        pooled = torch.empty(sym_comm.plan.capacity, shape["hidden"], dtype=torch.bfloat16,
+                             device=device)
     errors = []
     for sms in budgets:
-        for zero_copy in (True, False):
+        plain = None
+        for mode in ("zero copy", "own tensor", "symmetric pool"):
+            comm = sym_comm if mode == "symmetric pool" else plain_comm
             handle = comm.dispatch(x, idx, w, num_sms=sms)
             out = testing.expert_output(handle, torch.bfloat16)
-            if zero_copy:
-                out = comm.combine_buffer().copy_(out)
-            y = comm.combine(out, handle, num_sms=sms)
+            if mode != "own tensor":
+                out = (comm.combine_buffer() if mode == "zero copy" else pooled).copy_(out)
+            y = comm.combine(out, handle, num_sms=sms, symmetric=mode == "symmetric pool")
             comm.check()
-            errors += [f"{sms} SMs/rank, {'zero copy' if zero_copy else 'own tensor'}: {e}"
+            errors += [f"{sms} SMs/rank, {mode}: {e}"
                        for e in testing.check_step(rank, exp, handle, y)]
+            plain = y if mode == "own tensor" else plain
+        msg = testing.same_bits(y, plain.cpu())
+        if msg:
+            errors.append(f"{sms} SMs/rank: symmetric pool differs from the plain combine: {msg}")
     return errors
 
 
@@ -194,9 +215,11 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
                         dtype=torch.bfloat16, capacity=max(rows + rows // 4, 1024),
                         timeout_s=60.0)
     comm = Communicator(group, config, device=device)
+    sym_comm = Communicator(group, config, device=device)  # combine(symmetric=True) only
     progress = print if rank == 0 else (lambda *a, **k: None)
     progress("  swiftep: communicators built; checking", flush=True)
-    errors = _check_rank(comm, rank, shape, budgets, device) if shape["check_tokens"] else []
+    errors = _check_rank((comm, sym_comm), rank, shape, budgets, device) \
+        if shape["check_tokens"] else []
     progress("  swiftep: checked; drawing the timed inputs", flush=True)
     if any(agree(errors, group)):  # every rank stops together: a broken kernel is never timed
         return dict(errors=errors, routing=None, slopes={})
@@ -208,7 +231,13 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
     window = comm.combine_buffer()
     own = torch.empty_like(out).copy_(out)  # the experts' own tensor, as a grouped GEMM's
     comm.combine(own, handle, num_sms=budgets[0])
+    with sym_comm.expert_output_pool():  # as own, from the symmetric pool (its GEMM's output)
+        sym = torch.empty_like(out)
+    sym.copy_(out)
+    handle = sym_comm.dispatch(x, idx, w, num_sms=budgets[0])
+    sym_comm.combine(sym, handle, num_sms=budgets[0], symmetric=True)  # rendezvous first
     comm.check()
+    sym_comm.check()
     slopes = {}
     for sms in budgets:
         calls = {"dispatch": lambda: comm.dispatch(x, idx, w, num_sms=sms)}
@@ -221,6 +250,8 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
             window.copy_(own)
             return comm.combine(window, handle, num_sms=sms)
         calls["pair_copy"] = pair_copy
+        calls["pair_sym"] = lambda: sym_comm.combine(
+            sym, sym_comm.dispatch(x, idx, w, num_sms=sms), num_sms=sms, symmetric=True)
         slopes[sms] = {}
         for name, call in calls.items():
             progress(f"  swiftep, {sms} SMs/rank: {name}: capturing", flush=True)
@@ -327,7 +358,9 @@ def _finish(result, records, peers, errors, out_dir) -> int:
         print(format_report(records, peers))
         print("vs X: X's ms / swiftep's ms at the same SMs/rank (> 1: swiftep faster); of "
               "ceiling: least bytes (read + write) / time / the bulk copy's read + write rate at "
-              "the same total SMs; step rows count both directions")
+              "the same total SMs; step rows count both directions; symmetric pool: the "
+              "experts' tensor from comm.expert_output_pool(), read in place by "
+              "combine(symmetric=True)")
     for e in errors[:10]:
         print("FAILED:", e)
     print("check:", "FAILED" if errors else ("passed" if result["check_tokens"] else "skipped"))

@@ -142,16 +142,30 @@ __device__ __forceinline__ uint4 pack_vec16(const float* acc) {
 }
 
 // ------------------------------------------------------------------------- item sources
+// Whether lane k of token n (slot k) has a source row, and which: the owner's rank and the row.
+// The one place of the rules (every owner's flag seen, k < K, the row inside the window, a
+// valid expert) for both sources: the owner's combine window (combine_source) and a table of
+// the owners' rows (combine_table_source, kernel_ldg.cuh).
+template <typename IdxT>
+__device__ __forceinline__ bool combine_slot(const CombineParams& p, const CombineWindow& win,
+                                             int64_t n, int k, bool peers_ready, int* owner,
+                                             int32_t* row) {
+  if (!peers_ready || k >= p.num_topk) return false;
+  *row = p.token_rows[n * p.num_topk + k];
+  const int64_t e = load_index<IdxT>(p.topk_idx, n * p.num_topk + k);
+  if (*row < 0 || *row >= win.window_rows || !is_expert(e, p.comm.num_experts)) return false;
+  *owner = static_cast<int>(e / p.comm.num_local_experts);
+  return true;
+}
+
 // Lane k's source row of token n (slot k) in its owner's combine window, or nullptr.
 template <typename IdxT>
 __device__ __forceinline__ const uint8_t* combine_source(const CombineParams& p,
                                                          const CombineWindow& win, int64_t n,
                                                          int k, bool peers_ready) {
-  if (!peers_ready || k >= p.num_topk) return nullptr;
-  const int32_t row = p.token_rows[n * p.num_topk + k];
-  const int64_t e = load_index<IdxT>(p.topk_idx, n * p.num_topk + k);
-  if (row < 0 || row >= win.window_rows || !is_expert(e, p.comm.num_experts)) return nullptr;
-  const int peer = static_cast<int>(e / p.comm.num_local_experts);
+  int peer = 0;
+  int32_t row = 0;
+  if (!combine_slot<IdxT>(p, win, n, k, peers_ready, &peer, &row)) return nullptr;
   return at_offset<uint8_t>(peer_base(p.comm, peer), win.off_x) + row * p.out_row_bytes;
 }
 

@@ -11,11 +11,16 @@
 // tokens/rank, 4 SMs/rank: 2.12 ms against the TMA combine's 5.11 ms (docs/perf-notes.md).
 // Same contract and results as combine_kernel (the same float32 order of the slots); launched
 // by launcher.cu for the throughput window when rows and pointers are 16-byte aligned.
+// kFromTable (launch_combine_from_table): the rows are read where the experts wrote them, in
+// each owner's own expert_out (torch's symmetric memory pool), at row_bases[owner] + row * pitch,
+// instead of the owner's combine window; same flags, waits and slot rules (combine_slot).
 //
 // The loads are __ldg (the non-coherent path). That is sound here: a window row is written by
 // kernels that finished before its owner released its combine flag, this kernel loads no row
 // before it has seen every owner's flag, and no row changes until every rank's combine is done
 // (the next dispatch waits for that); the read-only cache holds nothing from an earlier kernel.
+// The same holds for a table row: the owner's GEMM wrote it before the owner's flag release, and
+// it is not written again before the owner's next GEMM, after the next dispatch's count barrier.
 #pragma once
 
 #include <cstdint>
@@ -47,9 +52,25 @@ constexpr int kLdgUnroll = SWIFTEP_COMBINE_LDG_UNROLL;
 constexpr int kLdgWarps = SWIFTEP_COMBINE_LDG_WARPS;
 constexpr int kLdgThreads = kLdgWarps * kWarpSize;
 
-template <typename T, typename IdxT>
+// Lane k's source row of token n (slot k) in its owner's expert_out, whose row 0 is at
+// row_bases[owner] (an address as mapped in this process), or nullptr: combine_source's rules.
+template <typename IdxT>
+__device__ __forceinline__ const uint8_t* combine_table_source(const CombineParams& p,
+                                                               const CombineWindow& win,
+                                                               const int64_t* row_bases,
+                                                               int64_t n, int k,
+                                                               bool peers_ready) {
+  int owner = 0;
+  int32_t row = 0;
+  if (!combine_slot<IdxT>(p, win, n, k, peers_ready, &owner, &row)) return nullptr;
+  return reinterpret_cast<const uint8_t*>(row_bases[owner]) + row * p.out_row_bytes;
+}
+
+// row_bases: [world_size] row-0 addresses when kFromTable, unused (nullptr) otherwise.
+template <typename T, typename IdxT, bool kFromTable>
 __global__ void __launch_bounds__(kLdgThreads)
-    combine_ldg_kernel(const __grid_constant__ CombineParams p, CombineWindow win) {
+    combine_ldg_kernel(const __grid_constant__ CombineParams p, CombineWindow win,
+                       const int64_t* row_bases) {
   __shared__ float weights[kLdgWarps][kMaxTopk];
   __shared__ const uint8_t* sources[kLdgWarps][kMaxTopk];
   const CommParams& c = p.comm;
@@ -67,7 +88,9 @@ __global__ void __launch_bounds__(kLdgThreads)
   const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kLdgWarps;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * kLdgWarps + warp; n < p.num_tokens;
        n += num_warps_total) {
-    const uint8_t* src = combine_source<IdxT>(p, win, n, lane, peers_ready);
+    const uint8_t* src = kFromTable
+                             ? combine_table_source<IdxT>(p, win, row_bases, n, lane, peers_ready)
+                             : combine_source<IdxT>(p, win, n, lane, peers_ready);
     const uint32_t valid = __ballot_sync(kFullMask, src != nullptr);
     if (lane < p.num_topk) {
       sources[warp][lane] = src;

@@ -1,6 +1,8 @@
 // Launchers of both combines and of the staging copy (copy_rows.cuh). The throughput window
 // takes the register-load combine (kernel_ldg.cuh) when its rows are 16-byte aligned; the
-// low-latency window, and unaligned rows, take the staged combine (kernel.cuh).
+// low-latency window, and unaligned rows, take the staged combine (kernel.cuh). The combine from
+// a table of the owners' rows (launch_combine_from_table) is the register-load combine in any
+// build (-DSWIFTEP_COMBINE_LDG=0 included), and needs aligned rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -68,14 +70,25 @@ cudaError_t configure_combine(const CombineParams& p, CombineConfig* out) {
   return cudaSuccess;
 }
 
+// The register-load combine (kernel_ldg.cuh; rows_aligned(p) checked by the caller): rows from
+// the owners' windows (row_bases nullptr) or from row_bases (kFromTable).
+template <typename T, typename IdxT, bool kFromTable>
+LaunchResult launch_ldg(const CombineParams& p, const CombineWindow& win,
+                        const int64_t* row_bases, cudaStream_t stream) {
+  const int64_t blocks = clamp_blocks(ceil_div(p.num_tokens, kLdgWarps), p.num_sms);
+  combine_ldg_kernel<T, IdxT, kFromTable>
+      <<<static_cast<unsigned>(blocks), kLdgThreads, 0, stream>>>(p, win, row_bases);
+  return launch_result(cudaGetLastError());
+}
+
+// row_bases: nullptr (the windows' rows), else the table of launch_combine_from_table.
 template <typename T, typename IdxT>
-LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win, cudaStream_t stream) {
+LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win,
+                          const int64_t* row_bases, cudaStream_t stream) {
+  if (row_bases != nullptr) return launch_ldg<T, IdxT, true>(p, win, row_bases, stream);
   if constexpr (kCombineLdg) {  // the throughput window's register-load combine (kernel_ldg.cuh)
     if (win.epoch_slot == kEpochThroughput && rows_aligned(p)) {
-      const int64_t blocks = clamp_blocks(ceil_div(p.num_tokens, kLdgWarps), p.num_sms);
-      combine_ldg_kernel<T, IdxT>
-          <<<static_cast<unsigned>(blocks), kLdgThreads, 0, stream>>>(p, win);
-      return launch_result(cudaGetLastError());
+      return launch_ldg<T, IdxT, false>(p, win, nullptr, stream);
     }
   }
   CombineConfig cfg{};
@@ -92,35 +105,46 @@ LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win, cuda
 
 template <typename IdxT>
 LaunchResult launch_by_dtype(const CombineParams& p, const CombineWindow& win,
-                             cudaStream_t stream) {
+                             const int64_t* row_bases, cudaStream_t stream) {
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16, IdxT>(p, win, stream);
-    case DType::kFloat16: return launch_typed<__half, IdxT>(p, win, stream);
-    case DType::kFloat32: return launch_typed<float, IdxT>(p, win, stream);
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16, IdxT>(p, win, row_bases, stream);
+    case DType::kFloat16: return launch_typed<__half, IdxT>(p, win, row_bases, stream);
+    case DType::kFloat32: return launch_typed<float, IdxT>(p, win, row_bases, stream);
   }
   return launch_result(cudaErrorInvalidValue);
 }
 
 LaunchResult launch_window(const CombineParams& p, const CombineWindow& win,
-                           cudaStream_t stream) {
-  return p.topk_idx_is_int64 ? launch_by_dtype<int64_t>(p, win, stream)
-                             : launch_by_dtype<int32_t>(p, win, stream);
+                           const int64_t* row_bases, cudaStream_t stream) {
+  return p.topk_idx_is_int64 ? launch_by_dtype<int64_t>(p, win, row_bases, stream)
+                             : launch_by_dtype<int32_t>(p, win, row_bases, stream);
+}
+
+// The throughput path's window: its flags and epoch serve both of its sources of rows.
+CombineWindow throughput_window(const CommParams& c) {
+  return CombineWindow{c.off_combine_x, c.off_combine_flags, kEpochThroughput, kWaitCombine,
+                       c.capacity};
 }
 
 }  // namespace
 
 LaunchResult launch_combine(const CombineParams& params, cudaStream_t stream) {
-  const CommParams& c = params.comm;
-  const CombineWindow win{c.off_combine_x, c.off_combine_flags, kEpochThroughput, kWaitCombine,
-                          c.capacity};
-  return launch_window(params, win, stream);
+  return launch_window(params, throughput_window(params.comm), nullptr, stream);
+}
+
+LaunchResult launch_combine_from_table(const CombineParams& params, const int64_t* row_bases,
+                                       cudaStream_t stream) {
+  if (row_bases == nullptr || !rows_aligned(params)) {
+    return launch_result(cudaErrorInvalidValue);  // the binding checks first: the backstop
+  }
+  return launch_window(params, throughput_window(params.comm), row_bases, stream);
 }
 
 LaunchResult launch_low_latency_combine(const CombineParams& params, cudaStream_t stream) {
   const CommParams& c = params.comm;
   const CombineWindow win{c.off_ll_combine_x, c.off_ll_combine_flags, kEpochLowLatency,
                           kWaitLlCombine, c.ll_rows_per_expert * c.num_local_experts};
-  return launch_window(params, win, stream);
+  return launch_window(params, win, nullptr, stream);
 }
 
 LaunchResult launch_copy_rows(const CopyRowsParams& params, cudaStream_t stream) {

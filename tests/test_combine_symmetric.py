@@ -1,0 +1,222 @@
+"""combine(symmetric=True) and swiftep::combine_symmetric on the CPU backend, and the host side of
+the CUDA path (the row_bases table: the bounded arrival, the rendezvous, the cache) with torch's
+rendezvous stood in for, since this machine has no GPU."""
+import time
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_swiftep as ts
+from torch_swiftep import symmetric, testing
+from torch_swiftep.launch import run_world
+from torch_swiftep.ops import BY_NAME
+
+E, H, K, T = 8, 48, 3, 12
+
+
+def _cases(world):
+    experts = 12 if world == 3 else 8
+    tokens = (5, 0, 17)[:world]
+    return [testing.Case(31 + world, torch.bfloat16, 48, 3, "holes", experts, tokens),
+            testing.Case(41 + world, torch.float32, 36, 2, "duplicates", experts, tokens[::-1]),
+            testing.Case(51 + world, torch.bfloat16, 256, 2, "skewed", experts, tokens, "fused")]
+
+
+def _symmetric_equals_combine(rank, world, ranks_per_node):
+    errors = []
+    for case in _cases(world):
+        comm = ts.Communicator(dist.group.WORLD, case.config(ranks_per_node=ranks_per_node))
+        exp = testing.expected(case, ranks_per_node=ranks_per_node)
+        x, idx, w, scales = exp.rank_inputs(rank)
+        handle = comm.dispatch(x, idx, w, x_scales=scales, quantize_fp8=case.fused)
+        with comm.expert_output_pool():
+            out = testing.expert_output(handle, case.out_dtype)
+        y = comm.combine(out, handle)  # first: once symmetric, a communicator stays so
+        y_symmetric = comm.combine(out, handle, symmetric=True)
+        msg = testing.same_bits(y_symmetric, y)
+        if msg:
+            errors.append(f"{case}: rank {rank}: symmetric combine != combine: {msg}")
+        errors += [f"{case}: {e}" for e in testing.check_step(rank, exp, handle, y_symmetric)]
+    return errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, ranks_per_node", [(2, None), (3, None), (3, 1)])
+def test_symmetric_combine_equals_combine_bit_for_bit(world, ranks_per_node):
+    results = run_world(world, _symmetric_equals_combine, ranks_per_node, timeout_s=240)
+    errors = [e for per_rank in results for e in per_rank]
+    assert not errors, "\n".join(errors[:20])
+
+
+def _plain_after_symmetric(rank, world):
+    case = _cases(world)[0]
+    comm = ts.Communicator(dist.group.WORLD, case.config(timeout_s=20))
+    x, idx, w, _ = testing.expected(case).rank_inputs(rank)
+    handle = comm.dispatch(x, idx, w)
+    out = testing.expert_output(handle, case.out_dtype)
+    comm.combine(out, handle, symmetric=True)  # every rank: the path is engaged
+    handle = comm.dispatch(x, idx, w)
+    t0 = time.monotonic()
+    found = _caught(lambda: comm.combine(out, handle, symmetric=rank == 0))
+    return found[0], found[1], time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_a_plain_combine_after_symmetric_ones_is_refused_and_named_at_once():
+    (sym_exc, sym_msg, sym_s), (plain_exc, plain_msg, _) = run_world(
+        2, _plain_after_symmetric, timeout_s=120)
+    assert plain_exc == "ValueError" and "pass symmetric=True" in plain_msg, plain_msg
+    assert sym_exc == "SwiftepError" and "rank 1 rejected its inputs" in sym_msg, sym_msg
+    assert sym_s < 10, f"rank 0 waited {sym_s:.1f} s: it should learn at once, not at timeout_s"
+
+
+# ------------------------------------------------------------------- one process, the op itself
+def _comm_and_args():
+    comm = ts.Communicator(None, ts.CommConfig(num_experts=E, hidden=H, num_topk=K,
+                                               max_tokens_per_rank=T))
+    inp = testing.world_inputs(7, [9], H, E, K, torch.bfloat16, "holes")
+    handle = comm.dispatch(inp.xs[0], inp.topk_idx[0], inp.topk_weights[0])
+    out = testing.expert_output(handle, torch.bfloat16)
+    state = (comm.workspace, comm.peer_ptrs, comm.group_name, comm.plan.as_list(), 4)
+    rest = (handle.topk_idx, handle.topk_weights, handle.token_rows, handle.expert_offsets, *state)
+    return comm, handle, out, rest
+
+
+def test_world_of_one_equals_combine_and_the_pool_is_a_no_op_on_cpu():
+    comm, handle, out, rest = _comm_and_args()
+    with comm.expert_output_pool() as pool:
+        assert pool is None
+    plain = comm.combine(out, handle)
+    y = comm.combine(out, handle, symmetric=True)
+    assert testing.same_bits(y, plain) is None
+    direct = torch.ops.swiftep.combine_symmetric(out, torch.zeros(1, dtype=torch.int64), *rest)
+    assert testing.same_bits(direct, y) is None
+    # from now on this communicator's combines are symmetric: a plain one is refused
+    with pytest.raises(ValueError, match=r"read the experts' output in place since combine "
+                                         r"call 3 .*pass symmetric=True"):
+        comm.combine(out, handle)
+
+
+@pytest.mark.parametrize("row_bases, exc, pattern", [
+    (torch.zeros(1, dtype=torch.int32), TypeError, r"row_bases must have dtype .*torch.int32"),
+    (torch.zeros(2, dtype=torch.int64), ValueError, r"row_bases has 2 entries .*world_size=1"),
+    (torch.zeros(1, 1, dtype=torch.int64), ValueError, r"row_bases must have 1 dimensions"),
+    (torch.zeros(1, dtype=torch.int64, device="meta"), ValueError, r"row_bases is on meta"),
+    ([0], TypeError, r"row_bases must be a torch.Tensor"),
+])
+def test_bad_row_bases_name_the_argument(row_bases, exc, pattern):
+    comm, _, out, rest = _comm_and_args()
+    with pytest.raises(exc, match=pattern):
+        BY_NAME["combine_symmetric"].check(out, row_bases, *rest)
+    with pytest.raises(exc, match=pattern):  # the Communicator's path: checks, then the op
+        comm._call("combine_symmetric", out, row_bases, *rest)
+
+
+def test_symmetric_flag_must_be_a_bool():
+    comm, handle, out, _ = _comm_and_args()
+    with pytest.raises(TypeError, match="symmetric must be a bool, got 1"):
+        comm.combine(out, handle, symmetric=1)
+
+
+def test_combine_checks_apply_to_the_symmetric_path():
+    comm, handle, out, _ = _comm_and_args()
+    with pytest.raises(ValueError, match=r"expert_out has 3 rows"):
+        comm.combine(out[:3], handle, symmetric=True)
+    comm.dispatch(torch.randn(4, H).bfloat16(), torch.zeros(4, K, dtype=torch.long),
+                  torch.ones(4, K))
+    with pytest.raises(ValueError, match=r"stale handle"):
+        comm.combine(out, handle, symmetric=True)
+
+
+def test_compiled_symmetric_combine_has_the_op_and_no_graph_break():
+    comm, handle, out, _ = _comm_and_args()
+    eager = comm.combine(out, handle, symmetric=True)
+
+    def step(out):
+        return comm.combine(out, handle, symmetric=True)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(out)
+    assert explanation.graph_break_count == 0
+    targets = {str(n.target) for g in explanation.graphs for n in g.graph.nodes}
+    assert "swiftep.combine_symmetric" in targets, targets
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(out)
+    assert testing.same_bits(compiled, eager) is None
+
+
+# ------------------------------------------- the CUDA path's host side, with a stand-in rendezvous
+def _stand_in_rendezvous(calls):
+    """symm_mem.rendezvous over gloo: every rank's data_ptr, as buffer_ptrs would hold them."""
+    def rendezvous(tensor, group_name):
+        calls.append(group_name)
+        mine = torch.tensor([tensor.data_ptr()], dtype=torch.int64)
+        ptrs = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+        dist.all_gather(ptrs, mine)
+        return types.SimpleNamespace(buffer_ptrs=[int(p) for p in ptrs])
+    return rendezvous
+
+
+def _caught(fn):
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+    return "", "", time.monotonic() - t0
+
+
+def _table_protocol(rank, world):
+    import torch.distributed._symmetric_memory as symm_mem
+
+    calls = []
+    symm_mem.rendezvous = _stand_in_rendezvous(calls)
+    symm_mem.is_symm_mem_tensor = lambda t: True
+    config = ts.CommConfig(num_experts=6, hidden=H, num_topk=2, max_tokens_per_rank=4,
+                           timeout_s=1.5)
+    comm = ts.Communicator(dist.group.WORLD, config)
+    tables = comm._row_bases
+    out = torch.empty(8 + rank, H)
+    first = tables._cuda_table(comm, out)
+    again = tables._cuda_table(comm, out)  # a hit: no arrival, no rendezvous
+    ptrs = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(ptrs, torch.tensor([out.data_ptr()]))
+    ok = first.tolist() == [int(p) for p in ptrs] and again is first and len(calls) == 1
+    # rank 1 passes a view (not the start of a segment): it raises, the others name it at once
+    view = torch.empty(9, H)[1:] if rank == 1 else torch.empty(8, H)
+    rejected = _caught(lambda: tables._cuda_table(comm, view))
+    # rank 2 calls the plain combine: the others name it within timeout_s, never hang
+    missing = _caught(lambda: tables._cuda_table(comm, torch.empty(8, H))) if rank != 2 else None
+    dist.barrier()  # rank 0 hosts the store: it stays until every rank has its verdict
+    return ok, len(calls), rejected, missing, comm._broken
+
+
+@pytest.mark.slow
+def test_table_arrival_names_the_rank_that_rejected_or_never_came():
+    results = run_world(3, _table_protocol, timeout_s=120)
+    for rank, (ok, rendezvous_calls, rejected, missing, broken) in enumerate(results):
+        assert ok and rendezvous_calls == 1, (rank, results[rank])
+        if rank == 1:
+            assert rejected[0] == "ValueError", rejected
+            assert "expert_out must be allocated inside Communicator.expert_output_pool()" \
+                in rejected[1] and "storage offset 48" in rejected[1], rejected
+        else:
+            assert rejected[0] == "SwiftepError", rejected
+            assert "rank 1 rejected its inputs" in rejected[1], rejected
+            assert rejected[2] < 1.0, rejected
+        if rank == 2:
+            continue
+        assert missing[0] == "BrokenCommunicatorError", missing
+        assert "rank 2 never arrived at combine_symmetric call 1" in missing[1], missing
+        assert 1.5 <= missing[2] < 5, missing
+        assert broken is not None and "combine_symmetric" in broken
+
+
+def test_world_of_one_table_is_its_own_address():
+    comm, _, out, _ = _comm_and_args()
+    table = comm._row_bases._cuda_table(comm, out)
+    assert table.tolist() == [out.data_ptr()]
+    assert comm._row_bases._cuda_table(comm, out) is table
+    assert symmetric.expert_output_pool(torch.device("cpu")).__enter__() is None
