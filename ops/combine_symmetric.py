@@ -39,7 +39,7 @@ Returns y: [num_tokens, hidden], expert_out's dtype.
 VECTOR_BYTES = 16  # what one load of the CUDA kernel reads
 
 
-def _check_row_bases(row_bases, workspace, plan) -> None:
+def check_row_bases(row_bases, workspace, plan) -> None:
     check_tensor("row_bases", row_bases, dim=1, dtypes=(torch.int64,), device=workspace.device)
     world = plan_value(plan, "world_size")
     if row_bases.numel() != world:
@@ -68,7 +68,7 @@ def check(expert_out, row_bases, topk_idx, topk_weights, token_rows, expert_offs
           peer_ptrs, group_name, plan, num_sms):
     check_combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, workspace, plan,
                   num_sms, low_latency=False)
-    _check_row_bases(row_bases, workspace, plan)
+    check_row_bases(row_bases, workspace, plan)
     _check_alignment(expert_out)
 
 

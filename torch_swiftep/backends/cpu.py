@@ -24,6 +24,7 @@ from ..ops.protocol import (
 )
 from ..plan import ctrl_region, typed_region
 from ..status import SwiftepError, SwiftepIndexError
+from ..ops.combine_symmetric import check_row_bases
 from .cpu_hierarchical import combine_exchange, dispatch_exchange
 
 
@@ -260,7 +261,9 @@ def combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, work
 
 def combine_symmetric(expert_out, row_bases, topk_idx, topk_weights, token_rows, expert_offsets,
                       workspace, peer_ptrs, group_name, plan, num_sms):
-    # Peers' addresses mean nothing to gloo: row_bases is ignored, the exchange is combine's.
+    # Peers' addresses mean nothing to gloo: the exchange is combine's. row_bases is still
+    # checked, so a direct call of the op gets the error the CUDA binding gives.
+    check_row_bases(row_bases, workspace, plan)
     return combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, workspace,
                    peer_ptrs, group_name, plan, num_sms)
 
