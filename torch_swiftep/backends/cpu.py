@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..fp8 import quantize_fp8
+from ..ops.combine_symmetric import check_row_bases
 from ..ops.protocol import (
     EPOCH_CAPACITY,
     EPOCH_SLOTS,
@@ -24,7 +25,6 @@ from ..ops.protocol import (
 )
 from ..plan import ctrl_region, typed_region
 from ..status import SwiftepError, SwiftepIndexError
-from ..ops.combine_symmetric import check_row_bases
 from .cpu_hierarchical import combine_exchange, dispatch_exchange
 
 
