@@ -2,12 +2,19 @@ from ._checks import check_combine, combine_shape_facts
 from ._common import COMM_ARGS, COMM_DOC
 from ._contract import OpContract
 
-SCHEMA = f"""combine(
-    Tensor expert_out,
-    Tensor topk_idx,
+# The throughput combines' routing arguments (combine, combine_symmetric) and their doc.
+ROUTING_ARGS = """Tensor topk_idx,
     Tensor topk_weights,
     Tensor token_rows,
-    Tensor expert_offsets,
+    Tensor expert_offsets,"""
+ROUTING_DOC = """topk_idx: [num_tokens, num_topk], the same routing as the dispatch.
+topk_weights: [num_tokens, num_topk], float32.
+token_rows: [num_tokens, num_topk], int32, from the dispatch.
+expert_offsets: [num_local_experts + 1], int32, from the dispatch."""
+
+SCHEMA = f"""combine(
+    Tensor expert_out,
+    {ROUTING_ARGS}
     {COMM_ARGS}
 ) -> Tensor"""
 
@@ -17,10 +24,7 @@ accumulated in float32, written in expert_out's dtype; a token with no valid exp
 expert_out: [capacity or more, hidden], bf16/fp16/fp32: this rank's expert outputs, row i
   belonging to dispatch row i. When it is the workspace's combine_x region (what
   Communicator.combine_buffer() returns) no copy is made; otherwise it is first copied there.
-topk_idx: [num_tokens, num_topk], the same routing as the dispatch.
-topk_weights: [num_tokens, num_topk], float32.
-token_rows: [num_tokens, num_topk], int32, from the dispatch.
-expert_offsets: [num_local_experts + 1], int32, from the dispatch.
+{ROUTING_DOC}
 {COMM_DOC}
 Returns y: [num_tokens, hidden], expert_out's dtype.
 """

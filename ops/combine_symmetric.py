@@ -3,15 +3,13 @@ import torch
 from ._checks import check_combine, check_tensor, combine_shape_facts
 from ._common import COMM_ARGS, COMM_DOC
 from ._contract import OpContract
+from .combine import ROUTING_ARGS, ROUTING_DOC
 from .protocol import plan_value
 
 SCHEMA = f"""combine_symmetric(
     Tensor expert_out,
     Tensor row_bases,
-    Tensor topk_idx,
-    Tensor topk_weights,
-    Tensor token_rows,
-    Tensor expert_offsets,
+    {ROUTING_ARGS}
     {COMM_ARGS}
 ) -> Tensor"""
 
@@ -28,10 +26,7 @@ expert_out: [capacity or more, hidden], bf16/fp16/fp32, contiguous: this rank's 
 row_bases: [world_size], int64, on the workspace's device: row_bases[r] is the address, as
   mapped in this process, of row 0 of rank r's expert_out (the rendezvous handle's
   buffer_ptrs). The CPU backend ignores it (zeros): its result is exactly combine's.
-topk_idx: [num_tokens, num_topk], the same routing as the dispatch.
-topk_weights: [num_tokens, num_topk], float32.
-token_rows: [num_tokens, num_topk], int32, from the dispatch.
-expert_offsets: [num_local_experts + 1], int32, from the dispatch.
+{ROUTING_DOC}
 {COMM_DOC}
 Returns y: [num_tokens, hidden], expert_out's dtype.
 """

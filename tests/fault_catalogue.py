@@ -14,6 +14,7 @@ import dataclasses
 import pathlib
 import re
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -31,6 +32,17 @@ class Fault:
     pattern: str  # regex the message matches
     run: Callable[[], object] = None  # provokes it in this process (None: multi-rank)
     where: str = "CPU"  # where the tests provoke it
+
+
+def caught(fn) -> tuple[str, str, float]:
+    """(exception class, message, seconds) of fn(), or ("", "", seconds) when it returns: how
+    the multi-rank tests observe a fault on each rank."""
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - t0
+    return "", "", time.monotonic() - t0
 
 
 def comm(**overrides) -> ts.Communicator:

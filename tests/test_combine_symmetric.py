@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+from fault_catalogue import caught as _caught
 
 import torch_swiftep as ts
 from torch_swiftep import symmetric, testing
@@ -157,15 +158,6 @@ def _stand_in_rendezvous(calls):
         dist.all_gather(ptrs, mine)
         return types.SimpleNamespace(buffer_ptrs=[int(p) for p in ptrs])
     return rendezvous
-
-
-def _caught(fn):
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as exc:
-        return type(exc).__name__, str(exc), time.monotonic() - t0
-    return "", "", time.monotonic() - t0
 
 
 def _table_protocol(rank, world):

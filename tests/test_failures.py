@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from fault_catalogue import MULTI_RANK_FAULTS as FAULTS
+from fault_catalogue import caught as _caught
 
 import torch_swiftep as ts
 from torch_swiftep import testing
@@ -27,16 +28,6 @@ def _config(timeout_s=20.0, **overrides):
 def _inputs(rank, world, seed=3, experts=E):
     inp = testing.world_inputs(seed, [6] * world, H, experts, K, torch.float32, "uniform")
     return inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank]
-
-
-def _caught(fn) -> tuple[str, str, float]:
-    """(exception class, message, seconds) of fn(), or ("", "", seconds) when it returns."""
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as exc:
-        return type(exc).__name__, str(exc), time.monotonic() - t0
-    return "", "", time.monotonic() - t0
 
 
 def _matches(observed, fault) -> bool:
