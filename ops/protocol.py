@@ -114,6 +114,8 @@ STATUS_CODES = (
     ("bad_index", ("token", "topk slot", "value")),
     # a peer announced (ctrl.abort) that it failed this or an earlier call: waits give up at once
     ("peer_failed", ("rank that failed", "what (WAITS index)", "call epoch")),
+    # combine_symmetric: a peer published a segment this rank's table does not hold
+    ("bad_segment", ("rank whose expert_out", "segment it published", "segments in the table")),
 )
 STATUS = {name: code for code, (name, _) in enumerate(STATUS_CODES)}
 STATUS_WORDS = 4  # code + 3 arguments
@@ -151,6 +153,10 @@ CTRL_FIELDS = (
     # host into every peer's workspace, never reset (the communicator must be rebuilt), so
     # every wait of every later kernel gives up at once instead of waiting out timeout_s
     ("abort", 8, lambda w, e: 1),
+    # int64 [2]: (segment, byte offset) of this rank's expert_out in its current
+    # combine_symmetric, stored before its combine flags are released; the peers read it to
+    # find its rows in their segment tables (the pool's choice of segment is rank-local)
+    ("combine_segment", 8, lambda w, e: 2),
     ("trace_on", 8, lambda w, e: 1),  # int64: non-zero = low-latency kernels stamp TRACE_POINTS
     ("trace", 8, lambda w, e: TRACE_CALLS * len(TRACE_POINTS)),  # int64 [TRACE_CALLS][points]
 )

@@ -211,10 +211,10 @@ def _other_faults() -> list[Fault]:
         Fault("combine: a plain combine after symmetric ones on the same Communicator",
               ValueError, r"read the experts' output in place since combine call 2 .*pass "
               r"symmetric=True", lambda: _plain_after_symmetric(x, idx, w)),
-        Fault("torch.ops.swiftep.combine_symmetric with row_bases of the wrong length",
-              ValueError, r"row_bases has 2 entries .*must be world_size=1",
+        Fault("torch.ops.swiftep.combine_symmetric with a segment past its segment table",
+              ValueError, r"segment must be -1 or in \[0, 2\) \(segment_bases' rows\), got 2",
               lambda: (lambda c, h: torch.ops.swiftep.combine_symmetric(
-                  c.combine_buffer(), torch.zeros(2, dtype=torch.int64), h.topk_idx,
+                  c.combine_buffer(), torch.zeros(2, 1, dtype=torch.int64), 2, 0, h.topk_idx,
                   h.topk_weights, h.token_rows, h.expert_offsets, c.workspace, c.peer_ptrs, "",
                   c.plan.as_list(), 4))(*_dispatched(x, idx, w))),
     ]

@@ -1,5 +1,6 @@
 """combine(symmetric=True) and swiftep::combine_symmetric on the CPU backend, and the host side of
-the CUDA path (the row_bases table: the bounded arrival, the rendezvous, the cache) with torch's
+the CUDA path (the segment table: the bounded arrival, the rendezvous, the reserved segments, the
+lookup) with torch's
 rendezvous stood in for, since this machine has no GPU."""
 import time
 import types
@@ -92,7 +93,8 @@ def test_world_of_one_equals_combine_and_the_pool_is_a_no_op_on_cpu():
     plain = comm.combine(out, handle)
     y = comm.combine(out, handle, symmetric=True)
     assert testing.same_bits(y, plain) is None
-    direct = torch.ops.swiftep.combine_symmetric(out, torch.zeros(1, dtype=torch.int64), *rest)
+    direct = torch.ops.swiftep.combine_symmetric(out, torch.zeros(1, 1, dtype=torch.int64), 0, 0,
+                                                 *rest)
     assert testing.same_bits(direct, y) is None
     # from now on this communicator's combines are symmetric: a plain one is refused
     with pytest.raises(ValueError, match=r"read the experts' output in place since combine "
@@ -100,19 +102,28 @@ def test_world_of_one_equals_combine_and_the_pool_is_a_no_op_on_cpu():
         comm.combine(out, handle)
 
 
-@pytest.mark.parametrize("row_bases, exc, pattern", [
-    (torch.zeros(1, dtype=torch.int32), TypeError, r"row_bases must have dtype .*torch.int32"),
-    (torch.zeros(2, dtype=torch.int64), ValueError, r"row_bases has 2 entries .*world_size=1"),
-    (torch.zeros(1, 1, dtype=torch.int64), ValueError, r"row_bases must have 1 dimensions"),
-    (torch.zeros(1, dtype=torch.int64, device="meta"), ValueError, r"row_bases is on meta"),
-    ([0], TypeError, r"row_bases must be a torch.Tensor"),
+TABLE = torch.zeros(2, 1, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("table, exc, pattern", [
+    ((TABLE.int(), 0, 0), TypeError, r"segment_bases must have dtype .*torch.int32"),
+    ((torch.zeros(2, 2, dtype=torch.int64), 0, 0), ValueError,
+     r"segment_bases has shape \(2, 2\), must be \[segments, world_size=1\]"),
+    ((torch.zeros(1, dtype=torch.int64), 0, 0), ValueError, r"segment_bases must have 2 dim"),
+    ((TABLE.to("meta"), 0, 0), ValueError, r"segment_bases is on meta"),
+    (([0], 0, 0), TypeError, r"segment_bases must be a torch.Tensor"),
+    ((TABLE, 2, 0), ValueError, r"segment must be -1 or in \[0, 2\) .*got 2"),
+    ((TABLE, -2, 0), ValueError, r"segment must be -1 or in \[0, 2\) .*got -2"),
+    ((TABLE, 0, 8), ValueError, r"segment_offset must be a non-negative multiple of 16, got 8"),
+    ((TABLE, 0.5, 0), TypeError, r"segment must be an int, got float"),
 ])
-def test_bad_row_bases_name_the_argument(row_bases, exc, pattern):
+def test_bad_segment_table_names_the_argument(table, exc, pattern):
     comm, _, out, rest = _comm_and_args()
     with pytest.raises(exc, match=pattern):
-        BY_NAME["combine_symmetric"].check(out, row_bases, *rest)
-    with pytest.raises(exc, match=pattern):  # the Communicator's path: checks, then the op
-        comm._call("combine_symmetric", out, row_bases, *rest)
+        BY_NAME["combine_symmetric"].check(out, *table, *rest)
+    if isinstance(table[1], int):  # the schema refuses a float before any check runs
+        with pytest.raises(exc, match=pattern):  # the Communicator's path: checks, then the op
+            comm._call("combine_symmetric", out, *table, *rest)
 
 
 def test_symmetric_flag_must_be_a_bool():
@@ -152,48 +163,74 @@ def test_compiled_symmetric_combine_has_the_op_and_no_graph_break():
 def _stand_in_rendezvous(calls):
     """symm_mem.rendezvous over gloo: every rank's data_ptr, as buffer_ptrs would hold them."""
     def rendezvous(tensor, group_name):
-        calls.append(group_name)
+        # kept alive, as a pool keeps its segments: a freed CPU block's address could come back
+        # for a later tensor, which the table would then find
+        calls.append(tensor)
         mine = torch.tensor([tensor.data_ptr()], dtype=torch.int64)
         ptrs = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
         dist.all_gather(ptrs, mine)
-        return types.SimpleNamespace(buffer_ptrs=[int(p) for p in ptrs])
+        return types.SimpleNamespace(buffer_ptrs=[int(p) for p in ptrs],
+                                     buffer_size=tensor.numel())
     return rendezvous
 
 
-def _table_protocol(rank, world):
+def _stand_in(calls):
     import torch.distributed._symmetric_memory as symm_mem
 
-    calls = []
     symm_mem.rendezvous = _stand_in_rendezvous(calls)
-    symm_mem.is_symm_mem_tensor = lambda t: True
+    symm_mem.is_symm_mem_tensor = lambda t: not getattr(t, "foreign", False)
+
+
+def _comm(timeout_s=1.5):
     config = ts.CommConfig(num_experts=6, hidden=H, num_topk=2, max_tokens_per_rank=4,
-                           timeout_s=1.5)
-    comm = ts.Communicator(dist.group.WORLD, config)
-    tables = comm._row_bases
-    out = torch.empty(8 + rank, H)
-    first = tables._cuda_table(comm, out)
-    again = tables._cuda_table(comm, out)  # a hit: no arrival, no rendezvous
-    ptrs = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    dist.all_gather(ptrs, torch.tensor([out.data_ptr()]))
-    ok = first.tolist() == [int(p) for p in ptrs] and again is first and len(calls) == 1
-    # rank 1 passes a view (not the start of a segment): it raises, the others name it at once
-    view = torch.empty(9, H)[1:] if rank == 1 else torch.empty(8, H)
-    rejected = _caught(lambda: tables._cuda_table(comm, view))
-    # rank 2 calls the plain combine: the others name it within timeout_s, never hang
-    missing = _caught(lambda: tables._cuda_table(comm, torch.empty(8, H))) if rank != 2 else None
+                           timeout_s=timeout_s)
+    return ts.Communicator(dist.group.WORLD, config)
+
+
+def _table_protocol(rank, world):
+    calls = []
+    _stand_in(calls)
+    comm = _comm()
+    tables = comm._segments
+    tables.reserve(comm)  # what the pool's first entry does on a GPU
+    blocks = list(calls)  # the small block, then the large ones
+    gathered = [torch.zeros(len(blocks), dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor([b.data_ptr() for b in blocks]))
+    ok = (len(blocks) == 1 + symmetric.RESERVED_SEGMENTS
+          and tables._bases.tolist() == torch.stack(gathered, 1).tolist()
+          and all(b.numel() >= symmetric.LARGE_MIN_BYTES for b in blocks[1:]))
+    # a tensor inside the second large block (as the pool would hand it out), then one outside
+    inside = blocks[2][4096:4096 + 8 * H * 4].view(torch.float32).view(8, H)
+    found = tables._cuda_table(comm, inside)  # the first symmetric combine: every rank agrees
+    again = tables._cuda_table(comm, inside)  # no agreement from now on
+    with pytest.warns(UserWarning, match=r"in none of the 3 segments .*staged"):
+        outside = tables._cuda_table(comm, torch.empty(8, H))
+    ok = (ok and found[0] is tables._bases and found[1:] == (2, 4096) and again[1:] == (2, 4096)
+          and outside[1:] == (symmetric.STAGED_SEGMENT, 0) and tables.staged_calls == 1
+          and len(calls) == len(blocks))
+    # at a fresh communicator's first symmetric combine, rank 1's tensor is not the pool's:
+    # it raises, the others name it at once
+    comm = _comm()
+    foreign = torch.empty(8, H)
+    foreign.foreign = rank == 1
+    rejected = _caught(lambda: comm._segments._cuda_table(comm, foreign))
+    # at another's, rank 2 calls the plain combine: the others name it within timeout_s
+    comm = _comm()
+    missing = (_caught(lambda: comm._segments._cuda_table(comm, torch.empty(8, H)))
+               if rank != 2 else None)
     dist.barrier()  # rank 0 hosts the store: it stays until every rank has its verdict
-    return ok, len(calls), rejected, missing, comm._broken
+    return ok, rejected, missing, comm._broken
 
 
 @pytest.mark.slow
-def test_table_arrival_names_the_rank_that_rejected_or_never_came():
+def test_segment_table_and_the_first_combines_agreement():
     results = run_world(3, _table_protocol, timeout_s=120)
-    for rank, (ok, rendezvous_calls, rejected, missing, broken) in enumerate(results):
-        assert ok and rendezvous_calls == 1, (rank, results[rank])
+    for rank, (ok, rejected, missing, broken) in enumerate(results):
+        assert ok, (rank, results[rank])
         if rank == 1:
             assert rejected[0] == "ValueError", rejected
             assert "expert_out must be allocated inside Communicator.expert_output_pool()" \
-                in rejected[1] and "storage offset 48" in rejected[1], rejected
+                in rejected[1] and "is in no symmetric memory allocation" in rejected[1], rejected
         else:
             assert rejected[0] == "SwiftepError", rejected
             assert "rank 1 rejected its inputs" in rejected[1], rejected
@@ -208,7 +245,11 @@ def test_table_arrival_names_the_rank_that_rejected_or_never_came():
 
 def test_world_of_one_table_is_its_own_address():
     comm, _, out, _ = _comm_and_args()
-    table = comm._row_bases._cuda_table(comm, out)
-    assert table.tolist() == [out.data_ptr()]
-    assert comm._row_bases._cuda_table(comm, out) is table
+    comm._segments.reserve(comm)
+    inside = comm._segments._segments[1]  # (base, bytes, handle) of the first large block
+    assert comm._segments._bases[:, 0].tolist() == [b for b, _, _ in comm._segments._segments]
+    assert inside[1] >= symmetric.LARGE_MIN_BYTES and inside[2] is None
+    with pytest.warns(UserWarning, match="staged"):  # out is no reserved block
+        bases, segment, offset = comm._segments._cuda_table(comm, out)
+    assert bases is comm._segments._bases and (segment, offset) == (-1, 0)
     assert symmetric.expert_output_pool(torch.device("cpu")).__enter__() is None

@@ -26,8 +26,9 @@ def _samples():
         "dispatch_layout": [(idx, E, 1), (idx.int(), E, 1)],
         "dispatch": [(x, None, idx, w, *state), (x, None, idx.int(), w, *state)],
         "combine": [(out, idx, w, handle.token_rows, handle.expert_offsets, *state)],
-        "combine_symmetric": [(out, torch.zeros(1, dtype=torch.int64), idx, w, handle.token_rows,
-                               handle.expert_offsets, *state)],
+        "combine_symmetric": [(out, torch.zeros(1, 1, dtype=torch.int64), seg, 0, idx, w,
+                               handle.token_rows, handle.expert_offsets, *state)
+                              for seg in (0, -1)],  # in place, and staged
         "low_latency_dispatch": [(x, None, idx, w, *state)],
         "low_latency_combine": [(ll_out, idx, w, ll.token_rows, ll.recv_counts, *state)],
     }

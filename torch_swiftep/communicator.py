@@ -14,7 +14,7 @@ from .ops._checks import check_low_latency_windows
 from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE, plan_value
 from .plan import WINDOW_UNDER_COMPILE, CommConfig, Plan, ctrl_region, typed_region
 from .status import BrokenCommunicatorError, SwiftepError, raise_if_error
-from .symmetric import RowBaseTables, expert_output_pool, symmetric_workspace
+from .symmetric import SegmentTables, symmetric_workspace
 
 
 class DispatchResult(NamedTuple):
@@ -185,7 +185,7 @@ class Communicator:
         self._symm = None
         self._broken: Optional[str] = None  # CUDA: why this communicator must be rebuilt
         self._ledger = CallLedger()
-        self._row_bases = RowBaseTables()  # combine(symmetric=True), by segment
+        self._segments = SegmentTables(self.world_size, (group_name, str(workspace.device)))
         if workspace.is_cuda:
             # The workspace never moves: compiled graphs (and CUDA graph trees under
             # mode="reduce-overhead") may keep its address instead of copying it in.
@@ -247,8 +247,9 @@ class Communicator:
 
     def expert_output_pool(self):
         """Context manager for the experts' output of combine(..., symmetric=True), read in
-        place on every rank (no copy): symmetric.expert_output_pool says what it requires."""
-        return expert_output_pool(self.device)
+        place on every rank (no copy). Its first entry reserves the pool's segments, a
+        collective: every rank enters it (symmetric.py says what else it requires)."""
+        return self._segments.pool(self)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchResult, *,
                 topk_weights: Optional[torch.Tensor] = None, num_sms: Optional[int] = None,
@@ -265,10 +266,10 @@ class Communicator:
                    *self._state(num_sms))
         if symmetric is True:
             return self._call("combine_symmetric", expert_out,
-                              self._row_bases.table(self, expert_out), *routing)
+                              *self._segments.table(self, expert_out), *routing)
         if symmetric is not False:
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
-        self._row_bases.refuse_plain(self)
+        self._segments.refuse_plain(self)
         return self._call("combine", expert_out, *routing)
 
     # ---------------------------------------------------------------- low-latency path

@@ -28,7 +28,7 @@ class BrokenCommunicatorError(SwiftepError):
 REBUILD = ("this communicator must be rebuilt (over the ranks that remain: "
            "dist.new_group(ranks, use_local_synchronization=True))")
 # Kernel reports after which the ranks' call counters disagree: the communicator is broken.
-BREAKING_CODES = (STATUS["timeout"], STATUS["peer_failed"])
+BREAKING_CODES = (STATUS["timeout"], STATUS["peer_failed"], STATUS["bad_segment"])
 
 
 def rank_name(rank: int, ranks_per_node: int | None = None, world: int | None = None) -> str:
@@ -67,6 +67,11 @@ def describe(status: list[int], rank: int, ranks_per_node: int | None = None,
         return SwiftepIndexError, (
             f"rank {rank}: topk_idx[{a0}, {a1}] = {a2} is out of range: entries must be -1 or "
             "in [0, num_experts); the token was not sent")
+    if code == STATUS["bad_segment"]:
+        return SwiftepError, (
+            f"rank {rank}: {peer} published expert_out segment {a1}, which is not among the "
+            f"{a2} rows of this rank's segment table: the ranks' symmetric combines diverged; "
+            "results of this call are invalid")
     return SwiftepError, f"rank {rank}: unknown status code {code} ({a0}, {a1}, {a2})"
 
 

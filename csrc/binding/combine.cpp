@@ -98,6 +98,27 @@ CombineParams prepare_combine(const at::Tensor& expert_out, const at::Tensor& to
   return p;
 }
 
+// expert_out's valid rows copied into this rank's combine window (one local copy), unless
+// expert_out is the window already.
+void stage_into_window(const at::Tensor& expert_out, const CombineParams& p,
+                       const at::Tensor& counts, bool low_latency, cudaStream_t stream,
+                       const char* op) {
+  const CommParams& comm = p.comm;
+  uint8_t* window =
+      comm.workspace + (low_latency ? comm.off_ll_combine_x : comm.off_combine_x);
+  if (expert_out.data_ptr() == static_cast<void*>(window)) return;
+  CopyRowsParams copy{};
+  copy.dst = window;
+  copy.src = static_cast<const uint8_t*>(expert_out.data_ptr());
+  copy.row_bytes = p.out_row_bytes;
+  copy.group_rows = low_latency ? comm.ll_rows_per_expert : comm.capacity;
+  copy.num_groups = low_latency ? comm.num_local_experts : 1;
+  // Throughput: the valid rows are [0, expert_offsets[L]); low latency: [0, recv_counts[j]).
+  copy.counts = counts.data_ptr<int32_t>() + (low_latency ? 0 : comm.num_local_experts);
+  copy.num_sms = p.num_sms;
+  check_launch(launch_copy_rows(copy, stream), op);
+}
+
 // Both combines: checks, the staging copy when expert_out is not the combine window, y.
 at::Tensor run_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
                        const at::Tensor& topk_weights, const at::Tensor& token_rows,
@@ -108,24 +129,10 @@ at::Tensor run_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
   const CombineParams p = prepare_combine(expert_out, topk_idx, topk_weights, token_rows, counts,
                                           workspace, peer_ptrs, plan, num_sms, low_latency, op,
                                           &y);
-  const CommParams& comm = p.comm;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  uint8_t* window =
-      comm.workspace + (low_latency ? comm.off_ll_combine_x : comm.off_combine_x);
-  if (expert_out.data_ptr() != static_cast<void*>(window)) {  // stage it: one local copy
-    CopyRowsParams copy{};
-    copy.dst = window;
-    copy.src = static_cast<const uint8_t*>(expert_out.data_ptr());
-    copy.row_bytes = p.out_row_bytes;
-    copy.group_rows = low_latency ? comm.ll_rows_per_expert : comm.capacity;
-    copy.num_groups = low_latency ? comm.num_local_experts : 1;
-    // Throughput: the valid rows are [0, expert_offsets[L]); low latency: [0, recv_counts[j]).
-    copy.counts = counts.data_ptr<int32_t>() + (low_latency ? 0 : comm.num_local_experts);
-    copy.num_sms = static_cast<int32_t>(num_sms);
-    check_launch(launch_copy_rows(copy, stream), op);
-  }
+  stage_into_window(expert_out, p, counts, low_latency, stream, op);
   check_launch(low_latency ? launch_low_latency_combine(p, stream) : launch_combine(p, stream), op,
-               &comm);
+               &p.comm);
   return y;
 }
 
@@ -150,9 +157,13 @@ at::Tensor low_latency_combine_cuda(const at::Tensor& expert_out, const at::Tens
 }
 
 // The throughput combine reading every owner's expert_out in place (torch's symmetric memory
-// pool): row_bases [world_size] int64 holds each rank's row 0 as mapped here. No staging copy;
-// the kernel reads 16-byte vectors, so expert_out's rows and address must be 16-byte aligned.
-at::Tensor combine_symmetric_cuda(const at::Tensor& expert_out, const at::Tensor& row_bases,
+// pool): segment_bases [segments, world_size] int64 holds every rendezvoused segment's row 0 of
+// each rank as mapped here; this rank's expert_out starts segment_offset bytes into its
+// segment `segment`. No staging copy; the kernel reads 16-byte vectors, so expert_out's rows and
+// address must be 16-byte aligned. segment -1: expert_out is in no segment the peers know, so
+// it is staged into this rank's combine window and the peers read it there.
+at::Tensor combine_symmetric_cuda(const at::Tensor& expert_out, const at::Tensor& segment_bases,
+                                  int64_t segment, int64_t segment_offset,
                                   const at::Tensor& topk_idx, const at::Tensor& topk_weights,
                                   const at::Tensor& token_rows, const at::Tensor& expert_offsets,
                                   const at::Tensor& workspace, const at::Tensor& peer_ptrs,
@@ -160,16 +171,27 @@ at::Tensor combine_symmetric_cuda(const at::Tensor& expert_out, const at::Tensor
                                   int64_t num_sms) {
   c10::cuda::CUDAGuard guard(workspace.device());
   const char* op = "combine_symmetric";
+  check_cuda(segment_bases, op, "segment_bases", workspace.device());
+  SWIFTEP_CHECK(TYPE, segment_bases.scalar_type() == at::kLong,
+                "segment_bases must be int64, got ", segment_bases.scalar_type());
+  SWIFTEP_CHECK(VALUE, segment_bases.dim() == 2 && segment_bases.is_contiguous(),
+                "segment_bases must be a contiguous [segments, world_size], got shape ",
+                segment_bases.sizes());
+  const bool known = segment >= 0 && segment < segment_bases.size(0);
+  SWIFTEP_CHECK(VALUE, segment == kStagedSegment || known,
+                "segment must be ", kStagedSegment, " or in [0, ", segment_bases.size(0), "), got ",
+                segment);
+  SWIFTEP_CHECK(VALUE, segment_offset >= 0 && segment_offset % 16 == 0,
+                "segment_offset must be a non-negative multiple of 16, got ", segment_offset);
   at::Tensor y;
   const CombineParams p = prepare_combine(expert_out, topk_idx, topk_weights, token_rows,
                                           expert_offsets, workspace, peer_ptrs, plan, num_sms,
                                           /*low_latency=*/false, op, &y);
   const int64_t world = p.comm.world_size;
-  check_cuda(row_bases, op, "row_bases", workspace.device());
-  SWIFTEP_CHECK(TYPE, row_bases.scalar_type() == at::kLong, "row_bases must be int64, got ",
-                row_bases.scalar_type());
-  SWIFTEP_CHECK(VALUE, row_bases.dim() == 1 && row_bases.numel() == world,
-                "row_bases must be [world_size=", world, "], got shape ", row_bases.sizes());
+  SWIFTEP_CHECK(VALUE, segment_bases.size(1) == world, "segment_bases must be [segments, "
+                "world_size=", world, "], got shape ", segment_bases.sizes());
+  SWIFTEP_CHECK(VALUE, world <= kMaxTableRanks, "combine_symmetric serves at most ",
+                kMaxTableRanks, " ranks, got world_size=", world);
   SWIFTEP_CHECK(VALUE, p.out_row_bytes % 16 == 0,
                 "expert_out's rows must be a multiple of 16 bytes (the kernel reads 16-byte "
                 "vectors), got ", p.out_row_bytes, " bytes (hidden=", p.hidden, ", ",
@@ -177,9 +199,13 @@ at::Tensor combine_symmetric_cuda(const at::Tensor& expert_out, const at::Tensor
   SWIFTEP_CHECK(VALUE, reinterpret_cast<uintptr_t>(expert_out.data_ptr()) % 16 == 0,
                 "expert_out must be 16-byte aligned (the kernel reads 16-byte vectors), got "
                 "address ", expert_out.data_ptr());
+  const SegmentTable table{segment_bases.data_ptr<int64_t>(), segment_bases.size(0), segment,
+                           segment_offset};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(launch_combine_from_table(p, row_bases.data_ptr<int64_t>(), stream), op,
-               &p.comm);
+  if (segment == kStagedSegment) {
+    stage_into_window(expert_out, p, expert_offsets, /*low_latency=*/false, stream, op);
+  }
+  check_launch(launch_combine_from_table(p, table, stream), op, &p.comm);
   return y;
 }
 

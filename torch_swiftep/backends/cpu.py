@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..fp8 import quantize_fp8
-from ..ops.combine_symmetric import check_row_bases
+from ..ops.combine_symmetric import check_segment_table
 from ..ops.protocol import (
     EPOCH_CAPACITY,
     EPOCH_SLOTS,
@@ -259,11 +259,11 @@ def combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, work
                     group_name, plan, False)
 
 
-def combine_symmetric(expert_out, row_bases, topk_idx, topk_weights, token_rows, expert_offsets,
-                      workspace, peer_ptrs, group_name, plan, num_sms):
-    # Peers' addresses mean nothing to gloo: the exchange is combine's. row_bases is still
-    # checked, so a direct call of the op gets the error the CUDA binding gives.
-    check_row_bases(row_bases, workspace, plan)
+def combine_symmetric(expert_out, segment_bases, segment, segment_offset, topk_idx, topk_weights,
+                      token_rows, expert_offsets, workspace, peer_ptrs, group_name, plan, num_sms):
+    # Peers' addresses mean nothing to gloo: the exchange is combine's. The segment table is
+    # still checked, so a direct call of the op gets the error the CUDA binding gives.
+    check_segment_table(segment_bases, segment, segment_offset, workspace, plan)
     return combine(expert_out, topk_idx, topk_weights, token_rows, expert_offsets, workspace,
                    peer_ptrs, group_name, plan, num_sms)
 

@@ -177,9 +177,6 @@ def _check_rank(comms, rank: int, shape: dict, budgets, device) -> list[str]:
     exp = testing.expected(case)
     x, idx, w, _ = exp.rank_inputs(rank, device)
     plain_comm, sym_comm = comms
-    with sym_comm.expert_output_pool():  # the same size on every rank: a symmetric segment
-        pooled = torch.empty(sym_comm.plan.capacity, shape["hidden"], dtype=torch.bfloat16,
-                             device=device)
     errors = []
     for sms in budgets:
         plain = None
@@ -187,8 +184,12 @@ def _check_rank(comms, rank: int, shape: dict, budgets, device) -> list[str]:
             comm = sym_comm if mode == "symmetric pool" else plain_comm
             handle = comm.dispatch(x, idx, w, num_sms=sms)
             out = testing.expert_output(handle, torch.bfloat16)
-            if mode != "own tensor":
-                out = (comm.combine_buffer() if mode == "zero copy" else pooled).copy_(out)
+            if mode == "zero copy":
+                out = comm.combine_buffer().copy_(out)
+            elif mode == "symmetric pool":  # a fresh pool tensor, as the experts' GEMM's
+                with comm.expert_output_pool():
+                    pooled = torch.empty_like(out)
+                out = pooled.copy_(out)
             y = comm.combine(out, handle, num_sms=sms, symmetric=mode == "symmetric pool")
             comm.check()
             errors += [f"{sms} SMs/rank, {mode}: {e}"
@@ -235,9 +236,12 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
         sym = torch.empty_like(out)
     sym.copy_(out)
     handle = sym_comm.dispatch(x, idx, w, num_sms=budgets[0])
-    sym_comm.combine(sym, handle, num_sms=budgets[0], symmetric=True)  # rendezvous first
+    sym_comm.combine(sym, handle, num_sms=budgets[0], symmetric=True)
     comm.check()
     sym_comm.check()
+    if sym_comm._segments._locate(sym.data_ptr(), sym.numel() * sym.element_size()) is None:
+        print(f"rank {rank}: WARNING: the symmetric pool's tensor is in no reserved segment: "
+              "its combine rows below include the staging copy", flush=True)
     slopes = {}
     for sms in budgets:
         calls = {"dispatch": lambda: comm.dispatch(x, idx, w, num_sms=sms)}

@@ -41,11 +41,12 @@ LaunchResult launch_combine(const CombineParams& params, cudaStream_t stream);
 LaunchResult launch_low_latency_combine(const CombineParams& params, cudaStream_t stream);
 
 // The throughput combine (same window flags and epochs as launch_combine) reading row `row` of
-// owner r at row_bases[r] + row * out_row_bytes instead of r's combine window: each rank's
-// expert_out in place (torch's symmetric memory pool), no staging copy. row_bases: [world_size]
-// on the device, addresses as mapped in this process. Error cudaErrorInvalidValue (nothing
-// launched) when row_bases is null or out_row_bytes or y is not 16-byte aligned.
-LaunchResult launch_combine_from_table(const CombineParams& params, const int64_t* row_bases,
+// owner r in r's own expert_out instead of r's combine window, found through table (r's
+// (segment, offset) read from r's workspace, then table.bases): each rank's expert_out in
+// place (torch's symmetric memory pool), no staging copy. Error cudaErrorInvalidValue (nothing
+// launched) when table.bases is null, the world is larger than the kernel's owner table, or
+// out_row_bytes or y is not 16-byte aligned.
+LaunchResult launch_combine_from_table(const CombineParams& params, const SegmentTable& table,
                                        cudaStream_t stream);
 
 // Stages expert_out's valid rows into a combine window.

@@ -53,6 +53,21 @@ struct CombineParams {
   int32_t num_sms;
 };
 
+// combine_symmetric's rows: every expert_out segment rendezvoused on the group, each rank's row
+// 0 of it as mapped in this process (bases[segment * world_size + rank], 0 where unknown), and
+// where this rank's expert_out of this call is in its own table (segment, byte offset;
+// kStagedSegment: staged into this rank's combine window, which its peers read instead).
+// Ranks one such combine serves: the kernel keeps the owners' row 0 addresses in shared memory.
+constexpr int kMaxTableRanks = 256;
+// The segment of an expert_out in no segment its peers know: staged into the combine window.
+constexpr int64_t kStagedSegment = -1;
+struct SegmentTable {
+  const int64_t* bases;  // [num_segments, world_size], on the device
+  int64_t num_segments;
+  int64_t segment;
+  int64_t offset;
+};
+
 // Stages expert_out into the combine window when it is not already there: the valid rows of
 // each group (expert) only. Group g's rows start at g * group_rows; counts[g] rows are valid
 // (throughput: one group, counts = &expert_offsets[L]; low latency: L groups of S rows).

@@ -51,9 +51,10 @@ enum PlanField : int {
   kPlan_off_ctrl_status = 33,
   kPlan_off_ctrl_host_status_ptr = 34,
   kPlan_off_ctrl_abort = 35,
-  kPlan_off_ctrl_trace_on = 36,
-  kPlan_off_ctrl_trace = 37,
-  kPlanNumFields = 38,
+  kPlan_off_ctrl_combine_segment = 36,
+  kPlan_off_ctrl_trace_on = 37,
+  kPlan_off_ctrl_trace = 38,
+  kPlanNumFields = 39,
 };
 
 // The communicator state every communication kernel takes: this rank's workspace, the
@@ -97,6 +98,7 @@ struct CommParams {
   int64_t off_status;  // ctrl field status
   int64_t off_host_status_ptr;  // ctrl field host_status_ptr
   int64_t off_abort;  // ctrl field abort
+  int64_t off_combine_segment;  // ctrl field combine_segment
   int64_t off_trace_on;  // ctrl field trace_on
   int64_t off_trace;  // ctrl field trace
 };
@@ -143,6 +145,7 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace,
   c.off_status = static_cast<int64_t>(plan[kPlan_off_ctrl_status]);
   c.off_host_status_ptr = static_cast<int64_t>(plan[kPlan_off_ctrl_host_status_ptr]);
   c.off_abort = static_cast<int64_t>(plan[kPlan_off_ctrl_abort]);
+  c.off_combine_segment = static_cast<int64_t>(plan[kPlan_off_ctrl_combine_segment]);
   c.off_trace_on = static_cast<int64_t>(plan[kPlan_off_ctrl_trace_on]);
   c.off_trace = static_cast<int64_t>(plan[kPlan_off_ctrl_trace]);
   return c;
@@ -161,6 +164,7 @@ enum StatusCode : int64_t {
   kStatusTimeout = 2,  // [rank waited for, what (WAITS index), call epoch]
   kStatusBadIndex = 3,  // [token, topk slot, value]
   kStatusPeerFailed = 4,  // [rank that failed, what (WAITS index), call epoch]
+  kStatusBadSegment = 5,  // [rank whose expert_out, segment it published, segments in the table]
 };
 
 // What a cross-rank wait waits for (the `what` of a timeout).

@@ -12,8 +12,12 @@
 // Same contract and results as combine_kernel (the same float32 order of the slots); launched
 // by launcher.cu for the throughput window when rows and pointers are 16-byte aligned.
 // kFromTable (launch_combine_from_table): the rows are read where the experts wrote them, in
-// each owner's own expert_out (torch's symmetric memory pool), at row_bases[owner] + row * pitch,
-// instead of the owner's combine window; same flags, waits and slot rules (combine_slot).
+// each owner's own expert_out (torch's symmetric memory pool), instead of the owner's combine
+// window; same flags, waits and slot rules (combine_slot). Each owner stores (segment, byte
+// offset) of its expert_out in its ctrl.combine_segment before it releases its flags; after the
+// flags, every block reads them once per owner and finds the owner's row 0 at
+// table.bases[segment][owner] + offset. The owner's choice cannot be known on this rank's host:
+// its pool picks among free segments by its own addresses.
 //
 // The loads are __ldg (the non-coherent path). That is sound here: a window row is written by
 // kernels that finished before its owner released its combine flag, this kernel loads no row
@@ -52,36 +56,79 @@ constexpr int kLdgUnroll = SWIFTEP_COMBINE_LDG_UNROLL;
 constexpr int kLdgWarps = SWIFTEP_COMBINE_LDG_WARPS;
 constexpr int kLdgThreads = kLdgWarps * kWarpSize;
 
+// Block-wide: row 0 of every owner's expert_out, as mapped in this process, into rows[owner]:
+// in its segment, or its combine window when it published kStagedSegment (nullptr when the
+// owner's flag never came, or its segment is not in the table: then the status says which
+// owner, and y is invalid). After the flags: the owner stored its (segment, offset) before it
+// released them.
+__device__ __forceinline__ void load_owner_rows(const CommParams& c, const SegmentTable& table,
+                                                int64_t win_off_x, bool peers_ready,
+                                                const uint8_t** rows) {
+  for (int owner = threadIdx.x; owner < c.world_size; owner += blockDim.x) {
+    const uint8_t* row0 = nullptr;
+    if (peers_ready) {
+      const int64_t* where = at_offset<const int64_t>(peer_base(c, owner), c.off_combine_segment);
+      const int64_t segment = ld_volatile_i64(where);
+      const int64_t offset = ld_volatile_i64(where + 1);
+      const int64_t base = segment >= 0 && segment < table.num_segments
+                               ? table.bases[segment * c.world_size + owner]
+                               : 0;
+      if (segment == kStagedSegment) {  // the owner staged its rows into its window
+        row0 = at_offset<const uint8_t>(peer_base(c, owner), win_off_x);
+      } else if (base != 0) {
+        row0 = reinterpret_cast<const uint8_t*>(base) + offset;
+      } else if (blockIdx.x == 0) {
+        report_status(c, kStatusBadSegment, owner, segment, table.num_segments);
+      }
+    }
+    rows[owner] = row0;
+  }
+  __syncthreads();
+}
+
 // Lane k's source row of token n (slot k) in its owner's expert_out, whose row 0 is at
-// row_bases[owner] (an address as mapped in this process), or nullptr: combine_source's rules.
+// owner_rows[owner], or nullptr: combine_source's rules (and an owner with no row 0).
 template <typename IdxT>
 __device__ __forceinline__ const uint8_t* combine_table_source(const CombineParams& p,
                                                                const CombineWindow& win,
-                                                               const int64_t* row_bases,
+                                                               const uint8_t* const* owner_rows,
                                                                int64_t n, int k,
                                                                bool peers_ready) {
   int owner = 0;
   int32_t row = 0;
   if (!combine_slot<IdxT>(p, win, n, k, peers_ready, &owner, &row)) return nullptr;
-  return reinterpret_cast<const uint8_t*>(row_bases[owner]) + row * p.out_row_bytes;
+  const uint8_t* row0 = owner_rows[owner];
+  return row0 == nullptr ? nullptr : row0 + row * p.out_row_bytes;
 }
 
-// row_bases: [world_size] row-0 addresses when kFromTable, unused (nullptr) otherwise.
+// table: the segment table and this rank's (segment, offset) when kFromTable, unused otherwise.
 template <typename T, typename IdxT, bool kFromTable>
 __global__ void __launch_bounds__(kLdgThreads)
     combine_ldg_kernel(const __grid_constant__ CombineParams p, CombineWindow win,
-                       const int64_t* row_bases) {
+                       SegmentTable table) {
   __shared__ float weights[kLdgWarps][kMaxTopk];
   __shared__ const uint8_t* sources[kLdgWarps][kMaxTopk];
+  __shared__ const uint8_t* owner_rows[kFromTable ? kMaxTableRanks : 1];
   const CommParams& c = p.comm;
   const int warp = warp_id();
   const int lane = lane_id();
   const int64_t epoch = ctrl_epoch(c)[win.epoch_slot];  // the matching dispatch's epoch
   // This rank's window was filled by kernels that finished before this one (stream order).
-  if (blockIdx.x == 0) block_release_to_all_peers(c, win.off_flags, epoch);
+  if (blockIdx.x == 0) {
+    if constexpr (kFromTable) {  // where the peers find this rank's rows, before the release
+      if (threadIdx.x == 0) {
+        int64_t* where = at_offset<int64_t>(c.workspace, c.off_combine_segment);
+        where[0] = table.segment;
+        where[1] = table.offset;
+      }
+      __syncthreads();
+    }
+    block_release_to_all_peers(c, win.off_flags, epoch);
+  }
   const bool peers_ready =
       block_wait_all_peers(c, at_offset<int64_t>(c.workspace, win.off_flags), epoch,
                            win.wait_what);  // on timeout: no remote reads, y = 0
+  if constexpr (kFromTable) load_owner_rows(c, table, win.off_x, peers_ready, owner_rows);
 
   constexpr int kElemsPerVec = 16 / sizeof(T);
   const int64_t vecs = p.out_row_bytes / 16;
@@ -89,7 +136,7 @@ __global__ void __launch_bounds__(kLdgThreads)
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * kLdgWarps + warp; n < p.num_tokens;
        n += num_warps_total) {
     const uint8_t* src = kFromTable
-                             ? combine_table_source<IdxT>(p, win, row_bases, n, lane, peers_ready)
+                             ? combine_table_source<IdxT>(p, win, owner_rows, n, lane, peers_ready)
                              : combine_source<IdxT>(p, win, n, lane, peers_ready);
     const uint32_t valid = __ballot_sync(kFullMask, src != nullptr);
     if (lane < p.num_topk) {

@@ -71,24 +71,24 @@ cudaError_t configure_combine(const CombineParams& p, CombineConfig* out) {
 }
 
 // The register-load combine (kernel_ldg.cuh; rows_aligned(p) checked by the caller): rows from
-// the owners' windows (row_bases nullptr) or from row_bases (kFromTable).
+// the owners' windows (table.bases nullptr) or from the segment table (kFromTable).
 template <typename T, typename IdxT, bool kFromTable>
 LaunchResult launch_ldg(const CombineParams& p, const CombineWindow& win,
-                        const int64_t* row_bases, cudaStream_t stream) {
+                        const SegmentTable& table, cudaStream_t stream) {
   const int64_t blocks = clamp_blocks(ceil_div(p.num_tokens, kLdgWarps), p.num_sms);
   combine_ldg_kernel<T, IdxT, kFromTable>
-      <<<static_cast<unsigned>(blocks), kLdgThreads, 0, stream>>>(p, win, row_bases);
+      <<<static_cast<unsigned>(blocks), kLdgThreads, 0, stream>>>(p, win, table);
   return launch_result(cudaGetLastError());
 }
 
-// row_bases: nullptr (the windows' rows), else the table of launch_combine_from_table.
+// table.bases: nullptr (the windows' rows), else launch_combine_from_table's table.
 template <typename T, typename IdxT>
 LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win,
-                          const int64_t* row_bases, cudaStream_t stream) {
-  if (row_bases != nullptr) return launch_ldg<T, IdxT, true>(p, win, row_bases, stream);
+                          const SegmentTable& table, cudaStream_t stream) {
+  if (table.bases != nullptr) return launch_ldg<T, IdxT, true>(p, win, table, stream);
   if constexpr (kCombineLdg) {  // the throughput window's register-load combine (kernel_ldg.cuh)
     if (win.epoch_slot == kEpochThroughput && rows_aligned(p)) {
-      return launch_ldg<T, IdxT, false>(p, win, nullptr, stream);
+      return launch_ldg<T, IdxT, false>(p, win, table, stream);
     }
   }
   CombineConfig cfg{};
@@ -105,19 +105,19 @@ LaunchResult launch_typed(const CombineParams& p, const CombineWindow& win,
 
 template <typename IdxT>
 LaunchResult launch_by_dtype(const CombineParams& p, const CombineWindow& win,
-                             const int64_t* row_bases, cudaStream_t stream) {
+                             const SegmentTable& table, cudaStream_t stream) {
   switch (p.dtype) {
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16, IdxT>(p, win, row_bases, stream);
-    case DType::kFloat16: return launch_typed<__half, IdxT>(p, win, row_bases, stream);
-    case DType::kFloat32: return launch_typed<float, IdxT>(p, win, row_bases, stream);
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16, IdxT>(p, win, table, stream);
+    case DType::kFloat16: return launch_typed<__half, IdxT>(p, win, table, stream);
+    case DType::kFloat32: return launch_typed<float, IdxT>(p, win, table, stream);
   }
   return launch_result(cudaErrorInvalidValue);
 }
 
 LaunchResult launch_window(const CombineParams& p, const CombineWindow& win,
-                           const int64_t* row_bases, cudaStream_t stream) {
-  return p.topk_idx_is_int64 ? launch_by_dtype<int64_t>(p, win, row_bases, stream)
-                             : launch_by_dtype<int32_t>(p, win, row_bases, stream);
+                           const SegmentTable& table, cudaStream_t stream) {
+  return p.topk_idx_is_int64 ? launch_by_dtype<int64_t>(p, win, table, stream)
+                             : launch_by_dtype<int32_t>(p, win, table, stream);
 }
 
 // The throughput path's window: its flags and epoch serve both of its sources of rows.
@@ -129,22 +129,23 @@ CombineWindow throughput_window(const CommParams& c) {
 }  // namespace
 
 LaunchResult launch_combine(const CombineParams& params, cudaStream_t stream) {
-  return launch_window(params, throughput_window(params.comm), nullptr, stream);
+  return launch_window(params, throughput_window(params.comm), SegmentTable{}, stream);
 }
 
-LaunchResult launch_combine_from_table(const CombineParams& params, const int64_t* row_bases,
+LaunchResult launch_combine_from_table(const CombineParams& params, const SegmentTable& table,
                                        cudaStream_t stream) {
-  if (row_bases == nullptr || !rows_aligned(params)) {
+  if (table.bases == nullptr || params.comm.world_size > kMaxTableRanks ||
+      !rows_aligned(params)) {
     return launch_result(cudaErrorInvalidValue);  // the binding checks first: the backstop
   }
-  return launch_window(params, throughput_window(params.comm), row_bases, stream);
+  return launch_window(params, throughput_window(params.comm), table, stream);
 }
 
 LaunchResult launch_low_latency_combine(const CombineParams& params, cudaStream_t stream) {
   const CommParams& c = params.comm;
   const CombineWindow win{c.off_ll_combine_x, c.off_ll_combine_flags, kEpochLowLatency,
                           kWaitLlCombine, c.ll_rows_per_expert * c.num_local_experts};
-  return launch_window(params, win, nullptr, stream);
+  return launch_window(params, win, SegmentTable{}, stream);
 }
 
 LaunchResult launch_copy_rows(const CopyRowsParams& params, cudaStream_t stream) {
