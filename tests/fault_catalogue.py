@@ -208,9 +208,12 @@ def _other_faults() -> list[Fault]:
         Fault("combine: symmetric not a bool", TypeError, r"symmetric must be a bool, got 1",
               lambda: (lambda c: c.combine(c.combine_buffer(), c.dispatch(x, idx, w),
                                            symmetric=1))(comm())),
-        Fault("combine: a plain combine after symmetric ones on the same Communicator",
-              ValueError, r"read the experts' output in place since combine call 2 .*pass "
-              r"symmetric=True", lambda: _plain_after_symmetric(x, idx, w)),
+        Fault("torch.ops.swiftep.combine_symmetric with a segment_offset not a multiple of 16",
+              ValueError, r"segment_offset must be a non-negative multiple of 16, got 8",
+              lambda: (lambda c, h: torch.ops.swiftep.combine_symmetric(
+                  c.combine_buffer(), torch.zeros(2, 1, dtype=torch.int64), 0, 8, h.topk_idx,
+                  h.topk_weights, h.token_rows, h.expert_offsets, c.workspace, c.peer_ptrs, "",
+                  c.plan.as_list(), 4))(*_dispatched(x, idx, w))),
         Fault("torch.ops.swiftep.combine_symmetric with a segment past its segment table",
               ValueError, r"segment must be -1 or in \[0, 2\) \(segment_bases' rows\), got 2",
               lambda: (lambda c, h: torch.ops.swiftep.combine_symmetric(
@@ -223,12 +226,6 @@ def _other_faults() -> list[Fault]:
 def _dispatched(x, idx, w):
     c = comm()
     return c, c.dispatch(x, idx, w)
-
-
-def _plain_after_symmetric(x, idx, w):
-    c, handle = _dispatched(x, idx, w)
-    c.combine(c.combine_buffer(), handle, symmetric=True)
-    return c.combine(c.combine_buffer(), c.dispatch(x, idx, w))
 
 
 def single_rank_faults() -> list[Fault]:

@@ -28,7 +28,7 @@ def _layer(rank, low_latency):
     comms = [ts.Communicator(dist.group.WORLD, cfg, device=device) for _ in range(2)]
     moe = ExpertParallelMoE(comms[0], FFN, low_latency=low_latency)
     # row-wise experts and shared expert: a token's result does not depend on its chunk
-    moe.experts = lambda rows, offs: rows * 1.5 - 0.25
+    moe.experts = lambda rows, offs, pool=None: rows * 1.5 - 0.25
     moe.experts_low_latency = lambda rows: rows * 1.5 - 0.25
     layer = PipelinedMoE(moe, comms, lambda x: x * 0.5)
     return moe, comms, layer, device

@@ -85,10 +85,10 @@ def _reuse(rank, world, comms, device):
     """Steps on one communicator, each with a fresh pool tensor of its own size (the previous
     one freed first); at step 3 the previous one stays alive, so two are alive at once. The
     ranks' pools pick their blocks by their own addresses, so the ranks' tensors can sit in
-    different reserved segments: each combine must still read every peer's rows. Every
-    tensor must be found in a reserved segment (read in place, no staging), except at step 4,
-    where rank 0's is part of an allocation too large for any (staged: its peers read it from
-    its window while it reads theirs in place)."""
+    different reserved segments: each combine must still read every peer's rows. A tensor
+    alone in the pool must be found in a reserved segment (read in place, no staging); at
+    step 4 rank 0's is part of an allocation too large for any (staged: its peers read it
+    from its window while it reads theirs in place)."""
     errors, kept = [], None
     tables = comms[0]._segments
     for step, routing in enumerate(("uniform", "holes", "skewed", "duplicates", "uniform",
@@ -100,7 +100,10 @@ def _reuse(rank, world, comms, device):
         found, out = _symmetric_step(comms, rank, testing.expected(case), device,
                                      spare_rows=4096 if staged else 0)
         errors += [f"reuse step {step}: {e}" for e in found]
-        if tables.staged_calls - before != int(staged):
+        # step 3: two small tensors alive at once; the reserved small-pool segment (2 MiB, see
+        # symmetric.py) may not hold the second, which is then staged
+        allowed = {0, 1} if step == 3 and not staged else {int(staged)}
+        if tables.staged_calls - before not in allowed:
             where = tables._locate(out.data_ptr(), out.numel() * out.element_size())
             errors.append(f"rank {rank}: reuse step {step}: staged {tables.staged_calls - before}"
                           f" times, expected {int(staged)} (segment of the tensor: {where}, "

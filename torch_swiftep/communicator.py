@@ -247,8 +247,7 @@ class Communicator:
 
     def expert_output_pool(self):
         """Context manager for the experts' output of combine(..., symmetric=True), read in
-        place on every rank (no copy). Its first entry reserves the pool's segments, a
-        collective: every rank enters it (symmetric.py says what else it requires)."""
+        place (no copy). Its first entry is collective (symmetric.py: SegmentTables)."""
         return self._segments.pool(self)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchResult, *,
@@ -258,18 +257,19 @@ class Communicator:
         expert_out's dtype. expert_out: [capacity, hidden], row i the output of dispatch row i
         (use combine_buffer() to skip a copy); topk_weights defaults to the dispatch's.
         symmetric=True: expert_out was allocated inside expert_output_pool() and is read where
-        it is (swiftep::combine_symmetric); every rank must pass the same `symmetric`, and once
-        it has, this communicator's combines stay symmetric (a plain one is refused)."""
+        it is (swiftep::combine_symmetric). The first symmetric combine is one on every rank;
+        after it, ranks may mix plain and symmetric combines (symmetric.py)."""
         self._ledger.check_handle(handle, "dispatch")
         weights = handle.topk_weights if topk_weights is None else topk_weights
         routing = (handle.topk_idx, weights, handle.token_rows, handle.expert_offsets,
                    *self._state(num_sms))
-        if symmetric is True:
-            return self._call("combine_symmetric", expert_out,
-                              *self._segments.table(self, expert_out), *routing)
-        if symmetric is not False:
+        if symmetric is not True and symmetric is not False:
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
-        self._segments.refuse_plain(self)
+        # symmetric path engaged: a plain combine, too, says where its rows are (staged)
+        table = (self._segments.table(self, expert_out) if symmetric
+                 else self._segments.plain_table(self))
+        if table is not None:
+            return self._call("combine_symmetric", expert_out, *table, *routing)
         return self._call("combine", expert_out, *routing)
 
     # ---------------------------------------------------------------- low-latency path

@@ -3,6 +3,8 @@ CUDA-graph tests and the benchmark use. Router -> top-k -> dispatch -> grouped e
 the expert-major rows -> combine."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,11 +47,14 @@ class ExpertParallelMoE(nn.Module):
         weights, idx = scores.topk(self.top_k, dim=-1)
         return idx, weights / weights.sum(dim=-1, keepdim=True)
 
-    def experts(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """Grouped SwiGLU MLP over expert-major rows; offs: [L] int32 end offsets."""
+    def experts(self, rows: torch.Tensor, offs: torch.Tensor, pool=None) -> torch.Tensor:
+        """Grouped SwiGLU MLP over expert-major rows; offs: [L] int32 end offsets. pool: a
+        context the output alone is allocated in (the intermediates stay out of it)."""
         gate_up = torch._grouped_mm(rows, self.w_gate_up, offs=offs)
         gate, up = gate_up.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.w_down, offs=offs)
+        hidden = F.silu(gate) * up
+        with pool if pool is not None else contextlib.nullcontext():
+            return torch._grouped_mm(hidden, self.w_down, offs=offs)
 
     def experts_low_latency(self, recv_x: torch.Tensor) -> torch.Tensor:
         """The same MLP over the static [L, S, hidden] low-latency window (bmm): rows past
@@ -64,16 +69,18 @@ class ExpertParallelMoE(nn.Module):
             handle = self.comm.low_latency_dispatch(x, idx, weights)
             return self.comm.low_latency_combine(self.experts_low_latency(handle.recv_x), handle)
         handle = self.comm.dispatch(x, idx, weights)
-        out = self.experts(handle.recv_x, handle.expert_offsets[1:])
-        if torch.compiler.is_compiling():  # the window cannot be written here: combine stages
-            return self.comm.combine(out, handle)
-        # The grouped GEMM returns a fresh tensor. Eager (and in CUDA graphs) it goes into the
-        # combine window by a plain copy over the whole GPU, idle between the GEMM and the
-        # combine in this unpipelined layer, rather than by the combine's staging over its few
-        # SMs (41 GB/s per SM measured, docs/perf-notes.md); the combine then reads it in place.
-        window = self.comm.combine_buffer(out.dtype)
-        window.copy_(out)
-        return self.comm.combine(window, handle)
+        offs = handle.expert_offsets[1:]
+        # The pool's first entry and the lookup of a tensor's segment run on the host, and a
+        # world emulated in one process has no pool: there the GEMM's fresh tensor is staged
+        # by combine (its few SMs).
+        emulated = self.comm.world_size > 1 and not self.comm.group_name
+        if emulated or torch.compiler.is_compiling() or (
+                x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self.comm.combine(self.experts(handle.recv_x, offs), handle)
+        # Eager: the GEMM's output is allocated in the symmetric pool and every owner's is read
+        # in place by the combine (no copy at all; docs/perf-notes.md).
+        out = self.experts(handle.recv_x, offs, pool=self.comm.expert_output_pool())
+        return self.comm.combine(out, handle, symmetric=True)
 
 
 def dense_reference(layers: list[ExpertParallelMoE], x: torch.Tensor) -> torch.Tensor:

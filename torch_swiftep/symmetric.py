@@ -102,9 +102,10 @@ class SegmentTables:
         self._unreserved: Optional[torch.Tensor] = None  # a table with no segment, if needed
         self.staged_calls = 0  # symmetric combines whose expert_out was in no segment
         # The combine call whose ranks first agreed on the symmetric path (None: not yet). From
-        # then on a plain combine is refused: its peers would read this rank's segment, which
-        # holds the previous call's rows, and return them without any error.
+        # then on every throughput combine publishes where its rows are (plain_table): a plain
+        # combine's kernel would read the windows of peers that staged nothing.
         self.engaged_at: Optional[int] = None
+        self._engaged_bases: Optional[torch.Tensor] = None  # the table from then on
 
     @property
     def _bases(self) -> Optional[torch.Tensor]:  # int64 [segments, world], on the device
@@ -127,35 +128,26 @@ class SegmentTables:
         if self._key not in _RESERVED:
             _RESERVED[self._key] = self._reserve(comm)
 
-    def refuse_plain(self, comm) -> None:
-        """Before a plain combine: once the symmetric path is engaged, refuse it, telling the
-        peers at once (the same path as a rejected input: they raise naming this rank)."""
+    def plain_table(self, comm) -> Optional[tuple]:
+        """Once the symmetric path is engaged, a plain combine is combine_symmetric with its
+        rows staged (segment -1): its peers read every owner where it says its rows are, so
+        ranks may mix plain and symmetric combines from then on. Before: None (combine's own
+        kernel, which reads every owner's window)."""
         if self.engaged_at is None:
-            return
-        error = ValueError(
-            f"rank {comm.rank}: this Communicator's combines read the experts' output in place "
-            f"since combine call {self.engaged_at} (symmetric=True on every rank): pass "
-            "symmetric=True, or use another Communicator for plain combines")
-        call = comm._ledger.next_call("combine", ok=False)
-        if comm._agreement is not None and comm.device.type == "cpu":
-            comm._agreement.before_call("combine", call, error)
-        elif comm._agreement is not None:
-            comm._announce_failure("combine", call, error)
-        raise error
+            return None
+        return self._engaged_bases, STAGED_SEGMENT, 0
 
     def table(self, comm, expert_out) -> tuple:
         """(segment_bases, segment, segment_offset) for comm.combine(expert_out, handle,
         symmetric=True). CPU: a zero table (the CPU backend ignores it)."""
         if comm.device.type != "cuda":
-            self._engage(comm)
-            return torch.zeros(1, comm.world_size, dtype=torch.int64, device=comm.device), 0, 0
-        found = self._cuda_table(comm, expert_out)
-        self._engage(comm)
-        return found
-
-    def _engage(self, comm) -> None:
+            found = torch.zeros(1, comm.world_size, dtype=torch.int64, device=comm.device), 0, 0
+        else:
+            found = self._cuda_table(comm, expert_out)
         if self.engaged_at is None:
             self.engaged_at = comm._ledger.calls + 1  # the number this combine will get
+            self._engaged_bases = found[0]
+        return found
 
     def _locate(self, ptr: int, nbytes: int) -> Optional[tuple]:
         """(segment, offset) of a reserved segment holding [ptr, ptr + nbytes), or None."""
