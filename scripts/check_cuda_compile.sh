@@ -44,18 +44,22 @@ if [ "${#sources[@]}" -eq 0 ]; then
 fi
 nvcc_each log_name "$obj_dir" "$log_dir" "" "${sources[@]}" || status=1
 
-# Build-time variants that the default build does not instantiate (the staged TMA combine for
-# the throughput window, kept for A/B runs against the default register-load combine of
-# csrc/ops/combine/kernel_ldg.cuh): they must keep compiling, without spills.
-variant="-DSWIFTEP_COMBINE_LDG=0"
-if "$nvcc_bin" "${nvcc_flags[@]}" $variant -c csrc/ops/combine/launcher.cu \
-    -o "$obj_dir/combine_tma.o" > "$log_dir/combine_tma.log" 2>&1; then
-  echo "ok    nvcc $variant csrc/ops/combine/launcher.cu"
-else
-  echo "FAIL  nvcc $variant csrc/ops/combine/launcher.cu"
-  cat "$log_dir/combine_tma.log"
-  status=1
-fi
+# Build-time variants that the default build does not instantiate, kept for A/B runs: the
+# staged TMA combine for the throughput window (against the default register-load combine of
+# csrc/ops/combine/kernel_ldg.cuh) and the register send of the throughput dispatch
+# (csrc/ops/send/registers.cuh, against the default staged send). They must keep compiling,
+# without spills.
+check_variant() {  # check_variant FLAG SOURCE NAME
+  if "$nvcc_bin" "${nvcc_flags[@]}" "$1" -c "$2" -o "$obj_dir/$3.o" > "$log_dir/$3.log" 2>&1; then
+    echo "ok    nvcc $1 $2"
+  else
+    echo "FAIL  nvcc $1 $2"
+    cat "$log_dir/$3.log"
+    status=1
+  fi
+}
+check_variant -DSWIFTEP_COMBINE_LDG=0 csrc/ops/combine/launcher.cu combine_tma
+check_variant -DSWIFTEP_DISPATCH_REG=1 csrc/ops/dispatch/launcher.cu dispatch_reg
 
 # Spills are a regression worth failing on; the only stack expected is printf's argument
 # buffer in the bounded wait's slow path.

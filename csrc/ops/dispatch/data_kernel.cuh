@@ -1,5 +1,6 @@
 // Throughput dispatch, phase 2: the data kernel (phase 1, the counts kernel, is in
-// counts_kernel.cuh beside it). It sends with the staged send (ops/send/staged.cuh).
+// counts_kernel.cuh beside it). It sends with the staged send (ops/send/staged.cuh), or, in a
+// -DSWIFTEP_DISPATCH_REG=1 build, through registers where it can (ops/send/registers.cuh).
 //
 // Completion: after finish_bulk_stores, every thread fences at system scope before its block
 // counts itself done; the last block releases the data flag into every peer, then waits
@@ -9,6 +10,7 @@
 #include <cstdint>
 
 #include "device/common.cuh"
+#include "ops/send/registers.cuh"
 #include "ops/send/staged.cuh"
 #include "ops/send/units.cuh"
 #include "swiftep/params.h"
@@ -42,8 +44,12 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const SendUnits units{global_warp, num_warps_total,
                         static_cast<int64_t>(p.num_tokens) * shape.per_token, shape.per_token, 1,
                         shape.per_token != 1};
-  send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()], shape.stage_bytes,
-                    shape.use_tma, Tracer{nullptr});
+  if (kDispatchReg && shape.use_tma && shape.per_token == 1 && !p.quantize_fp8) {
+    send_tokens_reg<IdxT>(p, win, units, p.token_rows);
+  } else {
+    send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()],
+                      shape.stage_bytes, shape.use_tma, Tracer{nullptr});
+  }
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneDispatchData)) return;
   block_release_to_all_peers(c, c.off_data_flags, epoch);
