@@ -124,12 +124,14 @@ if has sanitize; then
 fi
 # sanitize_ranks (opt-in): memcheck over ranks as processes (no in-process emulation, so nothing
 # waits behind a serialized kernel): the 2-rank reference test (every dispatch and combine kernel,
-# staged and zero-copy, FP8 given and quantized) and dispatch_layout. Slow: processes take turns
-# and memcheck instruments every access.
+# staged and zero-copy, FP8 given and quantized), dispatch_layout, and the symmetric combine
+# (its kernel reads the owners' rows through the segment table: in place and staged, mixed).
+# Slow: processes take turns and memcheck instruments every access.
 if has sanitize_ranks; then
   run sanitize_ranks compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
     python3 -m pytest -q -p no:cacheprovider "tests/test_gpu.py::test_cuda_matches_reference[2]" \
-    tests/test_gpu.py::test_dispatch_layout_matches_cpu_and_rejects_bad_indices
+    tests/test_gpu.py::test_dispatch_layout_matches_cpu_and_rejects_bad_indices \
+    "tests/test_gpu_symmetric.py::test_symmetric_combine_matches_reference_and_plain_combine[2]"
   grep -oE "ERROR SUMMARY.*|[0-9]+ (passed|failed).*" "$OUT/sanitize_ranks.log" \
     | tee -a "$OUT/summary.log"
 fi
