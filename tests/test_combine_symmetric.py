@@ -136,6 +136,7 @@ def test_combine_checks_apply_to_the_symmetric_path():
     comm, handle, out, _ = _comm_and_args()
     with pytest.raises(ValueError, match=r"expert_out has 3 rows"):
         comm.combine(out[:3], handle, symmetric=True)
+    assert comm._segments.engaged_at is None  # a refused first call engages nothing
     comm.dispatch(torch.randn(4, H).bfloat16(), torch.zeros(4, K, dtype=torch.long),
                   torch.ones(4, K))
     with pytest.raises(ValueError, match=r"stale handle"):

@@ -266,7 +266,7 @@ class Communicator:
         if symmetric is not True and symmetric is not False:
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
         # symmetric path engaged: a plain combine, too, says where its rows are (staged)
-        table = (self._segments.table(self, expert_out) if symmetric
+        table = (self._segments.table(self, expert_out, routing) if symmetric
                  else self._segments.plain_table(self))
         if table is not None:
             return self._call("combine_symmetric", expert_out, *table, *routing)

@@ -137,14 +137,16 @@ class SegmentTables:
             return None
         return self._engaged_bases, STAGED_SEGMENT, 0
 
-    def table(self, comm, expert_out) -> tuple:
+    def table(self, comm, expert_out, routing: tuple) -> tuple:
         """(segment_bases, segment, segment_offset) for comm.combine(expert_out, handle,
-        symmetric=True). CPU: a zero table (the CPU backend ignores it)."""
+        symmetric=True); routing: the op's arguments after the table. CPU: a zero table (the
+        CPU backend ignores it). A first call whose inputs the op refuses does not engage the
+        path (its error is raised by the op's checks, as for any call)."""
         if comm.device.type != "cuda":
-            found = torch.zeros(1, comm.world_size, dtype=torch.int64, device=comm.device), 0, 0
+            found = (torch.zeros(1, comm.world_size, dtype=torch.int64), 0, 0)
         else:
             found = self._cuda_table(comm, expert_out)
-        if self.engaged_at is None:
+        if self.engaged_at is None and _accepted(expert_out, found[0], routing):
             self.engaged_at = comm._ledger.calls + 1  # the number this combine will get
             self._engaged_bases = found[0]
         return found
@@ -222,6 +224,17 @@ class SegmentTables:
                                "inside its own pool (get_mem_pool)")
         # buffer_ptrs are the allocations' starts: later tensors anywhere in one are found
         return list(handle.buffer_ptrs), int(getattr(handle, "buffer_size", 0) or 0), handle
+
+
+def _accepted(expert_out, table: torch.Tensor, routing: tuple) -> bool:
+    """Whether combine_symmetric's contract checks accept these arguments."""
+    from .ops import BY_NAME
+
+    try:
+        BY_NAME["combine_symmetric"].check(expert_out, table, 0, 0, *routing)
+    except (ValueError, TypeError, IndexError):
+        return False
+    return True
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
