@@ -82,3 +82,14 @@ def test_combine_window_inside_compile_is_refused_with_the_reason(low_latency):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="not available inside torch.compile"):
         torch.compile(step, fullgraph=True)(x, idx, w)
+
+
+@pytest.mark.parametrize("low_latency", [False, True])
+def test_eager_layer_equals_the_dense_layer(low_latency):
+    """Eager: the throughput layer's experts write into the symmetric pool (read in place), the
+    low-latency layer's last bmm into the combine window (out=): both equal the dense layer."""
+    from torch_swiftep.moe import dense_reference
+
+    layer = ExpertParallelMoE(ts.Communicator(None, _config()), FFN, low_latency=low_latency)
+    x = torch.randn(T - 3, H, generator=torch.Generator().manual_seed(3)).bfloat16()
+    assert testing.close(layer(x), dense_reference([layer], x), torch.bfloat16) is None

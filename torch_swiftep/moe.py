@@ -56,18 +56,23 @@ class ExpertParallelMoE(nn.Module):
         with pool if pool is not None else contextlib.nullcontext():
             return torch._grouped_mm(hidden, self.w_down, offs=offs)
 
-    def experts_low_latency(self, recv_x: torch.Tensor) -> torch.Tensor:
+    def experts_low_latency(self, recv_x: torch.Tensor, out=None) -> torch.Tensor:
         """The same MLP over the static [L, S, hidden] low-latency window (bmm): rows past
-        recv_counts[j] are computed and ignored."""
+        recv_counts[j] are computed and ignored. out: where the output goes (bmm's out=)."""
         gate_up = torch.bmm(recv_x, self.w_gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return torch.bmm(F.silu(gate) * up, self.w_down)
+        return torch.bmm(F.silu(gate) * up, self.w_down, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, weights = self.route(x)
         if self.low_latency:
             handle = self.comm.low_latency_dispatch(x, idx, weights)
-            return self.comm.low_latency_combine(self.experts_low_latency(handle.recv_x), handle)
+            # Eager and in CUDA graphs the last bmm writes straight into the low-latency combine
+            # window (zero copy, as bmm takes out=); traced, its fresh output is staged.
+            window = (None if torch.compiler.is_compiling()
+                      else self.comm.low_latency_combine_buffer(x.dtype))
+            out = self.experts_low_latency(handle.recv_x, out=window)
+            return self.comm.low_latency_combine(out, handle)
         handle = self.comm.dispatch(x, idx, weights)
         offs = handle.expert_offsets[1:]
         # The pool's first entry and the lookup of a tensor's segment run on the host, and a
