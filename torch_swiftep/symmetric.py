@@ -31,12 +31,12 @@ TABLE_UNDER_COMPILE = (
     "combine(symmetric=True) finds expert_out's segment on the host (a search of the few "
     "reserved segments)")
 NOT_FROM_POOL = "expert_out must be allocated inside Communicator.expert_output_pool()"
-# What a communicator's first entry into the pool reserves: RESERVED_SEGMENTS large segments
-# of RESERVE_TOKENS_FACTOR x max_tokens_per_rank x num_topk rows (twice the rows a rank
-# receives on average; at most the window's capacity) and one small-pool segment, for tensors
-# of up to 1 MiB, which torch's caching allocator serves from 2 MiB segments of their own.
+# What a communicator's first entry into the pool reserves: RESERVED_SEGMENTS large segments,
+# each the combine window's size (capacity rows of hidden in the config's dtype: combine's
+# contract makes expert_out cover the window, so a layer's output always fits one), and one
+# small-pool segment, for tensors of up to 1 MiB, which torch's caching allocator serves from
+# 2 MiB segments of their own.
 RESERVED_SEGMENTS = 2
-RESERVE_TOKENS_FACTOR = 2
 SMALL_BLOCK_BYTES = 1 << 20
 LARGE_MIN_BYTES = 2 << 20  # above the small pool's requests
 STAGED_SEGMENT = -1  # ops/combine_symmetric.py: rows staged into the combine window
@@ -182,22 +182,16 @@ class SegmentTables:
                 f"{expert_out.data_ptr():#x}) is in none of the {len(self._segments)} segments "
                 "this Communicator reserved in expert_output_pool(): its rows are staged (one "
                 "copy). Allocate expert_out inside comm.expert_output_pool(), at most "
-                f"{RESERVED_SEGMENTS} alive at once, each at most {self._large_rows(comm)} rows",
-                stacklevel=5)
+                f"{RESERVED_SEGMENTS} alive at once, each at most capacity="
+                f"{comm.plan.capacity} rows of the config's dtype", stacklevel=5)
         return self._bases, STAGED_SEGMENT, 0
-
-    @staticmethod
-    def _large_rows(comm) -> int:
-        cfg = comm.config
-        return min(comm.plan.capacity,
-                   RESERVE_TOKENS_FACTOR * cfg.max_tokens_per_rank * cfg.num_topk)
 
     def _reserve(self, comm) -> tuple:
         """(table, segments): the segments, the same sizes on every rank, rendezvoused in the
         same order, then freed into the pool; the device table of every rank's address."""
         if comm.world_size > 1:
             _agree(comm, None, "expert_output_pool (its first entry reserves segments)")
-        large = max(LARGE_MIN_BYTES, self._large_rows(comm) * comm.config.hidden
+        large = max(LARGE_MIN_BYTES, comm.plan.capacity * comm.config.hidden
                     * torch.empty(0, dtype=comm.config.dtype).element_size())
         with expert_output_pool(comm.device):
             blocks = [torch.empty(SMALL_BLOCK_BYTES, dtype=torch.uint8, device=comm.device)]
