@@ -210,22 +210,25 @@ def _other_faults() -> list[Fault]:
                                            symmetric=1))(comm())),
         Fault("torch.ops.swiftep.combine_symmetric with a segment_offset not a multiple of 16",
               ValueError, r"segment_offset must be a non-negative multiple of 16, got 8",
-              lambda: (lambda c, h: torch.ops.swiftep.combine_symmetric(
-                  c.combine_buffer(), torch.zeros(2, 1, dtype=torch.int64), 0, 8, h.topk_idx,
-                  h.topk_weights, h.token_rows, h.expert_offsets, c.workspace, c.peer_ptrs, "",
-                  c.plan.as_list(), 4))(*_dispatched(x, idx, w))),
+              lambda: _combine_symmetric_op(x, idx, w, segment=0, offset=8)),
         Fault("torch.ops.swiftep.combine_symmetric with a segment past its segment table",
               ValueError, r"segment must be -1 or in \[0, 2\) \(segment_bases' rows\), got 2",
-              lambda: (lambda c, h: torch.ops.swiftep.combine_symmetric(
-                  c.combine_buffer(), torch.zeros(2, 1, dtype=torch.int64), 2, 0, h.topk_idx,
-                  h.topk_weights, h.token_rows, h.expert_offsets, c.workspace, c.peer_ptrs, "",
-                  c.plan.as_list(), 4))(*_dispatched(x, idx, w))),
+              lambda: _combine_symmetric_op(x, idx, w, segment=2, offset=0)),
     ]
 
 
 def _dispatched(x, idx, w):
     c = comm()
     return c, c.dispatch(x, idx, w)
+
+
+def _combine_symmetric_op(x, idx, w, segment: int, offset: int):
+    """The op called directly, with a 2-segment table and the given (segment, offset)."""
+    c, h = _dispatched(x, idx, w)
+    return torch.ops.swiftep.combine_symmetric(
+        c.combine_buffer(), torch.zeros(2, 1, dtype=torch.int64), segment, offset, h.topk_idx,
+        h.topk_weights, h.token_rows, h.expert_offsets, c.workspace, c.peer_ptrs, "",
+        c.plan.as_list(), 4)
 
 
 def single_rank_faults() -> list[Fault]:
