@@ -151,8 +151,9 @@ if has pipeline; then
       --tokens 4096 --out "$OUT/pipeline_$shape"
   done
 fi
-# multi_process (opt-in): ranks as processes on one GPU, side by side under the MPS daemon
-# (stopped again after); DeepEP's intranode build on PYTHONPATH when there is one (DEEPEP_DIR,
+# multi_process (opt-in): ranks as processes, rank r on GPU r % GPUs (several on one GPU run side
+# by side under the MPS daemon, stopped again after; MP_ARGS="--world 2" on a 2-GPU host gives
+# each rank its own); DeepEP's intranode build on PYTHONPATH when there is one (DEEPEP_DIR,
 # default third_party/deepep_intranode, from scripts/build_deepep.sh). MP_ARGS: more flags for
 # the benchmark, e.g. MP_ARGS="--sms 4,8,16".
 multi_process() {
@@ -179,14 +180,16 @@ if has variants; then
   run variants bash scripts/combine_variants.sh "$OUT/variants"
 fi
 # pipeline_mp (opt-in): bench/pipeline_multi_process.py, the ranks side by side under the MPS
-# daemon (stopped again after).
+# daemon (stopped again after); rank r runs on GPU r % GPUs, so on a multi-GPU host
+# PIPELINE_ARGS="--world 2 --experts 64 --sms 8,16,24,32" gives each rank a GPU of its own
+# (64 experts: an EP8 DeepSeek-V3 rank's 32 each; flags there override those below).
 # PIPELINE_SHAPES picks the shapes (one per command keeps a command short); TIMEOUT bounds each.
 if has pipeline_mp; then
   mps_on
   for shape in ${PIPELINE_SHAPES:-deepseek-v3 qwen3-moe}; do
     run "pipeline_mp_$shape" python3 -m torch_swiftep.bench.pipeline_multi_process --world 8 \
       --shape "$shape" --tokens 4096 --timeout "${TIMEOUT:-500}" \
-      --out "$OUT/pipeline_mp_$shape"
+      --out "$OUT/pipeline_mp_$shape" ${PIPELINE_ARGS:-}
   done
   mps_off
 fi

@@ -194,6 +194,27 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
     assert multi_process._swiftep_world(shape, [4], args)[2] == ["rank 1: combine differs"]
 
 
+def test_one_gpu_per_rank_quotes_each_gpu_against_its_own_ceiling():
+    """Two ranks on two GPUs: each GPU's ranks' bytes against one GPU's ceiling at its SMs."""
+    by_sms = {4: dict(dict.fromkeys(multi_process.OPS, 1.0))}
+    world_bytes = dict(pairs_per_rank=100.0, dispatch=4e9, combine=4e9)
+    shared = build_records(by_sms, world_bytes, {8: 1000.0}, 2, 10, {})  # both on one GPU
+    apart = build_records(by_sms, world_bytes, {4: 1000.0}, 2, 10, {}, sharing=1)
+    assert shared[0]["sms_total"] == 8 and apart[0]["sms_total"] == 4
+    assert shared[0]["ceiling_fraction"] == pytest.approx(2.0)  # 4 GB/ms over 2 TB/s r+w
+    assert apart[0]["ceiling_fraction"] == pytest.approx(1.0)  # half the bytes on each GPU
+
+
+def test_ranks_land_on_gpus_round_robin():
+    from torch_swiftep.launch import rank_gpu, ranks_per_gpu
+
+    assert [rank_gpu(r, 2) for r in range(4)] == [0, 1, 0, 1]
+    assert [rank_gpu(r, 1) for r in range(3)] == [0, 0, 0]
+    assert (ranks_per_gpu(8, 1), ranks_per_gpu(8, 2), ranks_per_gpu(2, 8), ranks_per_gpu(3, 2)) \
+        == (8, 4, 1, 2)
+    assert fit_budgets([64, 66], ranks_per_gpu(2, 2), 132) == ([64, 66], [])
+
+
 def test_budgets_that_do_not_fit_are_dropped():
     kept, dropped = fit_budgets([2, 4, 16, 24], 8, 132)
     assert kept == [2, 4, 16] and len(dropped) == 1 and "24 SMs/rank dropped" in dropped[0]

@@ -74,10 +74,11 @@ def test_help_and_bad_flags(capsys):
         pmp.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--world", "--shape", "--tokens", "--device", "--sms", "--check-tokens",
+    for flag in ("--world", "--shape", "--tokens", "--experts", "--device", "--sms", "--check-tokens",
                  "--repeats", "--carveout", "--bound-rows", "--timeout", "--out"):
         assert flag in text
-    for flags, message in ((["--world", "3"], "must divide deepseek-v3's experts"),
+    for flags, message in ((["--world", "3"], "must divide the experts, got --experts 256"),
+                           (["--world", "2", "--experts", "63"], "got --experts 63"),
                            (["--tokens", "0"], "--tokens must be positive"),
                            (["--carveout", "all"], "invalid choice")):
         with pytest.raises(SystemExit):
@@ -95,7 +96,7 @@ def _checks(rank, world_size, bound_rows):
     """_check on a good layer, then on one whose pipelined chunks come out zero."""
     torch.manual_seed(0)
     opts = dict(check_tokens=12, sms=[4], carveout="share", device_sms=132, world=world_size,
-                bound_rows=bound_rows)
+                sharing=world_size, bound_rows=bound_rows)
     moe, comms, shared, x = build("tiny", 24, torch.device("cpu"), dist.group.WORLD,
                                   seed=rank, moe_type=pmp.local_moe, num_experts=16, num_sms=4)
     world = pmp._World(torch.device("cpu"), dict(repeats=1))

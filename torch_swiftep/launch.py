@@ -34,6 +34,17 @@ class WorldError(RuntimeError):
     pass
 
 
+def rank_gpu(rank: int, gpus: int) -> int:
+    """The GPU of a rank in a world of processes on a host with `gpus` GPUs: rank % gpus (one
+    each when there are enough; on a one-GPU machine every rank shares it, under MPS)."""
+    return rank % max(gpus, 1)
+
+
+def ranks_per_gpu(world: int, gpus: int) -> int:
+    """Ranks on the busiest GPU under rank_gpu: they share its SMs."""
+    return -(-world // max(gpus, 1))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,7 +72,7 @@ def _worker(rank, world_size, port, backend, group_timeout_s, env, fn, args, res
         torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
                               else max(1, (os.cpu_count() or 1) // world_size))
         if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.cuda.set_device(rank_gpu(rank, torch.cuda.device_count()))
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=group_timeout_s))

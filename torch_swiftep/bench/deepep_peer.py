@@ -108,9 +108,10 @@ def _rank(rank, world, shape, sms, chain, repeats):
     import torch
     import torch.distributed as dist
 
+    from ..launch import rank_gpu
     from .multi_process import agree, rank_inputs
 
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     group = dist.group.WORLD
     deep_ep.Buffer.set_num_sms(sms)  # read by get_dispatch_config / get_combine_config

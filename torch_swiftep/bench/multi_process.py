@@ -1,7 +1,8 @@
-"""Throughput schedule with one process per rank on ONE GPU (as in production), peers in the
-same run. Run it under the MPS daemon (`nvidia-cuda-mps-control -d`, root; the gpu_round step
-`multi_process` starts it): without MPS the processes take turns on the GPU and the times mean
-nothing (the run says so, loudly).
+"""Throughput schedule with one process per rank (as in production), peers in the same run.
+Rank r runs on GPU r % GPUs: one GPU each on a host with enough of them (NVLink between them),
+else several ranks share a GPU, which needs the MPS daemon (`nvidia-cuda-mps-control -d`, root;
+the gpu_round step `multi_process` starts it): without MPS the processes take turns on the GPU
+and the times mean nothing (the run says so, loudly).
 
     python3 -m torch_swiftep.bench.multi_process --world 8 --tokens 4096 --sms 2,4,8,16 --out DIR
 
@@ -21,11 +22,12 @@ combine = (dispatch + combine chain) - (dispatch chain). Before timing, every ra
 combine mode at every budget at --check-tokens against testing's reference (the symmetric pool's
 result also bit for bit against the plain combine's of the same tensor).
 
-Ceiling: the library's bulk copy at the same total SM count (copy_ceiling.py), measured before
-the ranks start; each op's least bytes (read + write, metrics.py) per second is quoted as a
-fraction of its read + write rate. algbw: received (token, rank) pairs x hidden x 2 bytes / time
-per rank (DeepEP's convention). Peers, as ratios to swiftep at the same budget: DeepEP's
-intranode Buffer (deepep_peer.py), torch's NVSHMEM all_to_all_vdev_2d (torch_a2a_peer.py).
+Ceiling: the library's bulk copy at the SM count one GPU's ranks use together (copy_ceiling.py),
+measured before the ranks start, set against the least bytes of that GPU's ranks; each op's least
+bytes (read + write, metrics.py) per second is quoted as a fraction of its read + write rate. algbw:
+received (token, rank) pairs x hidden x 2 bytes / time per rank (DeepEP's convention). Peers, as
+ratios to swiftep at the same budget: DeepEP's intranode Buffer (deepep_peer.py), torch's NVSHMEM
+all_to_all_vdev_2d (torch_a2a_peer.py).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import os
 import subprocess
 import sys
 
-from ..launch import NO_MULTICAST_ENV
+from ..launch import NO_MULTICAST_ENV, rank_gpu, ranks_per_gpu
 from .rank_timing import LONG, REPEATS, SHORT, agree, capture_chains, measure_chains
 
 # Ranks as processes on one GPU (tests/gpu_world.py's environment): multicast off.
@@ -86,19 +88,23 @@ def ceiling_fraction(least_bytes: float, ms: float, payload_gbps) -> float | Non
 
 
 def build_records(swiftep: dict, world_bytes: dict, ceiling: dict, world: int, hidden: int,
-                  peers: dict) -> list[dict]:
+                  peers: dict, sharing: int | None = None) -> list[dict]:
     """One record per (SM budget, op). swiftep: {sms: {op: ms}} (slowest rank); world_bytes:
-    pairs_per_rank, dispatch and combine least bytes of the whole world; ceiling: {total SMs:
-    payload GB/s}; peers: {name: peer result with by_sms {sms: {dispatch, combine, step}}}."""
-    least = dict(dispatch=world_bytes["dispatch"], combine=world_bytes["combine"],
-                 step=world_bytes["dispatch"] + world_bytes["combine"])
+    pairs_per_rank, dispatch and combine least bytes of the whole world; ceiling: {SMs busy on
+    one GPU: payload GB/s}; peers: {name: peer result with by_sms {sms: {dispatch, combine,
+    step}}}; sharing: ranks per GPU (default: world, every rank on one GPU). The ceiling is one
+    GPU's, at its ranks' SMs: the least bytes are those of one GPU's ranks."""
+    sharing = sharing or world
+    least = {k: v * sharing / world for k, v in (("dispatch", world_bytes["dispatch"]),
+             ("combine", world_bytes["combine"]),
+             ("step", world_bytes["dispatch"] + world_bytes["combine"]))}
     records = []
     for sms in sorted(swiftep):
         for op in OPS:
             ms, kind = swiftep[sms][op], PEER_OP[op]
             both = 2 if kind == "step" else 1  # a step moves the pairs there and back
-            frac = ceiling_fraction(least[kind], ms, ceiling.get(sms * world))
-            rec = dict(op=op, sms_per_rank=sms, sms_total=sms * world, ms=ms,
+            frac = ceiling_fraction(least[kind], ms, ceiling.get(sms * sharing))
+            rec = dict(op=op, sms_per_rank=sms, sms_total=sms * sharing, ms=ms,
                        algbw_gbps=both * algbw_gbps(world_bytes["pairs_per_rank"], hidden, ms),
                        least_bytes=least[kind], ceiling_fraction=frac, peers={})
             for name, peer in peers.items():
@@ -208,7 +214,8 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
     from .. import CommConfig, Communicator, testing
     from .metrics import RoutingBytes
 
-    device, group = torch.device("cuda", 0), dist.group.WORLD  # the first visible GPU
+    device, group = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count())), \
+        dist.group.WORLD
     torch.cuda.set_device(device)
     rows = shape["tokens"] * shape["topk"]  # per rank under uniform routing
     config = CommConfig(num_experts=shape["experts"], hidden=shape["hidden"],
@@ -316,27 +323,29 @@ def run(args) -> int:
     world = args.world
     shape = dict(world=world, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
                  experts=args.experts, check_tokens=0 if args.no_check else args.check_tokens)
-    props = torch.cuda.get_device_properties(0)
-    mps = mps_status()
+    props, gpus = torch.cuda.get_device_properties(0), torch.cuda.device_count()
+    sharing, mps = ranks_per_gpu(world, gpus), mps_status()
     print(f"torch_swiftep multi-process benchmark on {props.name} ({props.multi_processor_count} "
-          f"SMs): {world} ranks as processes on one GPU, {args.tokens} tokens/rank, hidden "
-          f"{args.hidden}, top-{args.topk}, {args.experts} experts, bf16, uniform routing; MPS "
-          f"{'on' if mps['active'] else 'OFF'} (compute mode {mps['compute_mode']})", flush=True)
-    if not mps["active"]:
+          f"SMs): {world} ranks as processes on {min(world, gpus)} GPU(s), {sharing} per GPU, "
+          f"{args.tokens} tokens/rank, hidden {args.hidden}, top-{args.topk}, {args.experts} "
+          f"experts, bf16, uniform routing; MPS {'on' if mps['active'] else 'OFF'} (compute mode "
+          f"{mps['compute_mode']})", flush=True)
+    if sharing > 1 and not mps["active"]:
         bar = "!" * 100
         print(f"{bar}\nWARNING: no MPS daemon (no control pipe {mps['control_pipe']}). Without "
               "MPS the rank processes take turns on the GPU (time slicing): the times below "
               "MEAN NOTHING.\nStart it first (`nvidia-cuda-mps-control -d`, root) or run "
               f"`STEPS=multi_process bash scripts/gpu_round.sh OUT`.\n{bar}", flush=True)
-    budgets, dropped = fit_budgets(args.sms, world, props.multi_processor_count)
+    budgets, dropped = fit_budgets(args.sms, sharing, props.multi_processor_count)
     for message in dropped:
         print(message)
-    result = dict(device=props.name, device_sms=props.multi_processor_count, mps=mps, **shape,
+    result = dict(device=props.name, device_sms=props.multi_processor_count, gpus=gpus,
+                  ranks_per_gpu=sharing, mps=mps, **shape,
                   dtype="bfloat16", routing="uniform", sms_per_rank=budgets, dropped=dropped,
                   chain=list(args.chain), repeats=args.repeats, timing=__doc__.split("\n\n")[3])
     if not budgets:
         return _finish(result, [], {}, ["no SM budget fits"], args.out)
-    ceiling = copy_ceiling_gbps(sorted({sms * world for sms in budgets}))  # before the ranks
+    ceiling = copy_ceiling_gbps(sorted({sms * sharing for sms in budgets}))  # before the ranks
     result["ceiling_payload_gbps"] = ceiling
     print("copy ceiling (payload GB/s at the total SM count): " + (", ".join(
         f"{n} SMs {g:.0f}" for n, g in sorted(ceiling.items())) or "not measured"), flush=True)
@@ -345,7 +354,8 @@ def run(args) -> int:
         return _finish(result, [], {}, errors, args.out)
     result.update(swiftep_ms=swiftep, **extra)
     peers = _run_peers(shape, budgets, args)
-    records = build_records(swiftep, extra["world_bytes"], ceiling, world, args.hidden, peers)
+    records = build_records(swiftep, extra["world_bytes"], ceiling, world, args.hidden, peers,
+                            sharing)
     return _finish(result, records, peers, [], args.out)
 
 

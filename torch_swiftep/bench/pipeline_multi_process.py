@@ -1,5 +1,6 @@
 """python3 -m torch_swiftep.bench.pipeline_multi_process: the pipelined MoE layer, ranks as
-processes on one GPU (under MPS), each holding num_experts / W experts.
+processes (rank r on GPU r % GPUs: one GPU each, or sharing one under MPS), each holding
+num_experts / W experts.
 
     python3 -m torch_swiftep.bench.pipeline_multi_process --world 8 --shape deepseek-v3 \\
         --tokens 4096 --out DIR
@@ -26,77 +27,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..launch import rank_gpu, ranks_per_gpu
 from ..moe import ExpertParallelMoE
 from ..pipeline import CostModel, Sample, Schedule, calibrate, equal_chunks, simulate, solve
 from ..pipeline.carveout import carveout_supported, sm_carveout
 from ..pipeline.layer import PipelinedMoE
 from ..pipeline.schedule import ORDERS, Task
-from .multi_process import ENV, _int_list, fit_budgets, mps_status, slowest
+from .multi_process import ENV, _int_list, mps_status, slowest
 from .pipeline_layer import SHAPES, _exposed, _traced, build
+from .pipeline_sizing import (
+    CHECK_TOLERANCE,
+    CHUNK_COUNTS,
+    CPU_DEVICE_SMS,
+    CPU_SMS,
+    CUDA_SMS,
+    MODEL_EXPERTS,
+    POLICIES,
+    carveout_sms,
+    check_chunkings,
+    slowest_samples,
+    summarize,
+    usable_budgets,
+    world_capacity,
+)
 from .rank_timing import REPEATS, after_failed_capture, agree, capture_chains, measure_chains
-
-# Experts of the whole model, num_experts / W per rank (pipeline_layer's SHAPES hold one EP8
-# rank's share: its world of one).
-MODEL_EXPERTS = {"deepseek-v3": 256, "qwen3-moe": 128, "tiny": 16}
-CUDA_SMS, CPU_SMS = (2, 4, 8, 12), (4, 8)
-CPU_DEVICE_SMS = 132  # nominal on CPU, where nothing is carved out
-CHUNK_COUNTS = (1, 2, 4, 8)
-POLICIES = ("share", "comm", "off")
-# Window rows per rank over an even routing's tokens x top-k: the random router is close to
-# even; the worst case (W x tokens x top-k) would not fit 8 ranks' windows on one GPU.
-CAPACITY_FACTOR = 1.5
-# The real GEMMs' check: max |pipelined - unpipelined| / max |unpipelined|. A differently
-# blocked bf16 GEMM differs by rounding (~1e-2 at most); a token routed or combined wrongly, O(1).
-CHECK_TOLERANCE = 0.05
-
-
-# ------------------------------------------------------------------ arithmetic (unit-tested)
-def carveout_sms(comm_sms: int, device_sms: int, world: int, policy: str = "share") -> int:
-    """SMs carved out of a rank's GEMMs beside communication at comm_sms SMs per rank (0: none
-    beside them). share: the GEMMs get device_sms // world - comm_sms (W = 1: as the layer)."""
-    return {"off": 0, "comm": comm_sms,
-            "share": device_sms - device_sms // world + comm_sms}[policy]
-
-
-def usable_budgets(budgets, world: int, device_sms: int) -> tuple[list, list]:
-    """(budgets with W x s on the GPU that leave a rank's GEMMs SMs, messages for the rest)."""
-    kept, dropped = fit_budgets(budgets, world, device_sms)
-    share = device_sms // world
-    dropped += [f"{s} SMs/rank dropped: not below a rank's share of {share} SMs (its GEMMs "
-                "would get none)" for s in kept if s >= share]
-    return [s for s in kept if s < share], dropped
-
-
-def world_capacity(tokens: int, topk: int, world: int, local: int) -> int:
-    """Window rows per rank: CAPACITY_FACTOR x tokens x top-k, at least 1024, at most the worst
-    case W x tokens x min(top-k, local experts)."""
-    return min(world * tokens * min(topk, local),
-               max(1024, math.ceil(CAPACITY_FACTOR * tokens * topk)))
-
-
-def check_chunkings(n: int) -> list[tuple]:
-    """Pipelined chunkings (2+ chunks) of an n-token check: equal and uneven."""
-    candidates = (equal_chunks(n, 2), equal_chunks(n, 4), (1, n - 1), (1, n // 3, n - 1 - n // 3))
-    return [c for c in dict.fromkeys(candidates) if len(c) > 1 and min(c) > 0]
-
-
-def slowest_samples(per_rank: list) -> list[Sample]:
-    """Per sample the slowest rank's time; every rank measured the same samples in order."""
-    if len({len(r) for r in per_rank}) != 1 or any(len({r[:3] for r in rows}) != 1
-                                                   for rows in zip(*per_rank)):
-        raise ValueError("the ranks measured different samples")
-    return [Sample(*rows[0][:3], max(r[3] for r in rows)) for rows in zip(*per_rank)]
-
-
-def summarize(sweep: dict, chosen_us: float, comm_sms: int, predicted_us: float) -> dict:
-    """The issue's figures from the slowest rank's times; sweep: {(chunks, SMs/rank): us}."""
-    serial_sms = min((s for k, s in sweep if k == 1), key=lambda s: sweep[(1, s)])
-    serial_us, best = sweep[(1, serial_sms)], min(sweep, key=sweep.get)
-    return dict(serial_us=serial_us, serial_comm_sms=serial_sms, chosen_us=chosen_us,
-                predicted_us=predicted_us, prediction_error=(predicted_us - chosen_us) / chosen_us,
-                sweep_best=dict(chunks=best[0], comm_sms=best[1], us=sweep[best]),
-                speedup=serial_us / chosen_us, vs_sweep_best=chosen_us / sweep[best],
-                speedup_same_sms=sweep.get((1, comm_sms), math.nan) / chosen_us)
 
 
 # -------------------------------------------------------------------- one rank's layer
@@ -115,14 +69,14 @@ def local_moe(comm, ffn: int, *, dtype) -> ExpertParallelMoE:
 
 
 class WorldLayer(PipelinedMoE):
-    """PipelinedMoE whose GEMMs are carved out by `policy` for a GPU that W ranks share."""
+    """PipelinedMoE whose GEMMs are carved out by `policy` for a GPU that `sharing` ranks share."""
 
     def __init__(self, moe, comms, shared, opts: dict):
         super().__init__(moe, comms, shared, bound_rows=opts["bound_rows"])
-        self.policy, self.sms, self.world = opts["carveout"], opts["device_sms"], opts["world"]
+        self.policy, self.sms, self.sharing = opts["carveout"], opts["device_sms"], opts["sharing"]
 
     def _carve(self, sms: int):
-        carve = carveout_sms(sms, self.sms, self.world, self.policy)
+        carve = carveout_sms(sms, self.sms, self.sharing, self.policy)
         return sm_carveout(carve) if self._streams.cuda else contextlib.nullcontext()
 
 
@@ -239,7 +193,7 @@ def _decide(samples, world, opts):
     """Rank 0 fits each sample's slowest rank and broadcasts (chosen, unpipelined, model)."""
     every, box = world.gather([tuple(s) for s in samples]), [None]
     if world.rank == 0:
-        model = CostModel.fit(slowest_samples(every), opts["device_sms"] // opts["world"])
+        model = CostModel.fit(slowest_samples(every), opts["device_sms"] // opts["sharing"])
         kw = dict(shared=model.has("shared"), sms_options=opts["sms"])
         box = [(solve(model, opts["tokens"], **kw),
                 solve(model, opts["tokens"], fixed_chunks=1, **kw), model.to_json())]
@@ -271,13 +225,14 @@ def _trace(layer, x, chosen, world) -> tuple[list, float]:
 
 
 def _rank(rank: int, world_size: int, opts: dict) -> dict:
-    device = torch.device("cuda", 0) if opts["device"] == "cuda" else torch.device("cpu")
+    device = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count())) \
+        if opts["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # every rank on the one GPU
+        torch.cuda.set_device(device)
     torch.manual_seed(0)  # the shared expert's weights: the same on every rank
     world, tokens = _World(device, opts), opts["tokens"]
     moe, comms, shared, x = build(opts["shape"], tokens, device, world.group, seed=1 + rank,
-                                  moe_type=local_moe, num_experts=MODEL_EXPERTS[opts["shape"]],
+                                  moe_type=local_moe, num_experts=opts["experts"],
                                   capacity=opts["capacity"], num_sms=opts["sms"][0])
     layer = WorldLayer(moe, comms, shared, opts)
     with torch.no_grad():
@@ -376,18 +331,22 @@ def run(opts: dict) -> int:
     world, shape, tokens, cuda = opts["world"], opts["shape"], opts["tokens"], \
         opts["device"] == "cuda"
     g = torch.cuda.get_device_properties(0).multi_processor_count if cuda else CPU_DEVICE_SMS
-    sms, dropped = usable_budgets(opts["sms"] or (CUDA_SMS if cuda else CPU_SMS), world, g)
-    capacity = world_capacity(tokens, SHAPES[shape][2], world, MODEL_EXPERTS[shape] // world)
-    opts = dict(opts, sms=sms, device_sms=g, capacity=capacity)
+    sharing = ranks_per_gpu(world, torch.cuda.device_count()) if cuda else world
+    sms, dropped = usable_budgets(opts["sms"] or (CUDA_SMS if cuda else CPU_SMS), sharing, g)
+    experts = opts.get("experts") or MODEL_EXPERTS[shape]
+    capacity = world_capacity(tokens, SHAPES[shape][2], world, experts // world)
+    opts = dict(opts, sms=sms, device_sms=g, capacity=capacity, sharing=sharing, experts=experts)
     mps = mps_status() if cuda else dict(active=False)
-    result = dict(shape=shape, tokens=tokens, world=world, device=opts["device"], device_sms=g,
-                  rank_sms=g // world, sms_per_rank=sms, dropped=dropped, mps=mps,
+    result = dict(shape=shape, tokens=tokens, world=world, experts=experts, device=opts["device"],
+                  device_sms=g, ranks_per_gpu=sharing, rank_sms=g // sharing, sms_per_rank=sms,
+                  dropped=dropped, mps=mps,
                   carveout=opts["carveout"], carveout_supported=carveout_supported(),
                   capacity=capacity, errors=[])
-    print(f"pipelined layer, {shape}, {world} ranks as processes on one {opts['device']} ({g} "
-          f"SMs, {g // world} per rank), {tokens} tokens/rank, window {capacity} rows; MPS "
-          f"{'on' if mps['active'] else 'OFF'}", *dropped, sep="\n", flush=True)
-    if cuda and not mps["active"]:
+    print(f"pipelined layer, {shape} with {experts} experts, {world} ranks as processes, "
+          f"{sharing} per {opts['device']} ({g} SMs, {g // sharing} per rank), {tokens} "
+          f"tokens/rank, window {capacity} rows; MPS {'on' if mps['active'] else 'OFF'}",
+          *dropped, sep="\n", flush=True)
+    if cuda and sharing > 1 and not mps["active"]:
         print(f"{'!' * 100}\nWARNING: no MPS daemon: the ranks take turns on the GPU, the times "
               f"below MEAN NOTHING (`nvidia-cuda-mps-control -d` first)\n{'!' * 100}", flush=True)
     first = None
@@ -416,6 +375,8 @@ def parser() -> argparse.ArgumentParser:
     add("--world", type=int, default=8, help="ranks, one process each (default: 8)")
     add("--shape", choices=list(MODEL_EXPERTS), default="deepseek-v3", help="default: %(default)s")
     add("--tokens", type=int, default=4096, help="tokens per rank (default: 4096)")
+    add("--experts", type=int, default=None, help="experts of the world (default: the model's; "
+        "W x 32 keeps an EP8 DeepSeek-V3 rank's 32 in a smaller world)")
     add("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: CPU backend over gloo")
     add("--sms", type=_int_list, default=None, metavar="LIST", help="communication SMs per rank "
         f"(default: {','.join(map(str, CUDA_SMS))}; those that do not fit are dropped)")
@@ -434,8 +395,9 @@ def main(argv=None) -> int:
     for name in ("world", "tokens", "check_tokens", "repeats"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if MODEL_EXPERTS[args.shape] % args.world:
-        p.error(f"--world {args.world} must divide {args.shape}'s experts")
+    experts = args.experts or MODEL_EXPERTS[args.shape]
+    if experts <= 0 or experts % args.world:
+        p.error(f"--world {args.world} must divide the experts, got --experts {experts}")
     from .. import CUDA_EXTENSION_ERROR as error
 
     if args.device == "cuda" and (error or not torch.cuda.is_available()):

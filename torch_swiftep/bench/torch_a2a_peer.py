@@ -133,9 +133,10 @@ def _rank(rank, world, shape, chain, repeats):
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
 
+    from ..launch import rank_gpu
     from .multi_process import agree, rank_inputs
 
-    device = torch.device("cuda", 0)
+    device = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     group = dist.group.WORLD
     rows = shape["tokens"] * shape["topk"]
