@@ -205,6 +205,19 @@ def test_one_gpu_per_rank_quotes_each_gpu_against_its_own_ceiling():
     assert apart[0]["ceiling_fraction"] == pytest.approx(1.0)  # half the bytes on each GPU
 
 
+def test_deepep_with_its_users_permutation_gets_columns_of_its_own():
+    perm = dict(to_experts=0.5, from_experts=0.25)
+    plus = deepep_peer.with_permutation({"dispatch": 3.0, "combine": 6.0, "step": 9.0}, perm)
+    assert (plus["dispatch"], plus["combine"], plus["step"]) == (3.5, 6.25, 9.75)
+    peers = {"deepep": {"status": "ran", "by_sms": {4: {"dispatch": 3.0, "combine": 6.0,
+                                                        "step": 9.0}}},
+             "deepep+permute": {"status": "ran", "by_sms": {4: plus}}}
+    records = _records(peers)
+    assert records[0]["peers"]["deepep+permute"]["ms"] == 3.5
+    header = format_report(records, peers).splitlines()[0]
+    assert "DeepEP ms" in header and "DeepEP+permute ms" in header and "torch" not in header
+
+
 def test_ranks_land_on_gpus_round_robin():
     from torch_swiftep.launch import rank_gpu, ranks_per_gpu
 

@@ -74,8 +74,8 @@ def test_help_and_bad_flags(capsys):
         pmp.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--world", "--shape", "--tokens", "--experts", "--device", "--sms", "--check-tokens",
-                 "--repeats", "--carveout", "--bound-rows", "--timeout", "--out"):
+    for flag in ("--world", "--shape", "--tokens", "--experts", "--device", "--sms",
+                 "--check-tokens", "--repeats", "--carveout", "--bound-rows", "--timeout", "--out"):
         assert flag in text
     for flags, message in ((["--world", "3"], "must divide the experts, got --experts 256"),
                            (["--world", "2", "--experts", "63"], "got --experts 63"),

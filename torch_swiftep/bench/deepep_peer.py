@@ -8,7 +8,13 @@ What is measured, per SM budget, all the way a user calls it:
 - dispatch = Buffer.get_dispatch_layout + Buffer.dispatch (with topk_idx / topk_weights);
 - combine = Buffer.combine of the dispatched rows (DeepEP's combine adds the rows each rank
   sends back, without weights: its experts' outputs are already weighted per (token, rank));
-- step = both.
+- step = both;
+- with the permutation its users add ("deepep+permute"): DeepEP's dispatch returns one row per
+  (token, rank), token-major, so a grouped GEMM first needs the rows in expert-major order, and
+  its combine wants one weighted row per (token, rank) back. Both are timed as torch code on the
+  whole GPU (argsort + index_select; weights, index_add_ in float32, cast), eager with exact
+  row counts, CUDA events, median of PERMUTE_ITERS, and added to dispatch and combine. swiftep's
+  dispatch writes expert-major rows and its combine takes them: no such step.
 SM budget: Buffer.set_num_sms(n) is per rank: each rank's dispatch and combine kernels run n
 blocks (n / 2 channels, a sender and a receiver block each); n must be even. The configs are
 DeepEP's defaults for the world size (Buffer.get_dispatch_config / get_combine_config), the
@@ -30,6 +36,9 @@ from __future__ import annotations
 SM_BUDGET = ("per rank: Buffer.set_num_sms(n), n blocks per rank's dispatch/combine kernel "
              "(n/2 channels); n must be even")
 GRAPH_TIMING = "chained CUDA graphs (num_worst_tokens = tokens x world), as swiftep's"
+PERMUTE_ITERS = 10
+PERMUTE_NOTE = ("dispatch + torch permutation to expert-major rows, combine + torch weighted fold "
+                "back to (token, rank) rows (whole GPU, eager, exact counts)")
 EVENT_TIMING = ("CUDA events after a host barrier (capture failed; no num_worst_tokens: the "
                 "dispatch syncs with the host)")
 
@@ -51,17 +60,62 @@ class _Calls:
                                                                experts)
 
     def dispatch(self, worst: int):
-        n_rank, _, n_expert, in_rank, _ = self.buffer.get_dispatch_layout(self.idx, self.experts)
         recv_x, _, _, _, handle, _ = self.buffer.dispatch(
-            self.x, num_tokens_per_rank=n_rank, is_token_in_rank=in_rank,
-            num_tokens_per_expert=n_expert, topk_idx=self.idx, topk_weights=self.w,
-            num_worst_tokens=worst)
+            self.x, topk_idx=self.idx, topk_weights=self.w, num_worst_tokens=worst,
+            **_layout_kwargs(self))
         return recv_x, handle
 
     def step(self, worst: int):
         recv_x, handle = self.dispatch(worst)
         y, _, _ = self.buffer.combine(recv_x, handle)
         return y
+
+
+def permutation_ms(calls, num_local: int) -> dict:
+    """{to_experts, from_experts}: ms of the torch code a DeepEP user runs around the experts
+    (module docstring), on this rank's rows from one host-synced dispatch."""
+    import torch
+
+    recv_x, recv_idx, recv_w, _, _, _ = calls.buffer.dispatch(
+        calls.x, topk_idx=calls.idx, topk_weights=calls.w, **_layout_kwargs(calls))
+    flat = recv_idx.reshape(-1)
+    pairs, k = int((flat >= 0).sum()), recv_idx.size(1)  # outside the timed code: no sync there
+    rows = recv_x.size(0)
+
+    def to_experts():
+        order = torch.argsort(torch.where(flat >= 0, flat, num_local), stable=True)[:pairs]
+        return order, recv_x.index_select(0, order // k)
+
+    order, expert_rows = to_experts()
+
+    def from_experts():
+        weighted = expert_rows * recv_w.reshape(-1)[order].unsqueeze(1).to(expert_rows.dtype)
+        folded = torch.zeros(rows, recv_x.size(1), dtype=torch.float32, device=recv_x.device)
+        return folded.index_add_(0, order // k, weighted.float()).to(recv_x.dtype)
+
+    return {name: _event_median_ms(fn) for name, fn in (("to_experts", to_experts),
+                                                         ("from_experts", from_experts))}
+
+
+def _layout_kwargs(calls) -> dict:
+    n_rank, _, n_expert, in_rank, _ = calls.buffer.get_dispatch_layout(calls.idx, calls.experts)
+    return dict(num_tokens_per_rank=n_rank, num_tokens_per_expert=n_expert,
+                is_token_in_rank=in_rank)
+
+
+def _event_median_ms(fn) -> float:
+    import torch
+
+    fn()
+    times = []
+    for _ in range(PERMUTE_ITERS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _check(buffer, rank, shape, idx_dtype, device) -> list[str]:
@@ -128,10 +182,18 @@ def _rank(rank, world, shape, sms, chain, repeats):
     x, idx, w, _ = rank_inputs(shape, shape["tokens"], rank, device, seed=shape["tokens"])
     calls = _Calls(buffer, x, idx.to(idx_dtype), w, shape["experts"])
     timing, ops = _time(calls, group, shape, chain, repeats)
+    permute = permutation_ms(calls, shape["experts"] // world)
     torch.cuda.synchronize()
     del calls
     buffer.destroy()
-    return dict(errors=[], timing=timing, ops=ops, nvl_bytes=nvl_bytes)
+    return dict(errors=[], timing=timing, ops=ops, permute=permute, nvl_bytes=nvl_bytes)
+
+
+def with_permutation(ops: dict, perm: dict) -> dict:
+    """DeepEP's {dispatch, combine, step} ms with its users' permutation added (docstring)."""
+    d, c = ops["dispatch"] + perm["to_experts"], ops["combine"] + perm["from_experts"]
+    return dict(dispatch=d, combine=c, step=ops["step"] + perm["to_experts"]
+                + perm["from_experts"], **{f"permute_{k}": v for k, v in perm.items()})
 
 
 def run(shape: dict, budgets, chain, repeats, timeout_s) -> dict:
@@ -169,6 +231,9 @@ def run(shape: dict, budgets, chain, repeats, timeout_s) -> dict:
             result["notes"].append(f"{sms} SMs/rank: check FAILED, not timed ({errors[0]})")
             continue
         result["by_sms"][sms] = slowest([r["ops"] for r in ranks])
+        perm = slowest([r["permute"] for r in ranks])
+        result.setdefault("permuted_by_sms", {})[sms] = with_permutation(result["by_sms"][sms],
+                                                                         perm)
         timings = sorted({r["timing"] for r in ranks})
         result["timing"] = "; ".join(timings)
         print(f"  DeepEP, {sms} SMs/rank: dispatch {result['by_sms'][sms]['dispatch']:.3f} ms, "

@@ -53,6 +53,8 @@ PEER_OP = {"dispatch": "dispatch", "combine": "combine", "combine, own tensor": 
 PEERS = ("deepep", "torch")
 HEADERS = ["op", "SMs/rank", "SMs total", "ms", "algbw GB/s/rank", "of ceiling", "DeepEP ms",
            "vs DeepEP"]
+PEER_COLUMNS = {"deepep+permute": ["DeepEP+permute ms", "vs +permute"],
+                "torch": ["torch a2a ms", "vs torch"]}
 
 
 # ------------------------------------------------------------------ arithmetic (unit-tested)
@@ -116,18 +118,18 @@ def build_records(swiftep: dict, world_bytes: dict, ceiling: dict, world: int, h
 
 
 def format_report(records: list[dict], peers: dict) -> str:
-    """The table: DeepEP's columns always (blank when it did not run), torch's when it ran.
+    """The table: DeepEP's columns always (blank when it did not run), the others' when they ran.
     vs X = X's ms / swiftep's ms (> 1: swiftep is faster)."""
     from .metrics import format_table
 
-    with_torch = any("torch" in r["peers"] for r in records)
-    headers = HEADERS + (["torch a2a ms", "vs torch"] if with_torch else [])
+    extra = [n for n in PEER_COLUMNS if any(n in r["peers"] for r in records)]
+    headers = HEADERS + [h for n in extra for h in PEER_COLUMNS[n]]
     rows = []
     for r in records:
         frac = r["ceiling_fraction"]
         row = [r["op"], r["sms_per_rank"], r["sms_total"], r["ms"], r["algbw_gbps"],
                "-" if frac is None else f"{frac:.0%}"]
-        for name in ("deepep",) + (("torch",) if with_torch else ()):
+        for name in ["deepep"] + extra:
             p = r["peers"].get(name)
             row += [p["ms"], f"{p['speedup']:.2f}x"] if p else ["-", "-"]
         rows.append(row)
@@ -363,8 +365,12 @@ def _run_peers(shape, budgets, args) -> dict:
     from . import deepep_peer, torch_a2a_peer  # each imports its library only when it runs
 
     modules = {"deepep": deepep_peer, "torch": torch_a2a_peer}
-    return {name: modules[name].run(shape, budgets, args.chain, args.repeats, args.timeout)
-            for name in args.peers}
+    peers = {name: modules[name].run(shape, budgets, args.chain, args.repeats, args.timeout)
+             for name in args.peers}
+    if peers.get("deepep", {}).get("permuted_by_sms"):  # DeepEP as its users run it
+        peers["deepep+permute"] = dict(status="ran", by_sms=peers["deepep"]["permuted_by_sms"],
+                                       notes=[deepep_peer.PERMUTE_NOTE])
+    return peers
 
 
 def _finish(result, records, peers, errors, out_dir) -> int:
