@@ -12,8 +12,10 @@ What is measured, per SM budget, all the way a user calls it:
 - with the permutation its users add ("deepep+permute"): DeepEP's dispatch returns one row per
   (token, rank), token-major, so a grouped GEMM first needs the rows in expert-major order, and
   its combine wants one weighted row per (token, rank) back. Both are timed as torch code on the
-  whole GPU (argsort + index_select; weights, index_add_ in float32, cast), eager with exact
-  row counts, CUDA events, median of PERMUTE_ITERS, and added to dispatch and combine. swiftep's
+  whole GPU (argsort + index_select; index_copy_ back to (token, slot) places + a batched
+  weighted sum, bmm), eager with exact row counts, CUDA events, median of PERMUTE_ITERS, and
+  added to dispatch and combine. Plain torch, not a fused kernel: a fused permute would read
+  and write each row once, so these figures are an upper bound of what its users pay. swiftep's
   dispatch writes expert-major rows and its combine takes them: no such step.
 SM budget: Buffer.set_num_sms(n) is per rank: each rank's dispatch and combine kernels run n
 blocks (n / 2 channels, a sender and a receiver block each); n must be even. The configs are
@@ -88,10 +90,10 @@ def permutation_ms(calls, num_local: int) -> dict:
 
     order, expert_rows = to_experts()
 
-    def from_experts():
-        weighted = expert_rows * recv_w.reshape(-1)[order].unsqueeze(1).to(expert_rows.dtype)
-        folded = torch.zeros(rows, recv_x.size(1), dtype=torch.float32, device=recv_x.device)
-        return folded.index_add_(0, order // k, weighted.float()).to(recv_x.dtype)
+    def from_experts():  # back to (token, slot) places, then one weighted sum per token
+        slots = expert_rows.new_zeros(rows * k, expert_rows.size(1)).index_copy_(
+            0, order, expert_rows)
+        return torch.bmm(recv_w.view(rows, 1, k).to(slots.dtype), slots.view(rows, k, -1))
 
     return {name: _event_median_ms(fn) for name, fn in (("to_experts", to_experts),
                                                          ("from_experts", from_experts))}
