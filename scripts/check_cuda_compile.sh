@@ -44,11 +44,9 @@ if [ "${#sources[@]}" -eq 0 ]; then
 fi
 nvcc_each log_name "$obj_dir" "$log_dir" "" "${sources[@]}" || status=1
 
-# Build-time variants that the default build does not instantiate, kept for A/B runs: the
+# A build-time variant that the default build does not instantiate, kept for A/B runs: the
 # staged TMA combine for the throughput window (against the default register-load combine of
-# csrc/ops/combine/kernel_ldg.cuh) and the register send of the throughput dispatch
-# (csrc/ops/send/registers.cuh, against the default staged send). They must keep compiling,
-# without spills.
+# csrc/ops/combine/kernel_ldg.cuh). It must keep compiling, without spills.
 check_variant() {  # check_variant FLAG SOURCE NAME
   if "$nvcc_bin" "${nvcc_flags[@]}" "$1" -c "$2" -o "$obj_dir/$3.o" > "$log_dir/$3.log" 2>&1; then
     echo "ok    nvcc $1 $2"
@@ -59,7 +57,6 @@ check_variant() {  # check_variant FLAG SOURCE NAME
   fi
 }
 check_variant -DSWIFTEP_COMBINE_LDG=0 csrc/ops/combine/launcher.cu combine_tma
-check_variant -DSWIFTEP_DISPATCH_REG=1 csrc/ops/dispatch/launcher.cu dispatch_reg
 
 # Spills are a regression worth failing on; the only stack expected is printf's argument
 # buffer in the bounded wait's slow path.

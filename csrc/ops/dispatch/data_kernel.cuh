@@ -10,7 +10,6 @@
 #include <cstdint>
 
 #include "device/common.cuh"
-#include "ops/send/registers.cuh"
 #include "ops/send/staged.cuh"
 #include "ops/send/units.cuh"
 #include "swiftep/params.h"
@@ -44,12 +43,8 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const SendUnits units{global_warp, num_warps_total,
                         static_cast<int64_t>(p.num_tokens) * shape.per_token, shape.per_token, 1,
                         shape.per_token != 1};
-  if (kDispatchReg && shape.use_tma && shape.per_token == 1 && !p.quantize_fp8) {
-    send_tokens_reg<IdxT>(p, win, units, p.token_rows);
-  } else {
-    send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()],
-                      shape.stage_bytes, shape.use_tma, Tracer{nullptr});
-  }
+  send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()], shape.stage_bytes,
+                    shape.use_tma, Tracer{nullptr});
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneDispatchData)) return;
   block_release_to_all_peers(c, c.off_data_flags, epoch);
