@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The multi-GPU round (one process per GPU, NVLink): machine record, build, GPU tests,
-# benchmark against NCCL, the scale-out row counts and the NVSHMEM transport (its build and link
-# check, then PEs exchanging rows across virtual nodes, one per GPU: tests/test_nvshmem_link.py).
+# benchmark against NCCL, ranks as processes beside DeepEP, the pipelined layer, the scale-out
+# row counts and the NVSHMEM transport (its build and link check, then PEs exchanging rows
+# across virtual nodes, one per GPU: tests/test_nvshmem_link.py).
 # Logs under OUT_DIR. Usage: bash scripts/multi_gpu_round.sh OUT_DIR
 # NVLink multicast stays off: the environment comes from torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
@@ -23,6 +24,21 @@ python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log
 tail -5 "$OUT/gpu_tests.log"
 python3 -m torch_swiftep.bench.multi_gpu_vs_nccl --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# Ranks as processes, one per GPU, beside DeepEP when its build is there (DEEPEP_DIR, from
+# scripts/build_deepep.sh), and the pipelined layer at both shapes with each rank holding an EP8
+# rank's experts (docs/pipelining.md)
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+deepep=${DEEPEP_DIR:-third_party/deepep_intranode}
+( [ -d "$deepep" ] && export PYTHONPATH="$(cd "$deepep" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -m torch_swiftep.bench.multi_process --world "$gpus" --sms 8,16,24 --peers deepep \
+    --out "$OUT/multi_process" ) > "$OUT/multi_process.log" 2>&1 || status=1
+grep -v "capturing\|replaying" "$OUT/multi_process.log" | tail -30
+for shape in deepseek-v3:32 qwen3-moe:16; do
+  python3 -m torch_swiftep.bench.pipeline_multi_process --world "$gpus" --shape "${shape%:*}" \
+    --experts $((gpus * ${shape#*:})) --sms 8,16,24,32 --out "$OUT/pipeline_${shape%:*}" \
+    > "$OUT/pipeline_${shape%:*}.log" 2>&1 || status=1
+  tail -22 "$OUT/pipeline_${shape%:*}.log"
+done
 # Scale-out: the rows that cross virtual node boundaries (2 nodes of this machine's GPUs), and
 # the NVSHMEM transport: build, link check, one-PE round trip, then 2-8 PEs (PE r on GPU
 # r % GPUs) exchanging rows across virtual nodes and the engine from Python (csrc/nvshmem; the

@@ -11,13 +11,15 @@ import torch
 from gpu_world import GPU_MARKS
 
 from torch_swiftep.bench import deepep_peer, multi_process
-from torch_swiftep.bench.multi_process import (
+from torch_swiftep.bench.multi_process import main, parser
+from torch_swiftep.bench.multi_process_records import (
+    HEADERS,
+    OPS,
+    PEER_OP,
     build_records,
     ceiling_fraction,
     fit_budgets,
     format_report,
-    main,
-    parser,
     per_rank_ops,
     slowest,
 )
@@ -85,7 +87,7 @@ def test_per_rank_ops_and_the_slowest_rank():
     assert ranks[0] == {"dispatch": 2.0, "combine": 5.0, "combine, own tensor": 7.5,
                         "combine, torch copy": 5.5, "combine, symmetric pool": 5.25,
                         "step, own tensor": 9.5, "step, symmetric pool": 7.25}
-    assert set(ranks[0]) == set(multi_process.OPS) == set(multi_process.PEER_OP)
+    assert set(ranks[0]) == set(OPS) == set(PEER_OP)
     # per op the slowest rank, each op on its own
     assert slowest(ranks) == {"dispatch": 2.5, "combine": 5.0, "combine, own tensor": 7.5,
                               "combine, torch copy": 6.0, "combine, symmetric pool": 5.25,
@@ -146,7 +148,7 @@ def test_report_table_and_peer_lines():
     text = format_report(_records({"deepep": deepep, "torch": torch_peer}),
                          {"deepep": deepep, "torch": torch_peer})
     header = text.splitlines()[0]
-    for column in multi_process.HEADERS:
+    for column in HEADERS:
         assert column in header
     assert "torch a2a ms" not in header  # torch did not run: no columns for it
     first = text.splitlines()[2]  # dispatch at 4 SMs/rank: 4 GB in 2 ms, copy 2000 GB/s
@@ -196,7 +198,7 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
 
 def test_one_gpu_per_rank_quotes_each_gpu_against_its_own_ceiling():
     """Two ranks on two GPUs: each GPU's ranks' bytes against one GPU's ceiling at its SMs."""
-    by_sms = {4: dict(dict.fromkeys(multi_process.OPS, 1.0))}
+    by_sms = {4: dict(dict.fromkeys(OPS, 1.0))}
     world_bytes = dict(pairs_per_rank=100.0, dispatch=4e9, combine=4e9)
     shared = build_records(by_sms, world_bytes, {8: 1000.0}, 2, 10, {})  # both on one GPU
     apart = build_records(by_sms, world_bytes, {4: 1000.0}, 2, 10, {}, sharing=1)
@@ -328,5 +330,5 @@ def test_gpu_run_writes_json(tmp_path):
                  "--peers", "none", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "multi_process.json").read_text())
     assert code == 0, result["errors"]
-    assert [r["op"] for r in result["records"]] == list(multi_process.OPS)
+    assert [r["op"] for r in result["records"]] == list(OPS)
     assert all(r["ms"] > 0 for r in result["records"] if r["op"] == "dispatch")

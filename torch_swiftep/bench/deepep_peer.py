@@ -212,7 +212,8 @@ def run(shape: dict, budgets, chain, repeats, timeout_s) -> dict:
     import deep_ep
 
     from ..launch import WorldError, run_world
-    from .multi_process import ENV, slowest
+    from .multi_process import ENV
+    from .multi_process_records import slowest
 
     result = dict(status="ran", sm_budget=SM_BUDGET, module=getattr(deep_ep, "__file__", "?"),
                   by_sms={}, notes=[], errors=[], timing=None)

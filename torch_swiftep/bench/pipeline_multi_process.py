@@ -33,7 +33,8 @@ from ..pipeline import CostModel, Sample, Schedule, calibrate, equal_chunks, sim
 from ..pipeline.carveout import carveout_supported, sm_carveout
 from ..pipeline.layer import PipelinedMoE
 from ..pipeline.schedule import ORDERS, Task
-from .multi_process import ENV, _int_list, mps_status, slowest
+from .multi_process import ENV, _int_list, mps_status
+from .multi_process_records import slowest
 from .pipeline_layer import SHAPES, _exposed, _traced, build
 from .pipeline_sizing import (
     CHECK_TOLERANCE,

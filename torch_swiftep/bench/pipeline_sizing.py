@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from ..pipeline import Sample, equal_chunks
-from .multi_process import fit_budgets
+from .multi_process_records import fit_budgets
 
 # Experts of the whole model, num_experts / W per rank (pipeline_layer's SHAPES hold one EP8
 # rank's share: its world of one).

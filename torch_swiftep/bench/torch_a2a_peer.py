@@ -159,7 +159,8 @@ def run(shape: dict, budgets, chain, repeats, timeout_s) -> dict:
     """{status, timing, sm_budget, by_sms {sms: {dispatch, combine, step}} (one figure for
     every budget), errors}; status "not run: <reason>" when it cannot run here."""
     from ..launch import WorldError, run_world
-    from .multi_process import ENV, slowest
+    from .multi_process import ENV
+    from .multi_process_records import slowest
 
     result = dict(status="ran", sm_budget=SM_BUDGET, by_sms={}, errors=[], timing=None)
     local = shape["experts"] // shape["world"]
