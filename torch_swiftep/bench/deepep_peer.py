@@ -13,10 +13,11 @@ What is measured, per SM budget, all the way a user calls it:
   (token, rank), token-major, so a grouped GEMM first needs the rows in expert-major order, and
   its combine wants one weighted row per (token, rank) back. Both are timed as torch code on the
   whole GPU (argsort + index_select; index_copy_ back to (token, slot) places + a batched
-  weighted sum, bmm), eager with exact row counts, CUDA events, median of PERMUTE_ITERS, and
-  added to dispatch and combine. Plain torch, not a fused kernel: a fused permute would read
-  and write each row once, so these figures are an upper bound of what its users pay. swiftep's
-  dispatch writes expert-major rows and its combine takes them: no such step.
+  weighted sum, bmm), eager with exact row counts, CUDA events (timing.time_fn, median of
+  PERMUTE_ITERS), and added to dispatch and combine. Plain torch, not a fused kernel: a fused
+  permute would read and write each row once, so these figures are an upper bound of what its
+  users pay. swiftep's dispatch writes expert-major rows and its combine takes them: no such
+  step.
 SM budget: Buffer.set_num_sms(n) is per rank: each rank's dispatch and combine kernels run n
 blocks (n / 2 channels, a sender and a receiver block each); n must be even. The configs are
 DeepEP's defaults for the world size (Buffer.get_dispatch_config / get_combine_config), the
@@ -95,29 +96,16 @@ def permutation_ms(calls, num_local: int) -> dict:
             0, order, expert_rows)
         return torch.bmm(recv_w.view(rows, 1, k).to(slots.dtype), slots.view(rows, k, -1))
 
-    return {name: _event_median_ms(fn) for name, fn in (("to_experts", to_experts),
-                                                         ("from_experts", from_experts))}
+    from .timing import time_fn
+
+    return {name: time_fn(fn, PERMUTE_ITERS) for name, fn in (("to_experts", to_experts),
+                                                              ("from_experts", from_experts))}
 
 
 def _layout_kwargs(calls) -> dict:
     n_rank, _, n_expert, in_rank, _ = calls.buffer.get_dispatch_layout(calls.idx, calls.experts)
     return dict(num_tokens_per_rank=n_rank, num_tokens_per_expert=n_expert,
                 is_token_in_rank=in_rank)
-
-
-def _event_median_ms(fn) -> float:
-    import torch
-
-    fn()
-    times = []
-    for _ in range(PERMUTE_ITERS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def _check(buffer, rank, shape, idx_dtype, device) -> list[str]:
