@@ -198,10 +198,21 @@ def test_cross_node_rows_count_one_row_per_token_and_node():
 def test_scale_out_model_is_link_bound_and_counts_its_sms():
     from torch_swiftep.bench.scale_out_model import predict
 
-    rates = {"dispatch": 60.0, "combine": 23.0}
+    rates = {"dispatch": 60.0, "combine": 23.0, "nvlink_dispatch": 3000.0,
+             "nvlink_combine": 3000.0}
     result = predict(16, 8, tokens=256, rates=rates)
     for op in ("dispatch", "combine"):
         r = result[op]
         assert r["bound"] == "NIC" and r["sms"] >= 1
         assert r["time_us"] >= max(r["nic_us"], r["nvlink_us"])
+    slow = predict(16, 8, tokens=256, rates=dict(rates, nvlink_dispatch=30.0))
+    assert slow["dispatch"]["bound"] == "NVLink" and slow["combine"]["bound"] == "NIC"
     assert result["combine"]["sms"] > result["dispatch"]["sms"]  # combine moves fewer bytes/SM
+
+
+def test_scale_out_model_reads_its_rates_from_the_two_gpu_run():
+    from torch_swiftep.bench.scale_out_model import measured_rates
+
+    rates = measured_rates()  # docs/results/multi_process_2gpu.json: 32768 rows of 14336 B
+    assert rates["dispatch"] == pytest.approx(32768 * 14336 / 1.158e-3 / 8 / 1e9, rel=0.01)
+    assert 250 < rates["nvlink_dispatch"] < 394  # below the copy engine's rate there

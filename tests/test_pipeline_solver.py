@@ -149,3 +149,22 @@ def test_prediction_cli_fits_the_measured_results(capsys):
     assert main(["--model", "qwen3-moe", "--tokens", "1024"]) == 0
     out = capsys.readouterr().out
     assert "(measured)" in out and "ASSUMED" in out and "predicted speedup" in out
+
+
+def test_a_model_fitted_on_two_gpus_moves_its_link_terms_to_eight(capsys, tmp_path):
+    from torch_swiftep.pipeline.__main__ import main, moved_to_world
+
+    fitted = CostModel(132, {"dispatch": (10.0, 1.0, 0.2), "combine": (20.0, 2.0, 0.1),
+                             "experts": (500.0, 1.0, 1.0, 50.0)})
+    path = tmp_path / "pipeline_multi_process.json"
+    path.write_text(json.dumps(dict(world=2, cost_model_json=fitted.to_json())))
+    moved = moved_to_world(path, 8)
+    assert moved.coefficients["dispatch"] == pytest.approx((10.0, 1.0, 0.2 * 1.75))
+    assert moved.coefficients["combine"] == pytest.approx((20.0, 2.0, 0.1 * 1.75))
+    assert moved.coefficients["experts"] == fitted.coefficients["experts"]
+    with pytest.raises(ValueError, match="2\\+ ranks"):
+        moved_to_world(path, 1)
+    assert main(["--measured", str(path), "--to-world", "8", "--tokens", "512",
+                 "--experts-fixed-us", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "FITTED on a GPU per rank" in out and "fixed cost per chunk is 20 us" in out

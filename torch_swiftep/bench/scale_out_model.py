@@ -6,11 +6,14 @@ needs, before any cluster run exists.
 
 Per rank, from the standard routing (every pair counted: who writes it, over which link):
   T = max(NIC bytes / NIC rate, NVLink bytes / NVLink rate, SM bytes / (s * per-SM rate)) + fixed
-MEASURED: the per-SM rates (bytes of rows a communication SM moves per second: dispatch from the
-1-SM point of docs/results/throughput.json, combine likewise) and the fixed cost (the low-latency
-protocol time, docs/results). ASSUMED: the NIC (400 Gb/s line rate, 90% achievable) and NVLink
-(370 GB/s per direction, H100/H200) rates, that the SM work scales with bytes (TMA copies), and
-that links and SMs overlap fully.
+MEASURED (docs/results/multi_process_2gpu.json: 2 ranks on two H200s over NVLink, 4096
+tokens/rank): the per-SM rates (bytes of rows a communication SM writes per second at the
+smallest SM budget, where the SMs bound the op: the dispatch, and the combine of the experts'
+pool tensor read in place), the NVLink rate (the rate of the peer's rows at the largest budget,
+where the link bounds the op: what these kernels get from NV18, below the copy engine's 394
+GB/s) and the fixed cost (the low-latency protocol time, docs/results). ASSUMED: the NIC (400
+Gb/s line rate, 90% achievable), that one GPU's NVLink rate to 7 peers through NVSwitch is its
+rate to one peer, that the SM work scales with bytes, and that links and SMs overlap fully.
 """
 from __future__ import annotations
 
@@ -22,17 +25,27 @@ import torch
 
 from .. import testing
 
-RESULTS = pathlib.Path(__file__).resolve().parents[2] / "docs" / "results" / "throughput.json"
+RESULTS = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "results"
+           / "multi_process_2gpu.json")
+COMBINE_OP = "combine, symmetric pool"  # the experts' own tensor, read in place
 FIXED_US = 5.0  # the low-latency protocol (0 tokens) measured ~5 us: launch plus flag round trips
 
 
-def per_sm_rates(path: pathlib.Path = RESULTS) -> dict:
-    """GB/s of rows one communication SM moves, from the 1-SM points of a measured run."""
+def measured_rates(path: pathlib.Path = RESULTS) -> dict:
+    """{dispatch, combine: GB/s of rows per SM at the smallest budget; nvlink_dispatch,
+    nvlink_combine: GB/s of the peer's rows at the largest} from a run with one GPU per rank
+    (uniform routing: tokens x top-k rows per rank, (W - 1) / W of them from peers)."""
     data = json.loads(path.read_text())
+    if data.get("ranks_per_gpu", data["world"]) != 1:
+        raise ValueError(f"{path}: its ranks share a GPU; the rates need one GPU per rank")
+    row_bytes = data["tokens"] * data["topk"] * data["hidden"] * 2  # a rank's rows
+    peer_share = (data["world"] - 1) / data["world"]
+    ms = {(r["op"], r["sms_per_rank"]): r["ms"] for r in data["records"]}
+    low, high = min(data["sms_per_rank"]), max(data["sms_per_rank"])
     rates = {}
-    for r in data["records"]:
-        if r["sms_per_rank"] == 1 and r["tokens"] == max(x["tokens"] for x in data["records"]):
-            rates[r["op"]] = r["moved_gbps"]
+    for name, op in (("dispatch", "dispatch"), ("combine", COMBINE_OP)):
+        rates[name] = row_bytes / (ms[(op, low)] * 1e-3) / low / 1e9
+        rates[f"nvlink_{name}"] = row_bytes * peer_share / (ms[(op, high)] * 1e-3) / 1e9
     return rates
 
 
@@ -63,15 +76,16 @@ def link_loads(world: int, per_node: int, tokens: int, topk: int, experts: int,
 
 
 def predict(world: int, per_node: int, tokens: int = 4096, hidden: int = 7168, topk: int = 8,
-            experts: int = 256, nic_gbps: float = 45.0, nvlink_gbps: float = 370.0,
-            rates: dict | None = None, fp8_dispatch: bool = True) -> dict:
-    rates = rates or per_sm_rates()
+            experts: int = 256, nic_gbps: float = 45.0, rates: dict | None = None,
+            fp8_dispatch: bool = True) -> dict:
+    """rates: measured_rates()'s keys (per-SM and NVLink GB/s of each op)."""
+    rates = rates or measured_rates()
     loads = link_loads(world, per_node, tokens, topk, experts)
     out = {}
     for op in ("dispatch", "combine"):
         row = hidden + hidden // 128 * 4 if op == "dispatch" and fp8_dispatch else hidden * 2
         nic_us = loads["nic_rows"] * row / nic_gbps / 1e3
-        nvl_us = loads["nvlink_rows"] * row / nvlink_gbps / 1e3
+        nvl_us = loads["nvlink_rows"] * row / rates[f"nvlink_{op}"] / 1e3
         sm_bytes = loads["sm_rows"] * row
         link_us = max(nic_us, nvl_us)
         sms = next(s for s in range(1, 133) if sm_bytes / (s * rates[op]) / 1e3 <= link_us)
@@ -88,16 +102,14 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--nic-gbps", type=float, default=45.0,
                    help="ASSUMED achievable NIC rate per GPU (default 45: 90%% of 400 Gb/s)")
-    p.add_argument("--nvlink-gbps", type=float, default=370.0,
-                   help="ASSUMED NVLink rate per direction per GPU (default 370)")
     args = p.parse_args(argv)
-    rates = per_sm_rates()
-    print(f"MEASURED per-SM row rates (docs/results/throughput.json, 1 SM/rank): "
-          f"dispatch {rates['dispatch']:.0f} GB/s, combine {rates['combine']:.0f} GB/s; "
-          f"ASSUMED NIC {args.nic_gbps:g} GB/s, NVLink {args.nvlink_gbps:g} GB/s")
+    rates = measured_rates()
+    print(f"MEASURED ({RESULTS.name}, one GPU per rank): per-SM row rates dispatch "
+          f"{rates['dispatch']:.0f} GB/s, combine {rates['combine']:.0f} GB/s; NVLink rates "
+          f"dispatch {rates['nvlink_dispatch']:.0f} GB/s, combine {rates['nvlink_combine']:.0f} "
+          f"GB/s; ASSUMED NIC {args.nic_gbps:g} GB/s")
     for world in (16, 32):
-        result = predict(world, 8, args.tokens, nic_gbps=args.nic_gbps,
-                         nvlink_gbps=args.nvlink_gbps, rates=rates)
+        result = predict(world, 8, args.tokens, nic_gbps=args.nic_gbps, rates=rates)
         for op, r in result.items():
             dtype = "FP8" if op == "dispatch" else "bf16"
             print(f"EP{world} ({world // 8} nodes of 8) {op} ({dtype}): "

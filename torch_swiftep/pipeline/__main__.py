@@ -6,6 +6,13 @@ The cost model's communication terms are FITTED from a measured benchmark JSON
 are ASSUMED and printed as such: the grouped-GEMM rate, the NVLink rate of one GPU per rank,
 the GPU's SM count, and the GEMMs' slowdown beside communication (the ideal G / (G - s)). The
 output is a prediction, not a measurement.
+
+--measured PATH --to-world W instead starts from a cost model FITTED on a GPU per rank (the
+multi-process pipeline benchmark's JSON, e.g. docs/results/pipeline_mp_2gpu_deepseek-v3.json,
+whose ranks held an EP8 rank's experts) and moves it to W ranks: a rank's rows, expert compute
+and SM work stay the same, the share of its rows that crosses NVLink goes from (W0 - 1) / W0 to
+(W - 1) / W, so the communication tasks' per-token (link) terms scale by that ratio. ASSUMED: a
+GPU reaches its W - 1 peers through NVSwitch at the rate it reached one.
 """
 from __future__ import annotations
 
@@ -54,6 +61,19 @@ def fit_from_results(path: pathlib.Path, hidden: int, gemm_tflops: float, link_g
     return CostModel(total_sms, coefficients)
 
 
+def moved_to_world(path: pathlib.Path, world: int) -> CostModel:
+    """The fitted CostModel of a pipeline benchmark JSON, its link terms moved to `world` ranks
+    (module docstring)."""
+    data = json.loads(path.read_text())
+    model, w0 = CostModel.from_json(data["cost_model_json"]), data["world"]
+    if w0 < 2 or world < 2:
+        raise ValueError(f"both worlds need 2+ ranks to have a link term: {w0} -> {world}")
+    factor = ((world - 1) / world) / ((w0 - 1) / w0)
+    return CostModel(model.total_sms, {
+        task: (c[0], c[1], c[2] * factor) if task in ("dispatch", "combine") else c
+        for task, c in model.coefficients.items()})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m torch_swiftep.pipeline",
                                 description=__doc__.splitlines()[0])
@@ -67,14 +87,31 @@ def main(argv=None) -> int:
     p.add_argument("--link-gbps", type=float, default=370.0,
                    help="ASSUMED NVLink rate per direction per GPU (default: 370)")
     p.add_argument("--total-sms", type=int, default=132, help="SMs of the GPU (default: 132)")
+    p.add_argument("--measured", type=pathlib.Path, default=None, metavar="PATH",
+                   help="a pipeline benchmark JSON whose fitted model to start from (then "
+                        "--model, --results, --gemm-tflops, --link-gbps are not used)")
+    p.add_argument("--to-world", type=int, default=8,
+                   help="with --measured: the world to move its link terms to (default: 8)")
+    p.add_argument("--experts-fixed-us", type=float, default=None, metavar="US",
+                   help="ASSUMED fixed cost per chunk of the experts instead of the model's (a "
+                        "what-if: how small it must be for pipelining to pay)")
     args = p.parse_args(argv)
-    hidden = MODELS[args.model][0]
-    model = fit_from_results(args.results, hidden, args.gemm_tflops, args.link_gbps,
-                             args.total_sms, args.model)
+    if args.measured is not None:
+        model = moved_to_world(args.measured, args.to_world)
+        print(f"{args.measured.name}: every term FITTED on a GPU per rank, the link terms moved "
+              f"to {args.to_world} ranks (ASSUMED: the same NVLink rate to every peer)")
+    else:
+        model = fit_from_results(args.results, MODELS[args.model][0], args.gemm_tflops,
+                                 args.link_gbps, args.total_sms, args.model)
+        print(f"{args.model}, {args.tokens} tokens/rank; communication fitted from "
+              f"{args.results} (measured), GEMM {args.gemm_tflops:g} TFLOP/s (G / (G - s) beside "
+              f"communication) and NVLink {args.link_gbps:g} GB/s ASSUMED")
+    if args.experts_fixed_us is not None:
+        e = model.coefficients["experts"]
+        model = CostModel(model.total_sms, {**model.coefficients,
+                                            "experts": (args.experts_fixed_us,) + e[1:]})
+        print(f"ASSUMED: the experts' fixed cost per chunk is {args.experts_fixed_us:g} us")
     shared = model.has("shared")
-    print(f"{args.model}, {args.tokens} tokens/rank; communication fitted from {args.results} "
-          f"(measured), GEMM {args.gemm_tflops:g} TFLOP/s (G / (G - s) beside communication) and "
-          f"NVLink {args.link_gbps:g} GB/s ASSUMED")
     print(model)
     serial = solve(model, args.tokens, shared=shared, fixed_chunks=1)
     piped = solve(model, args.tokens, shared=shared)
