@@ -61,6 +61,10 @@ SCALAR_FIELDS = (
     # ranks of one node (NVLink domain); world_size when the world is one node. The CPU backend
     # forwards through nodes by it; the CUDA kernels do not take it yet (scale-out).
     ("ranks_per_node", None, "ranks of one node"),
+    # 1: the throughput dispatch sends one copy of a token's row per remote rank, into the
+    # lowest of its rows there, and each rank fans the copies out into the token's other rows
+    # (docs/design.md, "NVLink bytes of expert-major rows")
+    ("dispatch_fanout", "int32_t", "one row per (token, remote rank) crosses; fanned out"),
 )
 
 # Regions of a rank's workspace, in address order (sizes: torch_swiftep.plan.Plan.build).
@@ -69,6 +73,8 @@ REGIONS = (
     "recv_scales",  # [capacity, hidden / 128] f32: FP8 scales of recv_x rows
     "recv_src",  # [capacity, 2] int32: (source rank, source token) of each row
     "recv_weights",  # [capacity] f32: the token's weight for this row's expert
+    # [W * T] u64, dispatch_fanout only: per (source rank, token), epoch << 32 | ~lowest row
+    "fanout_rows",
     "combine_x",  # [capacity, hidden] x dtype: experts write outputs here; combine reads it
     "ll_recv_x",  # [L, W * T_ll, hidden]: low-latency dispatch window
     "ll_recv_scales",  # [L, W * T_ll, hidden / 128] f32

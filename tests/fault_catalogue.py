@@ -155,6 +155,8 @@ def _config_faults() -> list[Fault]:
         case("ll_max_tokens_per_rank < 0", r"ll_max_tokens_per_rank must be >= 0",
              ll_max_tokens_per_rank=-1),
         case("num_sms = 0", r"num_sms must be a positive int, got 0", num_sms=0),
+        case("dispatch_fanout not a bool", r"dispatch_fanout must be a bool, got 1",
+             dispatch_fanout=1),
         Fault("Plan: num_experts not divisible by the world size", ValueError,
               r"num_experts=6 is not divisible by world_size=4",
               lambda: ts.Plan.build(ts.CommConfig(num_experts=6, hidden=H, num_topk=K,

@@ -28,6 +28,12 @@ def test_plan_fields_unique_and_offsets_aligned():
             assert value < values["workspace_bytes"], name
     regions = [values[f"off_{r}"] for r in protocol.REGIONS] + [values["off_ctrl"]]
     assert regions == sorted(regions), "regions are laid out in protocol.REGIONS order"
+    # dispatch_fanout's region: a u64 per (source rank, token), only when it is on
+    assert values["dispatch_fanout"] == 0 and values["off_fanout_rows"] == values["off_combine_x"]
+    on = dict(zip(protocol.PLAN_FIELDS, plan.Plan.build(
+        plan.CommConfig(**{**cfg.__dict__, "dispatch_fanout": True}), 1, 3).as_list()))
+    assert on["dispatch_fanout"] == 1
+    assert on["off_combine_x"] - on["off_fanout_rows"] >= 3 * 33 * 8
 
 
 def _imports(path: pathlib.Path) -> list[tuple[int, str]]:

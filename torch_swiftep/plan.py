@@ -73,6 +73,11 @@ class CommConfig:
         r // ranks_per_node == r' // ranks_per_node. None: the whole world is one node. Across
         nodes the throughput schedule sends a token once per destination node and forwards it
         inside the node (CPU backend today; docs/design.md, "Scale-out").
+    dispatch_fanout: the throughput dispatch sends a token's row over the link once per remote
+        rank (into the lowest of its rows there) and that rank copies it into the token's other
+        rows: fewer link bytes (4x fewer at 128 experts per rank, top-8), more copies by the
+        communication SMs. Same rows, same bits (docs/design.md, "NVLink bytes of expert-major
+        rows"). Off by default.
     """
 
     num_experts: int
@@ -85,6 +90,7 @@ class CommConfig:
     num_sms: int = 24
     timeout_s: float = 60.0
     ranks_per_node: Optional[int] = None
+    dispatch_fanout: bool = False
 
     def __post_init__(self):
         def positive(name):
@@ -115,6 +121,8 @@ class CommConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
         if self.ranks_per_node is not None:
             positive("ranks_per_node")
+        if not isinstance(self.dispatch_fanout, bool):
+            raise ValueError(f"dispatch_fanout must be a bool, got {self.dispatch_fanout!r}")
 
     @property
     def scale_cols(self) -> int:
@@ -167,6 +175,8 @@ class Plan:
             recv_scales=capacity * scale_bytes,
             recv_src=capacity * 8,  # int32 (source rank, source token)
             recv_weights=capacity * 4,
+            fanout_rows=world_size * config.max_tokens_per_rank * 8 if config.dispatch_fanout
+            else 0,
             combine_x=capacity * row_bytes,
             ll_recv_x=ll_rows * row_bytes,
             ll_recv_scales=ll_rows * scale_bytes,
@@ -205,6 +215,7 @@ class Plan:
             ll_max_tokens_per_rank=c.ll_max_tokens_per_rank,
             timeout_ms=max(1, int(math.ceil(c.timeout_s * 1000))),
             ranks_per_node=c.ranks_per_node or self.world_size,
+            dispatch_fanout=int(c.dispatch_fanout),
             workspace_bytes=self.workspace_bytes,
             **self.offsets,
             **{f"off_ctrl_{k}": self.offsets["off_ctrl"] + v for k, v in self.ctrl.items()},

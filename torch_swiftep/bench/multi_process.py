@@ -121,7 +121,7 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
     config = CommConfig(num_experts=shape["experts"], hidden=shape["hidden"],
                         num_topk=shape["topk"], max_tokens_per_rank=shape["tokens"],
                         dtype=torch.bfloat16, capacity=max(rows + rows // 4, 1024),
-                        timeout_s=60.0)
+                        timeout_s=60.0, dispatch_fanout=shape.get("fanout", False))
     comm = Communicator(group, config, device=device)
     sym_comm = Communicator(group, config, device=device)  # combine(symmetric=True) only
     progress = print if rank == 0 else (lambda *a, **k: None)
@@ -222,7 +222,8 @@ def run(args) -> int:
 
     world = args.world
     shape = dict(world=world, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
-                 experts=args.experts, check_tokens=0 if args.no_check else args.check_tokens)
+                 experts=args.experts, check_tokens=0 if args.no_check else args.check_tokens,
+                 fanout=args.fanout)
     props, gpus = torch.cuda.get_device_properties(0), torch.cuda.device_count()
     sharing, mps = ranks_per_gpu(world, gpus), mps_status()
     print(f"torch_swiftep multi-process benchmark on {props.name} ({props.multi_processor_count} "
@@ -323,6 +324,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check-tokens", type=int, default=256,
                    help="tokens per rank of the check before timing (default: 256)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--fanout", action="store_true",
+                   help="CommConfig(dispatch_fanout=True): a token's row crosses once per rank")
     p.add_argument("--repeats", type=int, default=REPEATS,
                    help=f"timed replays of each chain, median (default: {REPEATS})")
     p.add_argument("--chain", type=_int_list, default=[SHORT, LONG], metavar="SHORT,LONG",

@@ -26,35 +26,37 @@ enum PlanField : int {
   kPlan_ll_max_tokens_per_rank = 8,
   kPlan_timeout_ms = 9,
   kPlan_ranks_per_node = 10,
-  kPlan_off_recv_x = 11,
-  kPlan_off_recv_scales = 12,
-  kPlan_off_recv_src = 13,
-  kPlan_off_recv_weights = 14,
-  kPlan_off_combine_x = 15,
-  kPlan_off_ll_recv_x = 16,
-  kPlan_off_ll_recv_scales = 17,
-  kPlan_off_ll_recv_src = 18,
-  kPlan_off_ll_recv_weights = 19,
-  kPlan_off_ll_combine_x = 20,
-  kPlan_off_ctrl = 21,
-  kPlan_workspace_bytes = 22,
-  kPlan_off_ctrl_counts = 23,
-  kPlan_off_ctrl_count_flags = 24,
-  kPlan_off_ctrl_data_flags = 25,
-  kPlan_off_ctrl_combine_flags = 26,
-  kPlan_off_ctrl_ll_counts = 27,
-  kPlan_off_ctrl_ll_arrivals = 28,
-  kPlan_off_ctrl_ll_expected = 29,
-  kPlan_off_ctrl_ll_combine_flags = 30,
-  kPlan_off_ctrl_epoch = 31,
-  kPlan_off_ctrl_blocks_done = 32,
-  kPlan_off_ctrl_status = 33,
-  kPlan_off_ctrl_host_status_ptr = 34,
-  kPlan_off_ctrl_abort = 35,
-  kPlan_off_ctrl_combine_segment = 36,
-  kPlan_off_ctrl_trace_on = 37,
-  kPlan_off_ctrl_trace = 38,
-  kPlanNumFields = 39,
+  kPlan_dispatch_fanout = 11,
+  kPlan_off_recv_x = 12,
+  kPlan_off_recv_scales = 13,
+  kPlan_off_recv_src = 14,
+  kPlan_off_recv_weights = 15,
+  kPlan_off_fanout_rows = 16,
+  kPlan_off_combine_x = 17,
+  kPlan_off_ll_recv_x = 18,
+  kPlan_off_ll_recv_scales = 19,
+  kPlan_off_ll_recv_src = 20,
+  kPlan_off_ll_recv_weights = 21,
+  kPlan_off_ll_combine_x = 22,
+  kPlan_off_ctrl = 23,
+  kPlan_workspace_bytes = 24,
+  kPlan_off_ctrl_counts = 25,
+  kPlan_off_ctrl_count_flags = 26,
+  kPlan_off_ctrl_data_flags = 27,
+  kPlan_off_ctrl_combine_flags = 28,
+  kPlan_off_ctrl_ll_counts = 29,
+  kPlan_off_ctrl_ll_arrivals = 30,
+  kPlan_off_ctrl_ll_expected = 31,
+  kPlan_off_ctrl_ll_combine_flags = 32,
+  kPlan_off_ctrl_epoch = 33,
+  kPlan_off_ctrl_blocks_done = 34,
+  kPlan_off_ctrl_status = 35,
+  kPlan_off_ctrl_host_status_ptr = 36,
+  kPlan_off_ctrl_abort = 37,
+  kPlan_off_ctrl_combine_segment = 38,
+  kPlan_off_ctrl_trace_on = 39,
+  kPlan_off_ctrl_trace = 40,
+  kPlanNumFields = 41,
 };
 
 // The communicator state every communication kernel takes: this rank's workspace, the
@@ -74,11 +76,13 @@ struct CommParams {
   int32_t max_tokens_per_rank;  // most tokens one throughput call sends
   int32_t ll_max_tokens_per_rank;  // most tokens one low-latency call sends (0: none)
   int64_t timeout_ms;  // bound of every wait for a peer
+  int32_t dispatch_fanout;  // one row per (token, remote rank) crosses; fanned out
   int64_t ll_rows_per_expert;  // S = world_size * ll_max_tokens_per_rank (0: no low-latency windows)
   int64_t off_recv_x;  // region recv_x
   int64_t off_recv_scales;  // region recv_scales
   int64_t off_recv_src;  // region recv_src
   int64_t off_recv_weights;  // region recv_weights
+  int64_t off_fanout_rows;  // region fanout_rows
   int64_t off_combine_x;  // region combine_x
   int64_t off_ll_recv_x;  // region ll_recv_x
   int64_t off_ll_recv_scales;  // region ll_recv_scales
@@ -121,11 +125,13 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace,
   c.max_tokens_per_rank = static_cast<int32_t>(plan[kPlan_max_tokens_per_rank]);
   c.ll_max_tokens_per_rank = static_cast<int32_t>(plan[kPlan_ll_max_tokens_per_rank]);
   c.timeout_ms = static_cast<int64_t>(plan[kPlan_timeout_ms]);
+  c.dispatch_fanout = static_cast<int32_t>(plan[kPlan_dispatch_fanout]);
   c.ll_rows_per_expert = static_cast<int64_t>(plan[kPlan_world_size] * plan[kPlan_ll_max_tokens_per_rank]);
   c.off_recv_x = static_cast<int64_t>(plan[kPlan_off_recv_x]);
   c.off_recv_scales = static_cast<int64_t>(plan[kPlan_off_recv_scales]);
   c.off_recv_src = static_cast<int64_t>(plan[kPlan_off_recv_src]);
   c.off_recv_weights = static_cast<int64_t>(plan[kPlan_off_recv_weights]);
+  c.off_fanout_rows = static_cast<int64_t>(plan[kPlan_off_fanout_rows]);
   c.off_combine_x = static_cast<int64_t>(plan[kPlan_off_combine_x]);
   c.off_ll_recv_x = static_cast<int64_t>(plan[kPlan_off_ll_recv_x]);
   c.off_ll_recv_scales = static_cast<int64_t>(plan[kPlan_off_ll_recv_scales]);

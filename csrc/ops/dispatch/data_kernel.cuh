@@ -1,6 +1,7 @@
 // Throughput dispatch, phase 2: the data kernel (phase 1, the counts kernel, is in
-// counts_kernel.cuh beside it). It sends with the staged send (ops/send/staged.cuh), or, in a
-// -DSWIFTEP_DISPATCH_REG=1 build, through registers where it can (ops/send/registers.cuh).
+// counts_kernel.cuh beside it). It sends with the staged send (ops/send/staged.cuh); with
+// dispatch_fanout (kFanout) a token's row goes once to each remote rank, and phase 3
+// (fanout_kernel.cuh) copies it into the token's other rows there.
 //
 // Completion: after finish_bulk_stores, every thread fences at system scope before its block
 // counts itself done; the last block releases the data flag into every peer, then waits
@@ -28,7 +29,7 @@ struct DispatchShape {
 // every peer's rows have arrived here.
 // shape is a plain value, not __grid_constant__: with it ptxas allocated 102 registers, without
 // it 98 (96 with the three scalar arguments it replaces; the PTX differs only in operand order).
-template <typename IdxT>
+template <typename IdxT, bool kFanout>
 __global__ void __launch_bounds__(kDispatchThreads)
     dispatch_data_kernel(const __grid_constant__ DispatchParams p,
                          const DispatchShape shape) {
@@ -43,8 +44,8 @@ __global__ void __launch_bounds__(kDispatchThreads)
   const SendUnits units{global_warp, num_warps_total,
                         static_cast<int64_t>(p.num_tokens) * shape.per_token, shape.per_token, 1,
                         shape.per_token != 1};
-  send_tokens<IdxT>(p, win, units, p.token_rows, 0, stages, bars[warp_id()], shape.stage_bytes,
-                    shape.use_tma, Tracer{nullptr});
+  send_tokens<IdxT, kFanout>(p, win, units, p.token_rows, 0, stages, bars[warp_id()],
+                             shape.stage_bytes, shape.use_tma, Tracer{nullptr});
   finish_bulk_stores();
   if (!block_done_is_last(c, kDoneDispatchData)) return;
   block_release_to_all_peers(c, c.off_data_flags, epoch);

@@ -1,9 +1,11 @@
 // Launcher of the throughput dispatch: the counts kernel (one block, counts_kernel.cuh), then
-// the data kernel (data_kernel.cuh).
+// the data kernel (data_kernel.cuh), then with dispatch_fanout the fan-out of the rows peers
+// sent once per token (fanout_kernel.cuh).
 #include <cuda_runtime_api.h>
 
 #include "ops/dispatch/counts_kernel.cuh"
 #include "ops/dispatch/data_kernel.cuh"
+#include "ops/dispatch/fanout_kernel.cuh"
 #include "ops/launch_utils.h"
 #include "swiftep/launchers.h"
 
@@ -32,7 +34,9 @@ cudaError_t configure_dispatch(const DispatchParams& p, DispatchConfig* out) {
   cudaError_t err = kernel_smem(reinterpret_cast<const void*>(&dispatch_counts_kernel<IdxT>),
                                 &counts_info);
   if (err != cudaSuccess) return err;
-  err = kernel_smem(reinterpret_cast<const void*>(&dispatch_data_kernel<IdxT>), &data_info);
+  // both data kernels have the same shared memory (kFanout changes which rows are stored only)
+  err = kernel_smem(reinterpret_cast<const void*>(&dispatch_data_kernel<IdxT, false>),
+                    &data_info);
   if (err != cudaSuccess) return err;
   // Most warps whose histograms fit: more warps shorten the serial ranges of the ranking.
   for (int warps = kMaxWarpsPerBlock; warps >= 1 && cfg.counts_warps == 0; warps /= 2) {
@@ -69,7 +73,24 @@ cudaError_t configure_dispatch(const DispatchParams& p, DispatchConfig* out) {
   return cudaSuccess;
 }
 
-template <typename IdxT>
+// Phase 3 of dispatch_fanout (fanout_kernel.cuh), on this call's SM budget.
+cudaError_t launch_fanout(const DispatchParams& p, cudaStream_t stream) {
+  const int64_t smem = kFanoutCopyWarps * kFanoutChunkBytes;
+  cudaError_t err = ensure_dynamic_smem(reinterpret_cast<const void*>(&fanout_copy_kernel), smem);
+  if (err != cudaSuccess) return err;
+  fanout_lowest_kernel<<<static_cast<unsigned>(clamp_blocks(
+                             ceil_div(p.comm.capacity, int64_t{kFanoutLowestThreads}), p.num_sms)),
+                         kFanoutLowestThreads, 0, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t rows_per_block = int64_t{kFanoutCopyWarps} * kWarpSize;
+  fanout_copy_kernel<<<static_cast<unsigned>(clamp_blocks(
+                           ceil_div(p.comm.capacity, rows_per_block), p.num_sms)),
+                       kFanoutCopyWarps * kWarpSize, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename IdxT, bool kFanout>
 LaunchResult launch(const DispatchParams& p, cudaStream_t stream) {
   DispatchConfig cfg{};
   cudaError_t err = configure_dispatch<IdxT>(p, &cfg);
@@ -78,22 +99,30 @@ LaunchResult launch(const DispatchParams& p, cudaStream_t stream) {
   err = ensure_dynamic_smem(reinterpret_cast<const void*>(&dispatch_counts_kernel<IdxT>),
                             cfg.counts_smem);
   if (err != cudaSuccess) return launch_result(err);
-  err = ensure_dynamic_smem(reinterpret_cast<const void*>(&dispatch_data_kernel<IdxT>),
+  err = ensure_dynamic_smem(reinterpret_cast<const void*>(&dispatch_data_kernel<IdxT, kFanout>),
                             cfg.data_smem);
   if (err != cudaSuccess) return launch_result(err);
   dispatch_counts_kernel<IdxT><<<1, cfg.counts_warps * kWarpSize, cfg.counts_smem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return launch_result(err);
-  dispatch_data_kernel<IdxT><<<static_cast<unsigned>(cfg.data_blocks), kDispatchThreads,
-                               cfg.data_smem, stream>>>(p, cfg.shape);
-  return launch_result(cudaGetLastError());
+  dispatch_data_kernel<IdxT, kFanout><<<static_cast<unsigned>(cfg.data_blocks),
+                                         kDispatchThreads, cfg.data_smem, stream>>>(p, cfg.shape);
+  err = cudaGetLastError();
+  if (err == cudaSuccess && kFanout) err = launch_fanout(p, stream);
+  return launch_result(err);
 }
 
 }  // namespace
 
 LaunchResult launch_dispatch(const DispatchParams& params, cudaStream_t stream) {
-  return params.topk_idx_is_int64 ? launch<int64_t>(params, stream)
-                                  : launch<int32_t>(params, stream);
+  // one rank has no peer to send once to
+  const bool fanout = params.comm.dispatch_fanout != 0 && params.comm.world_size > 1;
+  if (fanout) {
+    return params.topk_idx_is_int64 ? launch<int64_t, true>(params, stream)
+                                    : launch<int32_t, true>(params, stream);
+  }
+  return params.topk_idx_is_int64 ? launch<int64_t, false>(params, stream)
+                                  : launch<int32_t, false>(params, stream);
 }
 
 }  // namespace swiftep

@@ -36,8 +36,9 @@ __device__ __forceinline__ void send_scales(const DispatchParams& p, const SendW
 
 // send_tokens without bulk copies: x or its rows are not 16-byte aligned (never with
 // quantize_fp8, which the launchers refuse; the launchers use parts == 1 here). num_mine: the
-// warp's units. Plain warp copies straight from x to every destination row.
-template <typename IdxT>
+// warp's units. Plain warp copies straight from x to every destination row (kFanout: to the
+// rows sender_writes_row keeps).
+template <typename IdxT, bool kFanout>
 __device__ __forceinline__ void send_tokens_plain(const DispatchParams& p, const SendWindow& win,
                                                   const SendUnits& units, const int32_t* rows,
                                                   int64_t rows_pair0, int64_t num_mine) {
@@ -50,10 +51,11 @@ __device__ __forceinline__ void send_tokens_plain(const DispatchParams& p, const
     const int64_t n = units.token(u);
     const PairDest mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
     send_metadata(p, win, n, mine);
+    const bool writes = kFanout ? sender_writes_row(c, mine, p.num_topk) : mine.row >= 0;
     for (int k = 0; k < p.num_topk; ++k) {
       const PairDest dest{__shfl_sync(kFullMask, mine.row, k),
                           __shfl_sync(kFullMask, mine.peer, k)};
-      if (dest.row >= 0)
+      if (kFanout ? __shfl_sync(kFullMask, writes, k) : dest.row >= 0)
         warp_copy_bytes(row_address(c, win, dest, p.out_row_bytes), x + n * row_bytes,
                         row_bytes, lane);
     }
@@ -65,8 +67,10 @@ __device__ __forceinline__ void send_tokens_plain(const DispatchParams& p, const
 // stage_bytes: a chunk of x's row; with quantize_fp8 a whole number of 128-channel blocks, at
 // most 32 of them.
 // units.parts > 1: stage_bytes makes the row exactly `parts` chunks. trace: warp 0 of block 0
-// stamps its first item (others pass Tracer{nullptr}).
-template <typename IdxT>
+// stamps its first item (others pass Tracer{nullptr}). kFanout (the throughput dispatch with
+// dispatch_fanout): bulk-stores only the rows sender_writes_row keeps; metadata and FP8 scales
+// still go to every row.
+template <typename IdxT, bool kFanout = false>
 __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, const SendUnits& units,
                             const int32_t* rows, int64_t rows_pair0, uint8_t* stages,
                             uint64_t* bars, int64_t stage_bytes, bool use_tma,
@@ -79,7 +83,7 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
   if (units.first >= units.end) return;
   const int64_t num_mine = ceil_div(units.end - units.first, units.step);
   if (!use_tma) {
-    send_tokens_plain<IdxT>(p, win, units, rows, rows_pair0, num_mine);
+    send_tokens_plain<IdxT, kFanout>(p, win, units, rows, rows_pair0, num_mine);
     return;
   }
 
@@ -117,6 +121,7 @@ __device__ void send_tokens(const DispatchParams& p, const SendWindow& win, cons
       mine = unit_dest<IdxT>(p, units, u, lane, rows, rows_pair0);
       if (units.parts == 1 || units.part(u) == 0) send_metadata(p, win, n, mine);
       my_target = row_address(c, win, mine, pitch);
+      if (kFanout && !sender_writes_row(c, mine, p.num_topk)) my_target = nullptr;
     }
     uint8_t* stage_ptr = stages + stage * stage_bytes;
     if (p.quantize_fp8) {

@@ -135,6 +135,21 @@ __device__ __forceinline__ void send_metadata(const DispatchParams& p, const Sen
   }
 }
 
+// dispatch_fanout: whether lane k's row is one the sender writes: every row on this rank, and on
+// another rank only the lowest of the token's rows there (that rank copies it into the others:
+// ops/dispatch/fanout_kernel.cuh picks the same row). Whole warp; with one slot per unit each
+// unit knows one row, so it is always written.
+__device__ __forceinline__ bool sender_writes_row(const CommParams& c, PairDest mine,
+                                                  int num_topk) {
+  bool writes = mine.row >= 0;
+  for (int j = 0; j < num_topk; ++j) {
+    const int32_t row = __shfl_sync(kFullMask, mine.row, j);
+    const int32_t peer = __shfl_sync(kFullMask, mine.peer, j);
+    if (mine.peer != c.rank && peer == mine.peer && row >= 0 && row < mine.row) writes = false;
+  }
+  return writes;
+}
+
 __device__ __forceinline__ uint8_t* row_address(const CommParams& c, const SendWindow& win,
                                                 PairDest dest, int64_t pitch) {
   if (dest.row < 0) return nullptr;
