@@ -33,6 +33,9 @@ deepep=${DEEPEP_DIR:-third_party/deepep_intranode}
   python3 -m torch_swiftep.bench.multi_process --world "$gpus" --sms 8,16,24 --peers deepep \
     --out "$OUT/multi_process" ) > "$OUT/multi_process.log" 2>&1 || status=1
 grep -v "capturing\|replaying" "$OUT/multi_process.log" | tail -30
+python3 -m torch_swiftep.bench.multi_process --world "$gpus" --sms 8,16,24 --peers none \
+  --fanout --out "$OUT/multi_process_fanout" > "$OUT/multi_process_fanout.log" 2>&1 || status=1
+grep -E "^ +dispatch|check:" "$OUT/multi_process_fanout.log"
 for shape in deepseek-v3:32 qwen3-moe:16; do
   python3 -m torch_swiftep.bench.pipeline_multi_process --world "$gpus" --shape "${shape%:*}" \
     --experts $((gpus * ${shape#*:})) --sms 8,16,24,32 --out "$OUT/pipeline_${shape%:*}" \
