@@ -241,3 +241,13 @@ def test_kwargs_spell_the_plan(checkpoints):
         dc = swiftep_hf.expert_parallel_kwargs(checkpoints["gpt_oss"],
                                                world_size=2)["distributed_config"]
         assert (dc.ep_implementation, dc.ep_size, dc.tp_size) == ("swiftep", 2, 2)
+
+
+def test_settings_reach_the_communicator():
+    from torch_swiftep.integrations import _hf_moe
+
+    settings = swiftep_hf.SwiftepMoEConfig(max_tokens_per_rank=8, dispatch_fanout=True)
+    comm = _hf_moe._communicator(None, hidden=64, num_experts=4, top_k=2, dtype=torch.float32,
+                                 device=torch.device("cpu"), settings=settings)
+    assert comm.config.dispatch_fanout and comm.config.max_tokens_per_rank == 8
+    swiftep_hf.clear_communicators()

@@ -121,6 +121,7 @@ class SwiftepMoEConfig:
     capacity: rows of each rank's receive window (None: the worst case, see CommConfig).
     num_sms: SMs for the communication kernels (None: CommConfig's default).
     timeout_s: bound of every wait for another rank.
+    dispatch_fanout: CommConfig's (one row per (token, remote rank) crosses the link).
     experts_compute: "auto" (grouped_mm on CUDA bf16/fp16, else a per-expert loop), "loop" or
         "grouped_mm" (torch's grouped GEMM on any device/dtype that supports it).
     """
@@ -129,6 +130,7 @@ class SwiftepMoEConfig:
     capacity: int | None = None
     num_sms: int | None = None
     timeout_s: float = 60.0
+    dispatch_fanout: bool = False
     experts_compute: str = "auto"
 
     def __post_init__(self):
