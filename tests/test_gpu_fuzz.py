@@ -69,6 +69,7 @@ class Shape(NamedTuple):
     dtype: torch.dtype  # the windows' dtype; a case's x may be narrower
     max_tokens: int
     num_sms: int
+    fanout: bool = False  # CommConfig.dispatch_fanout
 
     @staticmethod
     def draw(gen, world: int, max_sms: int = 24) -> "Shape":
@@ -82,7 +83,8 @@ class Shape(NamedTuple):
         topk = _rand(gen, 1, 8)
         experts = world * _pick(gen, [n for n in (1, 2, 3, 4, 8) if n * world >= topk])
         return Shape(hidden, experts, topk, dtype, 100 if hidden <= 2048 else 32,
-                     min(_pick(gen, (1, 2, 3, 5, 8, 24)), max_sms))
+                     min(_pick(gen, (1, 2, 3, 5, 8, 24)), max_sms),
+                     fanout=world > 1 and _rand(gen, 0, 2) == 0)
 
     def config(self, world: int) -> ts.CommConfig:
         """Windows that hold any case of the shape: "duplicates" repeats slot 0's expert in
@@ -92,7 +94,7 @@ class Shape(NamedTuple):
                              max_tokens_per_rank=t, dtype=self.dtype,
                              capacity=world * (t * min(self.topk, local) + extra),
                              ll_max_tokens_per_rank=t + extra, num_sms=self.num_sms,
-                             timeout_s=60)
+                             timeout_s=60, dispatch_fanout=self.fanout)
 
 
 class Knobs(NamedTuple):
@@ -104,7 +106,8 @@ class Knobs(NamedTuple):
     def describe(self, shape: Shape) -> str:
         dtype = str(shape.dtype).replace("torch.", "")
         return (f"[windows {dtype} K={shape.topk} T={shape.max_tokens} sms={shape.num_sms}, "
-                f"zero_copy={self.zero_copy}, topk_idx {'int32' if self.idx32 else 'int64'}]")
+                f"zero_copy={self.zero_copy}, topk_idx {'int32' if self.idx32 else 'int64'}"
+                f"{', dispatch_fanout' if shape.fanout else ''}]")
 
 
 def draw_case(gen, shape: Shape, world: int, seed: int) -> tuple[testing.Case, Knobs]:
@@ -288,24 +291,25 @@ def _emulated_case(world_comms, shape, case, knobs) -> list[str]:
 
 
 # x dtype, windows' dtype, hidden, K, experts, routing, fp8, tokens per rank (the world size
-# is their number), SMs, zero copy, int32 indices. What each reaches besides the counts and
-# data kernels and dispatch_layout:
+# is their number), SMs, zero copy, int32 indices, dispatch_fanout. What each reaches besides
+# the counts and data kernels and dispatch_layout:
 COVERAGE = (
     # FP8 x with scales through both staged sends; pairs of a small call (16 tokens < 24
     # warps); the staging copy (copy_rows) before both combines; int32 indices
-    (BF16, BF16, 256, 2, 8, "holes", True, (16, 5), 3, False, True),
+    (BF16, BF16, 256, 2, 8, "holes", True, (16, 5), 3, False, True, False),
     # 264-byte x rows in 528-byte windows: the plain (no bulk copy) sends and combine reads;
     # an empty rank; an expert twice in a token
-    (BF16, FP32, 132, 3, 4, "duplicates", False, (9, 0), 2, True, False),
+    (BF16, FP32, 132, 3, 4, "duplicates", False, (9, 0), 2, True, False, False),
     # quantize_fp8=True: the staged quantizer (throughput), whole tokens of the direct FP8
-    # kernel (20 tokens >= 8 warps); fp16 x, bf16 combine
-    (FP16, FP16, 384, 4, 6, "skewed", "fused", (20, 0, 7), 1, False, False),
+    # kernel (20 tokens >= 8 warps); fp16 x, bf16 combine; dispatch_fanout's whole-token sends
+    # (20 tokens >= 16 warps) and its two kernels
+    (FP16, FP16, 384, 4, 6, "skewed", "fused", (20, 0, 7), 1, False, False, True),
     # fp32 end to end, K=1, whole-token units of the staged low-latency send
-    (FP32, FP32, 68, 1, 2, "one_rank", False, (12, 12), 1, True, True),
+    (FP32, FP32, 68, 1, 2, "one_rank", False, (12, 12), 1, True, True, False),
     # fp16 combine; K=8; small call with each pair's 1040-byte row in 3 chunks
-    (FP16, FP16, 520, 8, 16, "uniform", False, (3, 1), 8, False, False),
+    (FP16, FP16, 520, 8, 16, "uniform", False, (3, 1), 8, False, False, False),
     # the direct FP8 kernel's row chunks (2 tokens, 64 warps), zero copy
-    (BF16, BF16, 1024, 2, 8, "uniform", "fused", (2, 2), 8, True, True),
+    (BF16, BF16, 1024, 2, 8, "uniform", "fused", (2, 2), 8, True, True, False),
 )
 # Kernels (and instantiations) the COVERAGE cases must launch: substrings of the names. The
 # staged combine_kernel serves the low-latency window, combine_ldg_kernel the throughput window
@@ -315,7 +319,7 @@ REQUIRED_KERNELS = (
     ("ll_dispatch_kernel", "false"), ("ll_dispatch_kernel", "true"), ("copy_rows_tma_kernel",),
     ("combine_kernel<__nv_bfloat16",), ("combine_kernel<__half",), ("combine_kernel<float",),
     ("combine_ldg_kernel<__nv_bfloat16",), ("combine_ldg_kernel<__half",),
-    ("combine_ldg_kernel<float",),
+    ("combine_ldg_kernel<float",), ("fanout_lowest_kernel",), ("fanout_copy_kernel",),
 )
 
 
@@ -338,8 +342,8 @@ def test_emulated_world_kernel_paths():
     world_comms, errors = {}, []
     with _kernel_names(names) if listing else contextlib.nullcontext():
         for seed, (x_dtype, dtype, hidden, k, experts, routing, fp8, tokens, sms, zero_copy,
-                   idx32) in enumerate(COVERAGE, start=31):
-            shape = Shape(hidden, experts, k, dtype, max(tokens), sms)
+                   idx32, fanout) in enumerate(COVERAGE, start=31):
+            shape = Shape(hidden, experts, k, dtype, max(tokens), sms, fanout)
             case = testing.Case(seed, x_dtype, hidden, k, routing, experts, tokens, fp8)
             errors += _emulated_case(world_comms, shape, case, Knobs(zero_copy, idx32))
     if listing:
