@@ -171,7 +171,7 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
                   (("dispatch", d), ("pair", pair), ("pair_own", own), ("pair_copy", pair + 1),
                    ("pair_sym", pair + 0.5))}
         routing = RoutingBytes(token_rank_pairs=pairs, rows=2 * pairs, tokens_sent=pairs // 2,
-                               num_tokens=pairs // 2)
+                               num_tokens=pairs // 2, remote_rows=pairs, remote_pairs=pairs // 4)
         return dict(errors=[], routing=routing.__dict__, slopes={4: slopes})
 
     fake = [rank(2.0, 6.0, 9.0, 100), rank(2.2, 6.0, 8.0, 300)]
@@ -186,7 +186,8 @@ def test_world_aggregation_and_json(monkeypatch, tmp_path):
     row = 10 * 2
     assert extra["world_bytes"] == dict(pairs_per_rank=200.0,
                                         dispatch=(50 + 200 + 150 + 600) * row,
-                                        combine=(200 + 50 + 600 + 150) * row)
+                                        combine=(200 + 50 + 600 + 150) * row,
+                                        link_dispatch=300 * row, link_combine=300 * row)
     records = build_records(by_sms, extra["world_bytes"], {}, 2, 10, {})
     result = dict(check_tokens=256)
     assert multi_process._finish(result, records, {}, [], str(tmp_path)) == 0
@@ -218,6 +219,27 @@ def test_deepep_with_its_users_permutation_gets_columns_of_its_own():
     assert records[0]["peers"]["deepep+permute"]["ms"] == 3.5
     header = format_report(records, peers).splitlines()[0]
     assert "DeepEP ms" in header and "DeepEP+permute ms" in header and "torch" not in header
+
+
+def test_with_a_gpu_per_rank_dispatch_and_combine_are_quoted_against_the_link():
+    from torch_swiftep.bench.metrics import RoutingBytes
+
+    idx = torch.tensor([[0, 1], [2, 3], [0, 2], [-1, 3]])  # 4 experts, 2 ranks
+    r0 = RoutingBytes.of(idx, 4, 2, rank=0)
+    assert (r0.rows, r0.remote_rows, r0.token_rank_pairs, r0.remote_pairs) == (7, 4, 5, 3)
+    assert RoutingBytes.of(idx, 4, 2).remote_rows == 0  # no source rank: not counted
+    by_sms = {4: dict(dict.fromkeys(OPS, 1.0))}
+    world_bytes = dict(pairs_per_rank=100.0, dispatch=4e9, combine=4e9, link_dispatch=2e8,
+                       link_combine=4e8)
+    records = build_records(by_sms, world_bytes, {4: 1000.0}, 2, 10, {}, sharing=1,
+                            link_gbps=400.0)
+    by_op = {r["op"]: r for r in records}
+    assert by_op["dispatch"]["link_fraction"] == pytest.approx(0.5)  # 200 GB/s of 400
+    assert by_op["combine, symmetric pool"]["link_fraction"] == pytest.approx(1.0)
+    assert by_op["step, symmetric pool"]["link_fraction"] is None
+    assert "of link" in format_report(records, {}).splitlines()[0]
+    assert "of link" not in format_report(build_records(by_sms, world_bytes, {}, 2, 10, {}),
+                                          {}).splitlines()[0]
 
 
 def test_ranks_land_on_gpus_round_robin():

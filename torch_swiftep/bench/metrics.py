@@ -17,9 +17,12 @@ class RoutingBytes:
     rows: int  # valid (token, slot) pairs: rows written by dispatch / read by combine
     tokens_sent: int  # tokens with at least one valid expert
     num_tokens: int
+    remote_rows: int = 0  # rows on other ranks (of() with the source rank): over the link
+    remote_pairs: int = 0  # (token, rank) pairs with another rank: dispatch_fanout's link rows
 
     @staticmethod
-    def of(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> "RoutingBytes":
+    def of(topk_idx: torch.Tensor, num_experts: int, world_size: int,
+           rank: int | None = None) -> "RoutingBytes":
         idx = topk_idx.long().cpu()
         valid = idx >= 0
         local = num_experts // world_size
@@ -27,8 +30,11 @@ class RoutingBytes:
         in_rank = torch.zeros(idx.size(0), world_size + 1, dtype=torch.bool)
         in_rank.scatter_(1, owner, True)
         in_rank = in_rank[:, :world_size]
+        remote = (0, 0) if rank is None else (
+            int((valid & (owner != rank)).sum()),
+            int(in_rank.sum()) - int(in_rank[:, rank].sum()))
         return RoutingBytes(int(in_rank.sum()), int(valid.sum()), int(valid.any(1).sum()),
-                            idx.size(0))
+                            idx.size(0), *remote)
 
 
 def dispatch_min_bytes(r: RoutingBytes, row_bytes: int, read_row_bytes: int | None = None) -> int:

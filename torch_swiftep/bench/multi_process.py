@@ -23,11 +23,12 @@ combine mode at every budget at --check-tokens against testing's reference (the 
 result also bit for bit against the plain combine's of the same tensor).
 
 Ceiling: the library's bulk copy at the SM count one GPU's ranks use together (copy_ceiling.py),
-measured before the ranks start, set against the least bytes of that GPU's ranks; each op's least
-bytes (read + write, metrics.py) per second is quoted as a fraction of its read + write rate. algbw:
-received (token, rank) pairs x hidden x 2 bytes / time per rank (DeepEP's convention). Peers, as
-ratios to swiftep at the same budget: DeepEP's intranode Buffer (deepep_peer.py), torch's NVSHMEM
-all_to_all_vdev_2d (torch_a2a_peer.py).
+measured before the ranks start, set against the least bytes of that GPU's ranks (with a GPU per
+rank also the link: the copy engine's GPU 0 -> GPU 1 rate, against the rows the busiest rank sends
+or pulls over it); each op's least bytes (read + write, metrics.py) per second is quoted as a
+fraction of its read + write rate. algbw: received (token, rank) pairs x hidden x 2 bytes / time per
+rank (DeepEP's convention). Peers, as ratios to swiftep at the same budget: DeepEP's intranode
+Buffer (deepep_peer.py), torch's NVSHMEM all_to_all_vdev_2d (torch_a2a_peer.py).
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
     if any(agree(errors, group)):  # every rank stops together: a broken kernel is never timed
         return dict(errors=errors, routing=None, slopes={})
     x, idx, w, _ = rank_inputs(shape, shape["tokens"], rank, device, seed=shape["tokens"])
-    routing = RoutingBytes.of(idx, shape["experts"], world)
+    routing = RoutingBytes.of(idx, shape["experts"], world, rank)
     handle = comm.dispatch(x, idx, w, num_sms=budgets[0])
     out = testing.expert_output(handle, torch.bfloat16)  # the fake expert's rows, once
     comm.combine_buffer().copy_(out)  # zero copy: the experts wrote into the window
@@ -208,9 +209,13 @@ def _swiftep_world(shape, budgets, args) -> tuple[dict | None, dict | None, list
                             for r in ranks]) for sms in budgets}
     routing = [RoutingBytes(**r["routing"]) for r in ranks]
     row = shape["hidden"] * 2
+    sent = [r.remote_pairs if shape.get("fanout") else r.remote_rows for r in routing]
     world_bytes = dict(pairs_per_rank=sum(r.token_rank_pairs for r in routing) / len(routing),
                        dispatch=sum(dispatch_min_bytes(r, row) for r in routing),
-                       combine=sum(combine_min_bytes(r, row) for r in routing))
+                       combine=sum(combine_min_bytes(r, row) for r in routing),
+                       # the most one rank's GPU sends (dispatch) or pulls (combine) over its link
+                       link_dispatch=max(sent) * row,
+                       link_combine=max(r.remote_rows for r in routing) * row)
     raw = {sms: [r["slopes"][sms] for r in ranks] for sms in budgets}
     return by_sms, dict(world_bytes=world_bytes, raw=raw), []
 
@@ -248,6 +253,12 @@ def run(args) -> int:
         return _finish(result, [], {}, ["no SM budget fits"], args.out)
     ceiling = copy_ceiling_gbps(sorted({sms * sharing for sms in budgets}))  # before the ranks
     result["ceiling_payload_gbps"] = ceiling
+    if sharing == 1 and gpus >= 2:  # a GPU per rank: the link's rate, GPU 0 -> GPU 1
+        from .multi_gpu_vs_nccl import p2p_copy_gbps
+
+        result["link_gbps"] = p2p_copy_gbps()
+        print(f"link ceiling: the copy engine moves {result['link_gbps']:.0f} GB/s one way "
+              "GPU 0 -> GPU 1", flush=True)
     print("copy ceiling (payload GB/s at the total SM count): " + (", ".join(
         f"{n} SMs {g:.0f}" for n, g in sorted(ceiling.items())) or "not measured"), flush=True)
     swiftep, extra, errors = _swiftep_world(shape, budgets, args)
@@ -256,7 +267,7 @@ def run(args) -> int:
     result.update(swiftep_ms=swiftep, **extra)
     peers = _run_peers(shape, budgets, args)
     records = build_records(swiftep, extra["world_bytes"], ceiling, world, args.hidden, peers,
-                            sharing)
+                            sharing, result.get("link_gbps"))
     return _finish(result, records, peers, [], args.out)
 
 
@@ -277,7 +288,9 @@ def _finish(result, records, peers, errors, out_dir) -> int:
         print(format_report(records, peers))
         print("vs X: X's ms / swiftep's ms at the same SMs/rank (> 1: swiftep faster); of "
               "ceiling: least bytes (read + write) / time / the bulk copy's read + write rate at "
-              "the same total SMs; step rows count both directions; symmetric pool: the "
+              "the same total SMs; of link (a GPU per rank): the bytes the busiest rank moves "
+              "over its link per second over the copy engine's one-way rate; step rows count "
+              "both directions; symmetric pool: the "
               "experts' tensor from comm.expert_output_pool(), read in place by "
               "combine(symmetric=True)")
     for e in errors[:10]:

@@ -49,12 +49,16 @@ def ceiling_fraction(least_bytes: float, ms: float, payload_gbps) -> float | Non
 
 
 def build_records(swiftep: dict, world_bytes: dict, ceiling: dict, world: int, hidden: int,
-                  peers: dict, sharing: int | None = None) -> list[dict]:
+                  peers: dict, sharing: int | None = None,
+                  link_gbps: float | None = None) -> list[dict]:
     """One record per (SM budget, op). swiftep: {sms: {op: ms}} (slowest rank); world_bytes:
     pairs_per_rank, dispatch and combine least bytes of the whole world; ceiling: {SMs busy on
     one GPU: payload GB/s}; peers: {name: peer result with by_sms {sms: {dispatch, combine,
     step}}}; sharing: ranks per GPU (default: world, every rank on one GPU). The ceiling is one
-    GPU's, at its ranks' SMs: the least bytes are those of one GPU's ranks."""
+    GPU's, at its ranks' SMs: the least bytes are those of one GPU's ranks. link_gbps (a GPU per
+    rank): the link's one-way rate; dispatch and combine records then get link_fraction, the
+    bytes the busiest rank moves over its link (world_bytes link_dispatch / link_combine) per
+    second over it."""
     sharing = sharing or world
     least = {k: v * sharing / world for k, v in (("dispatch", world_bytes["dispatch"]),
              ("combine", world_bytes["combine"]),
@@ -65,9 +69,11 @@ def build_records(swiftep: dict, world_bytes: dict, ceiling: dict, world: int, h
             ms, kind = swiftep[sms][op], PEER_OP[op]
             both = 2 if kind == "step" else 1  # a step moves the pairs there and back
             frac = ceiling_fraction(least[kind], ms, ceiling.get(sms * sharing))
+            link = world_bytes.get(f"link_{kind}") if link_gbps else None
             rec = dict(op=op, sms_per_rank=sms, sms_total=sms * sharing, ms=ms,
                        algbw_gbps=both * algbw_gbps(world_bytes["pairs_per_rank"], hidden, ms),
-                       least_bytes=least[kind], ceiling_fraction=frac, peers={})
+                       least_bytes=least[kind], ceiling_fraction=frac, peers={},
+                       link_fraction=None if link is None else link / (ms * 1e-3) / 1e9 / link_gbps)
             for name, peer in peers.items():
                 peer_ms = (peer.get("by_sms") or {}).get(sms, {}).get(kind)
                 if peer_ms:
@@ -82,12 +88,16 @@ def format_report(records: list[dict], peers: dict) -> str:
     from .metrics import format_table
 
     extra = [n for n in PEER_COLUMNS if any(n in r["peers"] for r in records)]
-    headers = HEADERS + [h for n in extra for h in PEER_COLUMNS[n]]
+    with_link = any(r.get("link_fraction") is not None for r in records)
+    headers = HEADERS[:6] + (["of link"] if with_link else []) + HEADERS[6:] \
+        + [h for n in extra for h in PEER_COLUMNS[n]]
     rows = []
     for r in records:
         frac = r["ceiling_fraction"]
+        link = r.get("link_fraction")
         row = [r["op"], r["sms_per_rank"], r["sms_total"], r["ms"], r["algbw_gbps"],
                "-" if frac is None else f"{frac:.0%}"]
+        row += (["-" if link is None else f"{link:.0%}"] if with_link else [])
         for name in ["deepep"] + extra:
             p = r["peers"].get(name)
             row += [p["ms"], f"{p['speedup']:.2f}x"] if p else ["-", "-"]
