@@ -11,14 +11,14 @@ from gpu_world import ENV, GPU_MARKS
 
 import torch_swiftep as ts
 from torch_swiftep import testing
-from torch_swiftep.launch import run_world
+from torch_swiftep.launch import rank_gpu, run_world
 
 pytestmark = GPU_MARKS
 TOKENS = [37, 0, 128, 5, 64, 1, 99, 20]
 
 
 def _device(rank):
-    device = torch.device("cuda", rank % torch.cuda.device_count())
+    device = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     return device
 

@@ -14,7 +14,7 @@ from gpu_world import ENV, GPU_MARKS
 
 import torch_swiftep as ts
 from torch_swiftep import testing
-from torch_swiftep.launch import run_world
+from torch_swiftep.launch import rank_gpu, run_world
 
 pytestmark = GPU_MARKS
 TIMEOUT_S = 2.0
@@ -23,7 +23,7 @@ NUM_EXPERTS = 12  # divisible by every world these tests use (2 and 3)
 
 
 def _setup(rank, hidden=256, timeout_s=TIMEOUT_S):
-    device = torch.device("cuda", rank % torch.cuda.device_count())
+    device = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     cfg = ts.CommConfig(num_experts=NUM_EXPERTS, hidden=hidden, num_topk=2, max_tokens_per_rank=16,
                         timeout_s=timeout_s)

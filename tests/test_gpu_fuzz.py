@@ -34,7 +34,7 @@ from gpu_world import ENV, GPU_MARKS
 
 import torch_swiftep as ts
 from torch_swiftep import testing
-from torch_swiftep.launch import WorldError, run_world
+from torch_swiftep.launch import WorldError, rank_gpu, run_world
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 WORLDS = (2, 3, 4, 5, 6, 7, 8)
@@ -149,7 +149,7 @@ def _fuzz_ranks(rank, world, num_cases, on_gpu=True):
     """One rank of one world: num_cases random cases, both schedules each. Returns (errors,
     seconds)."""
     if on_gpu:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

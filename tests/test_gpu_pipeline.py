@@ -9,7 +9,7 @@ import torch.distributed as dist
 from gpu_world import ENV, GPU_MARKS
 
 import torch_swiftep as ts
-from torch_swiftep.launch import run_world
+from torch_swiftep.launch import rank_gpu, run_world
 
 pytestmark = GPU_MARKS
 E, H, K, FFN, N = 8, 256, 2, 128, 29
@@ -20,7 +20,7 @@ def _layer(rank, low_latency):
     from torch_swiftep.moe import ExpertParallelMoE
     from torch_swiftep.pipeline.layer import PipelinedMoE
 
-    device = torch.device("cuda", rank % torch.cuda.device_count())
+    device = torch.device("cuda", rank_gpu(rank, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     torch.manual_seed(0)
     cfg = ts.CommConfig(num_experts=E, hidden=H, num_topk=K, max_tokens_per_rank=N,

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from torch_swiftep.launch import NO_MULTICAST_ENV
+from torch_swiftep.launch import NO_MULTICAST_ENV, rank_gpu
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 UNIT = ROOT / "csrc" / "nvshmem"
@@ -205,7 +205,7 @@ def _engine_exchange(rank, world, library):
 
     from torch_swiftep import nvshmem_engine as ne
 
-    torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU, or one per PE
+    torch.cuda.set_device(rank_gpu(rank, torch.cuda.device_count()))  # one GPU, or one per PE
     engine = ne.NvshmemEngine.start(library=library)
     width, per_pair, channels = 528, 4, 2
     gen = torch.Generator().manual_seed(0)
