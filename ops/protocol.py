@@ -65,6 +65,10 @@ SCALAR_FIELDS = (
     # lowest of its rows there, and each rank fans the copies out into the token's other rows
     # (docs/design.md, "NVLink bytes of expert-major rows")
     ("dispatch_fanout", "int32_t", "one row per (token, remote rank) crosses; fanned out"),
+    # 1: the throughput combine reduces each (token, owner rank)'s slots on the owner, from
+    # expert_out where it is, and sends that partial (rounded to expert_out's dtype) to the
+    # token's rank, which sums the partials in rank order (reference.combine(ranks_per_node=1))
+    ("combine_partials", "int32_t", "one partial per (token, owner rank) crosses"),
 )
 
 # Regions of a rank's workspace, in address order (sizes: torch_swiftep.plan.Plan.build).
@@ -75,6 +79,12 @@ REGIONS = (
     "recv_weights",  # [capacity] f32: the token's weight for this row's expert
     # [W * T] u64, dispatch_fanout only: per (source rank, token), epoch << 32 | ~lowest row
     "fanout_rows",
+    # [W * T * K] u64, combine_partials only: per (source rank, token, slot) the slot's row
+    # here, epoch << 32 | row, written by the source's dispatch with the row
+    "pair_rows",
+    # [W * T, hidden] x dtype, combine_partials only: the partial of (owner rank, token) at
+    # owner * T + token, written by the owner's combine
+    "partials",
     "combine_x",  # [capacity, hidden] x dtype: experts write outputs here; combine reads it
     "ll_recv_x",  # [L, W * T_ll, hidden]: low-latency dispatch window
     "ll_recv_scales",  # [L, W * T_ll, hidden / 128] f32
@@ -109,7 +119,7 @@ EPOCH_SLOTS = ("throughput", "low_latency")
 EPOCH_CAPACITY = 4  # int64 slots reserved
 # Slots of ctrl.blocks_done: one grid-completion counter per kernel that uses the
 # last-block-done pattern, so kernels of the two schedules never share a counter.
-BLOCKS_DONE_SLOTS = ("dispatch_data",)
+BLOCKS_DONE_SLOTS = ("dispatch_data", "combine_partials")
 BLOCKS_DONE_CAPACITY = 8  # int32 counters reserved (room for more kernels)
 
 # Status codes a kernel leaves in ctrl.status (and its host mirror): (name, argument names).

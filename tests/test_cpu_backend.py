@@ -51,22 +51,27 @@ def test_cpu_backend_matches_reference(world):
     assert not errors, "\n".join(errors[:20])
 
 
-def _nodes_cases(rank, world, per_node):
+def _nodes_cases(rank, world, per_node, partials):
     """The cases with the world grouped into nodes: the throughput schedule forwards through
     each destination node (backends/cpu_hierarchical.py) and its combine equals the reference's
-    node order bit for bit; the low-latency one stays direct."""
+    node order bit for bit; the low-latency one stays direct. partials: one node, with
+    CommConfig(combine_partials=True), whose combine is the reference's with every rank its own
+    node (per_node 1), bit for bit."""
     errors = []
     for case in _cases(world):
-        comm = ts.Communicator(dist.group.WORLD, case.config(ranks_per_node=per_node))
-        errors += testing.run_step(comm, rank, testing.expected(case, ranks_per_node=per_node),
+        config = (case.config(combine_partials=True) if partials
+                  else case.config(ranks_per_node=per_node))
+        errors += testing.run_step(ts.Communicator(dist.group.WORLD, config), rank,
+                                   testing.expected(case, ranks_per_node=per_node),
                                    zero_copy=case.seed % 2 == 0)
-    return [f"ranks_per_node={per_node}: {e}" for e in errors]
+    return [f"ranks_per_node={per_node}, combine_partials={partials}: {e}" for e in errors]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, per_node", [(4, 2), (4, 1), (3, 1)])
-def test_cpu_backend_across_nodes_matches_reference(world, per_node):
-    results = run_world(world, _nodes_cases, per_node, timeout_s=240)
+@pytest.mark.parametrize("world, per_node, partials",
+                         [(4, 2, False), (4, 1, False), (3, 1, False), (3, 1, True)])
+def test_cpu_backend_across_nodes_matches_reference(world, per_node, partials):
+    results = run_world(world, _nodes_cases, per_node, partials, timeout_s=240)
     errors = [e for per_rank in results for e in per_rank]
     assert not errors, "\n".join(errors[:20])
 

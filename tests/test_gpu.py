@@ -49,28 +49,30 @@ def _cases(world):
             for seed, shape in enumerate(shapes, start=1000 * world + 1)]
 
 
-def _check_case(rank, comm_cache, case, device, fanout=False):
+def _check_case(rank, comm_cache, case, device, options):
     """Both schedules of one case; one Communicator per shape, reused across cases (windows
-    of max(TOKENS) tokens per rank). Odd seeds: zero-copy combine. fanout: dispatch_fanout."""
+    of max(TOKENS) tokens per rank). Odd seeds: zero-copy combine. options: more CommConfig
+    fields (dispatch_fanout, combine_partials)."""
     key = (case.hidden, case.experts, case.topk, case.dtype)
     if key not in comm_cache:
         cfg = case.config(max_tokens_per_rank=max(TOKENS), ll_max_tokens_per_rank=max(TOKENS),
-                          num_sms=3, timeout_s=60, dispatch_fanout=fanout)
+                          num_sms=3, timeout_s=60, **options)
         comm_cache[key] = ts.Communicator(dist.group.WORLD, cfg, device=device)
     return testing.run_step(comm_cache[key], rank, testing.expected(case),
                             zero_copy=case.seed % 2 == 1, device=device)
 
 
-def _all_cases(rank, world, fanout=False):
+def _all_cases(rank, world, options=None):
+    options = options or {}
     device = _device(rank)
     cache, errors = {}, []
     for case in _cases(world):
-        errors += _check_case(rank, cache, case, device, fanout)
+        errors += _check_case(rank, cache, case, device, options)
     # consecutive calls reuse the windows with no barrier in between
     for case in _cases(world)[:3]:
         again = _case(world, case.seed + 50, case.dtype, case.hidden, case.topk, case.routing,
                       case.fp8)
-        errors += _check_case(rank, cache, again, device, fanout)
+        errors += _check_case(rank, cache, again, device, options)
     return errors
 
 
@@ -86,7 +88,18 @@ def test_dispatch_fanout_matches_reference(world):
     """dispatch_fanout: a token's row crosses once per remote rank and is copied into its other
     rows there; every case of the reference test, the same bits (large calls send whole tokens
     and fan out, small ones one slot per unit and write every row)."""
-    errors = run_world(world, _all_cases, True, env=ENV, timeout_s=600)
+    errors = run_world(world, _all_cases, {"dispatch_fanout": True}, env=ENV, timeout_s=600)
+    flat = [e for per_rank in errors for e in per_rank]
+    assert not flat, "\n".join(flat[:20])
+
+
+@pytest.mark.parametrize("options", [{"combine_partials": True},
+                                     {"combine_partials": True, "dispatch_fanout": True}])
+@pytest.mark.parametrize("world", [2, 3])
+def test_combine_partials_matches_reference(world, options):
+    """combine_partials: owners push one partial per (token, owner); every case of the reference
+    test within the combine's tolerance (the CPU backend's test checks the rank order's bits)."""
+    errors = run_world(world, _all_cases, options, env=ENV, timeout_s=600)
     flat = [e for per_rank in errors for e in per_rank]
     assert not flat, "\n".join(flat[:20])
 

@@ -70,6 +70,7 @@ class Shape(NamedTuple):
     max_tokens: int
     num_sms: int
     fanout: bool = False  # CommConfig.dispatch_fanout
+    partials: bool = False  # CommConfig.combine_partials
 
     @staticmethod
     def draw(gen, world: int, max_sms: int = 24) -> "Shape":
@@ -84,7 +85,8 @@ class Shape(NamedTuple):
         experts = world * _pick(gen, [n for n in (1, 2, 3, 4, 8) if n * world >= topk])
         return Shape(hidden, experts, topk, dtype, 100 if hidden <= 2048 else 32,
                      min(_pick(gen, (1, 2, 3, 5, 8, 24)), max_sms),
-                     fanout=world > 1 and _rand(gen, 0, 2) == 0)
+                     fanout=world > 1 and _rand(gen, 0, 2) == 0,
+                     partials=world > 1 and _rand(gen, 0, 2) == 0)
 
     def config(self, world: int) -> ts.CommConfig:
         """Windows that hold any case of the shape: "duplicates" repeats slot 0's expert in
@@ -94,7 +96,8 @@ class Shape(NamedTuple):
                              max_tokens_per_rank=t, dtype=self.dtype,
                              capacity=world * (t * min(self.topk, local) + extra),
                              ll_max_tokens_per_rank=t + extra, num_sms=self.num_sms,
-                             timeout_s=60, dispatch_fanout=self.fanout)
+                             timeout_s=60, dispatch_fanout=self.fanout,
+                             combine_partials=self.partials)
 
 
 class Knobs(NamedTuple):
@@ -107,7 +110,8 @@ class Knobs(NamedTuple):
         dtype = str(shape.dtype).replace("torch.", "")
         return (f"[windows {dtype} K={shape.topk} T={shape.max_tokens} sms={shape.num_sms}, "
                 f"zero_copy={self.zero_copy}, topk_idx {'int32' if self.idx32 else 'int64'}"
-                f"{', dispatch_fanout' if shape.fanout else ''}]")
+                f"{', dispatch_fanout' if shape.fanout else ''}"
+                f"{', combine_partials' if shape.partials else ''}]")
 
 
 def draw_case(gen, shape: Shape, world: int, seed: int) -> tuple[testing.Case, Knobs]:
@@ -123,6 +127,8 @@ def draw_case(gen, shape: Shape, world: int, seed: int) -> tuple[testing.Case, K
     fp8 = _pick(gen, testing.FP8_MODES) if shape.hidden % 128 == 0 else False
     knobs = Knobs(zero_copy=bool(_rand(gen, 0, 1)), idx32=_rand(gen, 0, 3) == 0)
     case = testing.Case(seed, x_dtype, shape.hidden, k, routing, shape.experts, tokens, fp8)
+    if shape.partials and shape.hidden * case.out_dtype.itemsize % 16:  # partials refuse these
+        case = testing.Case(seed, shape.dtype, shape.hidden, k, routing, shape.experts, tokens)
     return case, knobs
 
 
@@ -291,25 +297,27 @@ def _emulated_case(world_comms, shape, case, knobs) -> list[str]:
 
 
 # x dtype, windows' dtype, hidden, K, experts, routing, fp8, tokens per rank (the world size
-# is their number), SMs, zero copy, int32 indices, dispatch_fanout. What each reaches besides
+# is their number), SMs, zero copy, int32 indices, dispatch_fanout, combine_partials. What each
+# reaches besides
 # the counts and data kernels and dispatch_layout:
 COVERAGE = (
     # FP8 x with scales through both staged sends; pairs of a small call (16 tokens < 24
-    # warps); the staging copy (copy_rows) before both combines; int32 indices
-    (BF16, BF16, 256, 2, 8, "holes", True, (16, 5), 3, False, True, False),
+    # warps); the staging copy (copy_rows) before the low-latency combine; int32 indices;
+    # combine_partials from the experts' own tensor
+    (BF16, BF16, 256, 2, 8, "holes", True, (16, 5), 3, False, True, False, True),
     # 264-byte x rows in 528-byte windows: the plain (no bulk copy) sends and combine reads;
     # an empty rank; an expert twice in a token
-    (BF16, FP32, 132, 3, 4, "duplicates", False, (9, 0), 2, True, False, False),
+    (BF16, FP32, 132, 3, 4, "duplicates", False, (9, 0), 2, True, False, False, False),
     # quantize_fp8=True: the staged quantizer (throughput), whole tokens of the direct FP8
     # kernel (20 tokens >= 8 warps); fp16 x, bf16 combine; dispatch_fanout's whole-token sends
-    # (20 tokens >= 16 warps) and its two kernels
-    (FP16, FP16, 384, 4, 6, "skewed", "fused", (20, 0, 7), 1, False, False, True),
+    # (20 tokens >= 16 warps) and its two kernels; with combine_partials, int64 indices
+    (FP16, FP16, 384, 4, 6, "skewed", "fused", (20, 0, 7), 1, False, False, True, True),
     # fp32 end to end, K=1, whole-token units of the staged low-latency send
-    (FP32, FP32, 68, 1, 2, "one_rank", False, (12, 12), 1, True, True, False),
+    (FP32, FP32, 68, 1, 2, "one_rank", False, (12, 12), 1, True, True, False, False),
     # fp16 combine; K=8; small call with each pair's 1040-byte row in 3 chunks
-    (FP16, FP16, 520, 8, 16, "uniform", False, (3, 1), 8, False, False, False),
+    (FP16, FP16, 520, 8, 16, "uniform", False, (3, 1), 8, False, False, False, False),
     # the direct FP8 kernel's row chunks (2 tokens, 64 warps), zero copy
-    (BF16, BF16, 1024, 2, 8, "uniform", "fused", (2, 2), 8, True, True, False),
+    (BF16, BF16, 1024, 2, 8, "uniform", "fused", (2, 2), 8, True, True, False, False),
 )
 # Kernels (and instantiations) the COVERAGE cases must launch: substrings of the names. The
 # staged combine_kernel serves the low-latency window, combine_ldg_kernel the throughput window
@@ -320,6 +328,9 @@ REQUIRED_KERNELS = (
     ("combine_kernel<__nv_bfloat16",), ("combine_kernel<__half",), ("combine_kernel<float",),
     ("combine_ldg_kernel<__nv_bfloat16",), ("combine_ldg_kernel<__half",),
     ("combine_ldg_kernel<float",), ("fanout_lowest_kernel",), ("fanout_copy_kernel",),
+    ("combine_push_kernel<__nv_bfloat16",),
+    ("combine_partials_reduce_kernel<__nv_bfloat16, int>",),
+    ("combine_partials_reduce_kernel<__nv_bfloat16, long>",),
 )
 
 
@@ -342,8 +353,8 @@ def test_emulated_world_kernel_paths():
     world_comms, errors = {}, []
     with _kernel_names(names) if listing else contextlib.nullcontext():
         for seed, (x_dtype, dtype, hidden, k, experts, routing, fp8, tokens, sms, zero_copy,
-                   idx32, fanout) in enumerate(COVERAGE, start=31):
-            shape = Shape(hidden, experts, k, dtype, max(tokens), sms, fanout)
+                   idx32, fanout, partials) in enumerate(COVERAGE, start=31):
+            shape = Shape(hidden, experts, k, dtype, max(tokens), sms, fanout, partials)
             case = testing.Case(seed, x_dtype, hidden, k, routing, experts, tokens, fp8)
             errors += _emulated_case(world_comms, shape, case, Knobs(zero_copy, idx32))
     if listing:

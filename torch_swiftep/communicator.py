@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,88 +13,9 @@ from .ops import BY_NAME as CONTRACTS
 from .ops._checks import check_low_latency_windows
 from .ops.protocol import EPOCH_CAPACITY, EPOCH_SLOTS, FP8_BLOCK, FP8_DTYPE, plan_value
 from .plan import WINDOW_UNDER_COMPILE, CommConfig, Plan, ctrl_region, typed_region
+from .results import DispatchResult, LowLatencyDispatchResult, PendingCall, tensors_in
 from .status import BrokenCommunicatorError, SwiftepError, raise_if_error
 from .symmetric import SegmentTables, symmetric_workspace
-
-
-class DispatchResult(NamedTuple):
-    """What dispatch returns; pass it whole to combine. L = local experts, C = capacity.
-
-    recv_x: [C, hidden], x's dtype: expert-major rows; expert j owns rows
-        [expert_offsets[j], expert_offsets[j+1]); rows past expert_offsets[-1] are undefined.
-        A view of this rank's window: valid until the next dispatch.
-    recv_scales: [C, hidden / 128] float32 for FP8 dispatch, else None.
-    recv_src: [C, 2] int32: (source rank, source token) of each row.
-    recv_weights: [C] float32: the token's weight for this row's expert.
-    expert_offsets: [L + 1] int32 on the device; expert_offsets[1:] is grouped_mm's `offs`.
-    token_rows: [num_tokens, K] int32: row of each (token, slot) on its owner, -1 for none.
-    topk_idx, topk_weights: the routing, kept for combine.
-    comm_id, call: the Communicator and the dispatch this handle comes from (combine refuses a
-        foreign or stale handle; call is -1 for a dispatch traced by torch.compile).
-    """
-
-    recv_x: torch.Tensor
-    recv_scales: Optional[torch.Tensor]
-    recv_src: torch.Tensor
-    recv_weights: torch.Tensor
-    expert_offsets: torch.Tensor
-    token_rows: torch.Tensor
-    topk_idx: torch.Tensor
-    topk_weights: torch.Tensor
-    comm_id: int = -1
-    call: int = -1
-
-
-class LowLatencyDispatchResult(NamedTuple):
-    """Static shapes for CUDA graphs. L = local experts, S = world_size * ll_max_tokens_per_rank.
-
-    recv_x: [L, S, hidden]: expert j's rows packed in [0, recv_counts[j]).
-    recv_scales: [L, S, hidden / 128] float32 for FP8, else None.
-    recv_src: [L, S, 2] int32; recv_weights: [L, S] float32.
-    recv_counts: [L] int32 on the device.
-    token_rows: [num_tokens, K] int32: flat row j * S + slot on the owner, -1 for none.
-    comm_id, call: where the handle comes from, as in DispatchResult.
-    """
-
-    recv_x: torch.Tensor
-    recv_scales: Optional[torch.Tensor]
-    recv_src: torch.Tensor
-    recv_weights: torch.Tensor
-    recv_counts: torch.Tensor
-    token_rows: torch.Tensor
-    topk_idx: torch.Tensor
-    topk_weights: torch.Tensor
-    comm_id: int = -1
-    call: int = -1
-
-
-class PendingCall:
-    """A communication call issued on the communicator's side stream (Communicator.start).
-
-    wait() makes the caller's current stream wait for it and returns its result; until then
-    the caller's stream is free to run other work (the experts of the previous chunk, attention
-    of the next micro-batch) on the SMs the communication kernels leave free.
-    """
-
-    def __init__(self, result, event):
-        self._result, self._event = result, event
-
-    def wait(self):
-        if self._event is not None:
-            current = torch.cuda.current_stream()
-            current.wait_event(self._event)
-            # the result was allocated on the side stream; it is now used on this one
-            for t in _tensors(self._result):
-                t.record_stream(current)
-        return self._result
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 class Communicator:
@@ -146,11 +67,9 @@ class Communicator:
     def emulated_world(cls, config: CommConfig, world_size: int,
                        device: torch.device) -> list["Communicator"]:
         """W communicators inside one process on one GPU, each with its own workspace and a
-        hand-built peer table (for benchmarks: run each rank on its own stream, with SM
-        budgets that fit side by side).
-
-        Needs CUDA_MODULE_LOADING=EAGER set before CUDA initializes in this process: ranks spin
-        on each other's flags, and loading a kernel lazily synchronizes the whole context, so a
+        hand-built peer table (for benchmarks: each rank on its own stream, with SM budgets
+        that fit side by side). Needs CUDA_MODULE_LOADING=EAGER set before CUDA initializes:
+        ranks spin on each other's flags, and a lazy kernel load synchronizes the context, so a
         first launch behind a spinning rank would stall until the timeout."""
         if device.type == "cuda" and os.environ.get("CUDA_MODULE_LOADING") != "EAGER":
             raise RuntimeError(
@@ -265,6 +184,11 @@ class Communicator:
                    *self._state(num_sms))
         if symmetric is not True and symmetric is not False:
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        if self.config.combine_partials:  # expert_out read where it is, any tensor
+            return self._call("combine", expert_out, *routing, refused=None
+                              if weights is handle.topk_weights else ValueError(
+                                  "topk_weights: combine_partials=True combines with the "
+                                  "weights dispatch sent (got another tensor)"))
         # symmetric path engaged: a plain combine, too, says where its rows are (staged)
         table = (self._segments.table(self, expert_out, routing) if symmetric
                  else self._segments.plain_table(self))
@@ -347,7 +271,7 @@ class Communicator:
         side.wait_stream(current)  # the inputs are ready
         with torch.cuda.stream(side):
             result = method(*args, **kwargs)
-        for t in _tensors(list(args) + list(kwargs.values())):
+        for t in tensors_in(list(args) + list(kwargs.values())):
             t.record_stream(side)  # the caller may free its inputs before the side stream is done
         event = torch.cuda.Event()
         event.record(side)
@@ -402,14 +326,16 @@ class Communicator:
         return (self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
                 self.config.num_sms if num_sms is None else num_sms)
 
-    def _call(self, name: str, *args):
+    def _call(self, name: str, *args, refused: Optional[Exception] = None):
         """Raise a reported kernel error, run the op's contract checks (ops/), agree with the
-        other ranks (CPU backend), then the op."""
+        other ranks (CPU backend), then the op. refused: the caller's own check failed."""
         self._check_status()
         if torch.compiler.is_compiling():  # traced: the checks and the op, no bookkeeping
+            if refused is not None:
+                raise refused
             CONTRACTS[name].check(*args)
             return getattr(torch.ops.swiftep, name)(*args)
-        error = None
+        error = refused
         try:
             CONTRACTS[name].check(*args)
             if self.device.type == "cpu" and name.endswith("dispatch"):

@@ -78,6 +78,12 @@ class CommConfig:
         rows: fewer link bytes (4x fewer at 128 experts per rank, top-8), more copies by the
         communication SMs. Same rows, same bits (docs/design.md, "NVLink bytes of expert-major
         rows"). Off by default.
+    combine_partials: the throughput combine reduces a token's slots on each owner rank, reading
+        expert_out where it is (no staging copy, any tensor), and sends one partial per
+        (token, owner rank), rounded to expert_out's dtype; the token's rank sums the partials
+        in float32 in rank order: ``reference.combine(..., ranks_per_node=1)``, not the flat
+        slot sum (docs/design.md, "Combine partials"). Combine uses the weights dispatch sent.
+        One node only. Off by default.
     """
 
     num_experts: int
@@ -91,6 +97,7 @@ class CommConfig:
     timeout_s: float = 60.0
     ranks_per_node: Optional[int] = None
     dispatch_fanout: bool = False
+    combine_partials: bool = False
 
     def __post_init__(self):
         def positive(name):
@@ -123,6 +130,8 @@ class CommConfig:
             positive("ranks_per_node")
         if not isinstance(self.dispatch_fanout, bool):
             raise ValueError(f"dispatch_fanout must be a bool, got {self.dispatch_fanout!r}")
+        if not isinstance(self.combine_partials, bool):
+            raise ValueError(f"combine_partials must be a bool, got {self.combine_partials!r}")
 
     @property
     def scale_cols(self) -> int:
@@ -136,6 +145,11 @@ def check_world(config: CommConfig, world_size: int) -> None:
     if config.ranks_per_node is not None and world_size % config.ranks_per_node != 0:
         raise ValueError(f"world_size={world_size} is not a multiple of ranks_per_node="
                          f"{config.ranks_per_node} (every node has the same number of ranks)")
+    if (config.combine_partials and config.ranks_per_node is not None
+            and config.ranks_per_node < world_size):
+        raise ValueError(f"combine_partials=True needs one node, got ranks_per_node="
+                         f"{config.ranks_per_node} < world_size={world_size} (across nodes the "
+                         "combine already sends one partial per (token, node))")
     if config.num_experts % world_size != 0:
         raise ValueError(
             f"num_experts={config.num_experts} is not divisible by world_size={world_size} "
@@ -177,6 +191,10 @@ class Plan:
             recv_weights=capacity * 4,
             fanout_rows=world_size * config.max_tokens_per_rank * 8 if config.dispatch_fanout
             else 0,
+            pair_rows=world_size * config.max_tokens_per_rank * config.num_topk * 8
+            if config.combine_partials else 0,
+            partials=world_size * config.max_tokens_per_rank * row_bytes
+            if config.combine_partials else 0,
             combine_x=capacity * row_bytes,
             ll_recv_x=ll_rows * row_bytes,
             ll_recv_scales=ll_rows * scale_bytes,
@@ -216,6 +234,7 @@ class Plan:
             timeout_ms=max(1, int(math.ceil(c.timeout_s * 1000))),
             ranks_per_node=c.ranks_per_node or self.world_size,
             dispatch_fanout=int(c.dispatch_fanout),
+            combine_partials=int(c.combine_partials),
             workspace_bytes=self.workspace_bytes,
             **self.offsets,
             **{f"off_ctrl_{k}": self.offsets["off_ctrl"] + v for k, v in self.ctrl.items()},

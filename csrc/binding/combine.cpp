@@ -2,7 +2,8 @@
 // swiftep::combine_symmetric (schemas: ops/combine.py, ops/low_latency_combine.py,
 // ops/combine_symmetric.py): one kernel over either path's combine window, after the staging
 // copy when expert_out is not that window; combine_symmetric reads every rank's expert_out in
-// place (no staging copy).
+// place (no staging copy); with combine_partials the throughput combine reads expert_out in
+// place on its own rank and pushes partials (ops/combine/partials_kernel.cuh).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -130,6 +131,16 @@ at::Tensor run_combine(const at::Tensor& expert_out, const at::Tensor& topk_idx,
                                           workspace, peer_ptrs, plan, num_sms, low_latency, op,
                                           &y);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (!low_latency && p.comm.combine_partials != 0) {  // expert_out read in place, no staging
+    SWIFTEP_CHECK(VALUE, p.out_row_bytes % 16 == 0 &&
+                             reinterpret_cast<uintptr_t>(expert_out.data_ptr()) % 16 == 0,
+                  "combine_partials reads expert_out in 16-byte vectors: its rows must be a "
+                  "multiple of 16 bytes and it must be 16-byte aligned, got rows of ",
+                  p.out_row_bytes, " bytes (hidden=", p.hidden, ", ", expert_out.scalar_type(),
+                  ") at address ", expert_out.data_ptr());
+    check_launch(launch_combine_partials(p, expert_out.data_ptr(), stream), op, &p.comm);
+    return y;
+  }
   stage_into_window(expert_out, p, counts, low_latency, stream, op);
   check_launch(low_latency ? launch_low_latency_combine(p, stream) : launch_combine(p, stream), op,
                &p.comm);

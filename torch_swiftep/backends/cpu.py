@@ -218,9 +218,13 @@ def _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspa
         window[valid_rows] = flat_out[valid_rows]  # not the combine window: stage it there
     src = typed_region(workspace, plan, prefix + "recv_src", torch.int32, (rows_total, 2))
     row_src = src[valid_rows, 0].long()
-    if _hierarchical(plan, low_latency):
+    partials = not low_latency and bool(plan_value(plan, "combine_partials"))
+    if _hierarchical(plan, low_latency) or partials:
+        # combine_partials: the same bookkeeping with every rank its own node (one partial per
+        # (token, owner rank)), reduced with the weights dispatch sent (recv_weights)
+        sent = typed_region(workspace, plan, "off_recv_weights", torch.float32, (rows_total,))
         y = combine_exchange(window, valid_rows, row_src, topk_idx, topk_weights, token_rows,
-                             plan, group)
+                             plan, group, sent_weights=sent if partials else None)
         return y.to(expert_out.dtype)
     back_order = torch.argsort(row_src, stable=True)  # rows per source, ascending row index
     send = window[valid_rows[back_order]]

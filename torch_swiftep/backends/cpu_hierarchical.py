@@ -19,6 +19,8 @@ reference.combine(..., ranks_per_node=P) bit for bit: that order is the contract
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -82,10 +84,16 @@ def dispatch_exchange(payload: torch.Tensor, route, topk_weights: torch.Tensor, 
 
 def combine_exchange(window: torch.Tensor, valid_rows: torch.Tensor, row_sources: torch.Tensor,
                      topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                     token_rows: torch.Tensor, plan, group) -> torch.Tensor:
+                     token_rows: torch.Tensor, plan, group,
+                     sent_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y [num_tokens, hidden] float32 of this rank's tokens: window (this rank's combine rows),
-    reduced per node at the forwarders, one partial per (token, node) back to the source."""
+    reduced per node at the forwarders, one partial per (token, node) back to the source.
+    sent_weights: combine_partials (every rank its own node, so each forwarder is the owner):
+    the weights dispatch sent with each row (this rank's recv_weights, by row) instead of the
+    ones the source sends now, as the CUDA kernels do."""
     rank, world, per_node = _nodes(plan)
+    if sent_weights is not None:
+        per_node = 1
     local, span_rows = num_local_experts(plan), window.size(0) + 1
     # A. source -> forwarders: the pairs to reduce there, with this call's weights
     idx = topk_idx.long()
@@ -110,7 +118,8 @@ def combine_exchange(window: torch.Tensor, valid_rows: torch.Tensor, row_sources
     span_tokens = int(pairs[:, 0].max()) + 1 if pairs.numel() else 1
     group_keys, group_of = torch.unique(pair_sources * span_tokens + pairs[:, 0],
                                         return_inverse=True)
-    weights = pairs[:, 2].to(torch.int32).view(torch.float32).unsqueeze(1)
+    weights = (pairs[:, 2].to(torch.int32).view(torch.float32) if sent_weights is None
+               else sent_weights[pairs[:, 3]]).unsqueeze(1)
     partial = _in_order(group_keys.numel(), group_of, pairs[:, 1], outs[found].float() * weights)
     # D. forwarder -> sources (across nodes): one partial row per (token, node)
     back, forwarders = _exchange(partial.to(window.dtype), group_keys // span_tokens, world,

@@ -122,7 +122,8 @@ def _swiftep_rank(rank, world, shape, budgets, chain, repeats):
     config = CommConfig(num_experts=shape["experts"], hidden=shape["hidden"],
                         num_topk=shape["topk"], max_tokens_per_rank=shape["tokens"],
                         dtype=torch.bfloat16, capacity=max(rows + rows // 4, 1024),
-                        timeout_s=60.0, dispatch_fanout=shape.get("fanout", False))
+                        timeout_s=60.0, dispatch_fanout=shape.get("fanout", False),
+                        combine_partials=shape.get("partials", False))
     comm = Communicator(group, config, device=device)
     sym_comm = Communicator(group, config, device=device)  # combine(symmetric=True) only
     progress = print if rank == 0 else (lambda *a, **k: None)
@@ -215,7 +216,8 @@ def _swiftep_world(shape, budgets, args) -> tuple[dict | None, dict | None, list
                        combine=sum(combine_min_bytes(r, row) for r in routing),
                        # the most one rank's GPU sends (dispatch) or pulls (combine) over its link
                        link_dispatch=max(sent) * row,
-                       link_combine=max(r.remote_rows for r in routing) * row)
+                       link_combine=max(r.remote_pairs if shape.get("partials")
+                                        else r.remote_rows for r in routing) * row)
     raw = {sms: [r["slopes"][sms] for r in ranks] for sms in budgets}
     return by_sms, dict(world_bytes=world_bytes, raw=raw), []
 
@@ -228,7 +230,7 @@ def run(args) -> int:
     world = args.world
     shape = dict(world=world, tokens=args.tokens, hidden=args.hidden, topk=args.topk,
                  experts=args.experts, check_tokens=0 if args.no_check else args.check_tokens,
-                 fanout=args.fanout)
+                 fanout=args.fanout, partials=args.partials)
     props, gpus = torch.cuda.get_device_properties(0), torch.cuda.device_count()
     sharing, mps = ranks_per_gpu(world, gpus), mps_status()
     print(f"torch_swiftep multi-process benchmark on {props.name} ({props.multi_processor_count} "
@@ -339,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     p.add_argument("--fanout", action="store_true",
                    help="CommConfig(dispatch_fanout=True): a token's row crosses once per rank")
+    p.add_argument("--partials", action="store_true",
+                   help="CommConfig(combine_partials=True): one partial per (token, rank) "
+                        "crosses back, expert outputs read where they are")
     p.add_argument("--repeats", type=int, default=REPEATS,
                    help=f"timed replays of each chain, median (default: {REPEATS})")
     p.add_argument("--chain", type=_int_list, default=[SHORT, LONG], metavar="SHORT,LONG",

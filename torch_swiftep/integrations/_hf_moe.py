@@ -30,7 +30,7 @@ def _communicator(group, *, hidden: int, num_experts: int, top_k: int, dtype: to
     group_key = (id(group), group.group_name) if group is not None else (0, "")
     key = (group_key, hidden, num_experts, top_k, dtype, str(device),
            settings.max_tokens_per_rank, settings.capacity, settings.num_sms, settings.timeout_s,
-           settings.dispatch_fanout)
+           settings.dispatch_fanout, settings.combine_partials)
     with _COMMS_LOCK:
         hit = _COMMS.get(key)
         if hit is None:
@@ -38,7 +38,8 @@ def _communicator(group, *, hidden: int, num_experts: int, top_k: int, dtype: to
             config = CommConfig(num_experts=num_experts, hidden=hidden, num_topk=top_k,
                                 max_tokens_per_rank=settings.max_tokens_per_rank, dtype=dtype,
                                 capacity=settings.capacity, timeout_s=settings.timeout_s,
-                                dispatch_fanout=settings.dispatch_fanout, **extra)
+                                dispatch_fanout=settings.dispatch_fanout,
+                                combine_partials=settings.combine_partials, **extra)
             comm_device = device if device.type == "cuda" else None
             # the group is kept alive with its communicator, so its id is never reused under us
             hit = (group, Communicator(group, config, device=comm_device))

@@ -122,6 +122,7 @@ class SwiftepMoEConfig:
     num_sms: SMs for the communication kernels (None: CommConfig's default).
     timeout_s: bound of every wait for another rank.
     dispatch_fanout: CommConfig's (one row per (token, remote rank) crosses the link).
+    combine_partials: CommConfig's (one partial per (token, owner rank) crosses back).
     experts_compute: "auto" (grouped_mm on CUDA bf16/fp16, else a per-expert loop), "loop" or
         "grouped_mm" (torch's grouped GEMM on any device/dtype that supports it).
     """
@@ -131,6 +132,7 @@ class SwiftepMoEConfig:
     num_sms: int | None = None
     timeout_s: float = 60.0
     dispatch_fanout: bool = False
+    combine_partials: bool = False
     experts_compute: str = "auto"
 
     def __post_init__(self):

@@ -40,6 +40,13 @@ LaunchResult launch_low_latency_dispatch(const DispatchParams& params, cudaStrea
 LaunchResult launch_combine(const CombineParams& params, cudaStream_t stream);
 LaunchResult launch_low_latency_combine(const CombineParams& params, cudaStream_t stream);
 
+// combine_partials (ops/combine/partials_kernel.cuh): each owner reduces its slots of every
+// token from expert_out in place (16-byte aligned, rows at params.out_row_bytes, a multiple of
+// 16) and pushes one partial per (token, owner) to the token's rank, which sums them in rank
+// order. Error cudaErrorInvalidValue (nothing launched) when the alignment does not hold.
+LaunchResult launch_combine_partials(const CombineParams& params, const void* expert_out,
+                                     cudaStream_t stream);
+
 // The throughput combine (same window flags and epochs as launch_combine) reading row `row` of
 // owner r in r's own expert_out instead of r's combine window, found through table (r's
 // (segment, offset) read from r's workspace, then table.bases): each rank's expert_out in

@@ -27,36 +27,39 @@ enum PlanField : int {
   kPlan_timeout_ms = 9,
   kPlan_ranks_per_node = 10,
   kPlan_dispatch_fanout = 11,
-  kPlan_off_recv_x = 12,
-  kPlan_off_recv_scales = 13,
-  kPlan_off_recv_src = 14,
-  kPlan_off_recv_weights = 15,
-  kPlan_off_fanout_rows = 16,
-  kPlan_off_combine_x = 17,
-  kPlan_off_ll_recv_x = 18,
-  kPlan_off_ll_recv_scales = 19,
-  kPlan_off_ll_recv_src = 20,
-  kPlan_off_ll_recv_weights = 21,
-  kPlan_off_ll_combine_x = 22,
-  kPlan_off_ctrl = 23,
-  kPlan_workspace_bytes = 24,
-  kPlan_off_ctrl_counts = 25,
-  kPlan_off_ctrl_count_flags = 26,
-  kPlan_off_ctrl_data_flags = 27,
-  kPlan_off_ctrl_combine_flags = 28,
-  kPlan_off_ctrl_ll_counts = 29,
-  kPlan_off_ctrl_ll_arrivals = 30,
-  kPlan_off_ctrl_ll_expected = 31,
-  kPlan_off_ctrl_ll_combine_flags = 32,
-  kPlan_off_ctrl_epoch = 33,
-  kPlan_off_ctrl_blocks_done = 34,
-  kPlan_off_ctrl_status = 35,
-  kPlan_off_ctrl_host_status_ptr = 36,
-  kPlan_off_ctrl_abort = 37,
-  kPlan_off_ctrl_combine_segment = 38,
-  kPlan_off_ctrl_trace_on = 39,
-  kPlan_off_ctrl_trace = 40,
-  kPlanNumFields = 41,
+  kPlan_combine_partials = 12,
+  kPlan_off_recv_x = 13,
+  kPlan_off_recv_scales = 14,
+  kPlan_off_recv_src = 15,
+  kPlan_off_recv_weights = 16,
+  kPlan_off_fanout_rows = 17,
+  kPlan_off_pair_rows = 18,
+  kPlan_off_partials = 19,
+  kPlan_off_combine_x = 20,
+  kPlan_off_ll_recv_x = 21,
+  kPlan_off_ll_recv_scales = 22,
+  kPlan_off_ll_recv_src = 23,
+  kPlan_off_ll_recv_weights = 24,
+  kPlan_off_ll_combine_x = 25,
+  kPlan_off_ctrl = 26,
+  kPlan_workspace_bytes = 27,
+  kPlan_off_ctrl_counts = 28,
+  kPlan_off_ctrl_count_flags = 29,
+  kPlan_off_ctrl_data_flags = 30,
+  kPlan_off_ctrl_combine_flags = 31,
+  kPlan_off_ctrl_ll_counts = 32,
+  kPlan_off_ctrl_ll_arrivals = 33,
+  kPlan_off_ctrl_ll_expected = 34,
+  kPlan_off_ctrl_ll_combine_flags = 35,
+  kPlan_off_ctrl_epoch = 36,
+  kPlan_off_ctrl_blocks_done = 37,
+  kPlan_off_ctrl_status = 38,
+  kPlan_off_ctrl_host_status_ptr = 39,
+  kPlan_off_ctrl_abort = 40,
+  kPlan_off_ctrl_combine_segment = 41,
+  kPlan_off_ctrl_trace_on = 42,
+  kPlan_off_ctrl_trace = 43,
+  kPlanNumFields = 44,
 };
 
 // The communicator state every communication kernel takes: this rank's workspace, the
@@ -77,12 +80,15 @@ struct CommParams {
   int32_t ll_max_tokens_per_rank;  // most tokens one low-latency call sends (0: none)
   int64_t timeout_ms;  // bound of every wait for a peer
   int32_t dispatch_fanout;  // one row per (token, remote rank) crosses; fanned out
+  int32_t combine_partials;  // one partial per (token, owner rank) crosses
   int64_t ll_rows_per_expert;  // S = world_size * ll_max_tokens_per_rank (0: no low-latency windows)
   int64_t off_recv_x;  // region recv_x
   int64_t off_recv_scales;  // region recv_scales
   int64_t off_recv_src;  // region recv_src
   int64_t off_recv_weights;  // region recv_weights
   int64_t off_fanout_rows;  // region fanout_rows
+  int64_t off_pair_rows;  // region pair_rows
+  int64_t off_partials;  // region partials
   int64_t off_combine_x;  // region combine_x
   int64_t off_ll_recv_x;  // region ll_recv_x
   int64_t off_ll_recv_scales;  // region ll_recv_scales
@@ -126,12 +132,15 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace,
   c.ll_max_tokens_per_rank = static_cast<int32_t>(plan[kPlan_ll_max_tokens_per_rank]);
   c.timeout_ms = static_cast<int64_t>(plan[kPlan_timeout_ms]);
   c.dispatch_fanout = static_cast<int32_t>(plan[kPlan_dispatch_fanout]);
+  c.combine_partials = static_cast<int32_t>(plan[kPlan_combine_partials]);
   c.ll_rows_per_expert = static_cast<int64_t>(plan[kPlan_world_size] * plan[kPlan_ll_max_tokens_per_rank]);
   c.off_recv_x = static_cast<int64_t>(plan[kPlan_off_recv_x]);
   c.off_recv_scales = static_cast<int64_t>(plan[kPlan_off_recv_scales]);
   c.off_recv_src = static_cast<int64_t>(plan[kPlan_off_recv_src]);
   c.off_recv_weights = static_cast<int64_t>(plan[kPlan_off_recv_weights]);
   c.off_fanout_rows = static_cast<int64_t>(plan[kPlan_off_fanout_rows]);
+  c.off_pair_rows = static_cast<int64_t>(plan[kPlan_off_pair_rows]);
+  c.off_partials = static_cast<int64_t>(plan[kPlan_off_partials]);
   c.off_combine_x = static_cast<int64_t>(plan[kPlan_off_combine_x]);
   c.off_ll_recv_x = static_cast<int64_t>(plan[kPlan_off_ll_recv_x]);
   c.off_ll_recv_scales = static_cast<int64_t>(plan[kPlan_off_ll_recv_scales]);
@@ -161,6 +170,7 @@ inline CommParams decode_plan(const int64_t* plan, uint8_t* workspace,
 constexpr int kEpochThroughput = 0;
 constexpr int kEpochLowLatency = 1;
 constexpr int kDoneDispatchData = 0;
+constexpr int kDoneCombinePartials = 1;
 constexpr int kStatusWords = 4;
 
 // Status codes a kernel leaves in ctrl.status; arguments in the comments.

@@ -101,6 +101,55 @@ __device__ __forceinline__ const uint8_t* combine_table_source(const CombinePara
   return row0 == nullptr ? nullptr : row0 + row * p.out_row_bytes;
 }
 
+// out[0, vecs) = sum over the set bits k of valid, in ascending order, of weights[k] * the
+// 16-byte vectors of sources[k] (float32 accumulation, written in T). Whole warp; sources and
+// weights in shared memory, written before a __syncwarp. Every lane has kLdgSlots * kLdgUnroll
+// vector loads in flight at once. Shared by the combine below and combine_partials
+// (partials_kernel.cuh).
+template <typename T>
+__device__ __forceinline__ void reduce_rows_ldg(const uint8_t* const* sources,
+                                                const float* weights, uint32_t valid, uint4* out,
+                                                int64_t vecs) {
+  constexpr int kElemsPerVec = 16 / sizeof(T);
+  const int lane = lane_id();
+  for (int64_t v0 = lane; v0 < vecs; v0 += kWarpSize * kLdgUnroll) {
+    float acc[kLdgUnroll][kElemsPerVec];
+#pragma unroll
+    for (int u = 0; u < kLdgUnroll; ++u) {
+#pragma unroll
+      for (int e = 0; e < kElemsPerVec; ++e) acc[u][e] = 0.f;
+    }
+    for (uint32_t rest = valid; rest != 0;) {  // warp-uniform: rounds of kLdgSlots slots
+      int slot[kLdgSlots];
+      uint4 raw[kLdgSlots][kLdgUnroll];
+#pragma unroll
+      for (int s = 0; s < kLdgSlots; ++s) {  // every load of the round first ...
+        slot[s] = rest != 0 ? __ffs(rest) - 1 : -1;
+        rest = rest != 0 ? rest & (rest - 1) : 0;
+        const uint4* row =
+            slot[s] >= 0 ? reinterpret_cast<const uint4*>(sources[slot[s]]) : nullptr;
+#pragma unroll
+        for (int u = 0; u < kLdgUnroll; ++u) {
+          const int64_t v = v0 + u * kWarpSize;
+          raw[s][u] = row != nullptr && v < vecs ? __ldg(row + v) : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kLdgSlots; ++s) {  // ... then the reduction, slots in order
+        if (slot[s] < 0) continue;
+        const float w = weights[slot[s]];
+#pragma unroll
+        for (int u = 0; u < kLdgUnroll; ++u) accumulate_vec16<T>(acc[u], raw[s][u], w);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kLdgUnroll; ++u) {
+      const int64_t v = v0 + u * kWarpSize;
+      if (v < vecs) out[v] = pack_vec16<T>(acc[u]);
+    }
+  }
+}
+
 // table: the segment table and this rank's (segment, offset) when kFromTable, unused otherwise.
 template <typename T, typename IdxT, bool kFromTable>
 __global__ void __launch_bounds__(kLdgThreads)
@@ -130,8 +179,6 @@ __global__ void __launch_bounds__(kLdgThreads)
                            win.wait_what);  // on timeout: no remote reads, y = 0
   if constexpr (kFromTable) load_owner_rows(c, table, win.off_x, peers_ready, owner_rows);
 
-  constexpr int kElemsPerVec = 16 / sizeof(T);
-  const int64_t vecs = p.out_row_bytes / 16;
   const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kLdgWarps;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * kLdgWarps + warp; n < p.num_tokens;
        n += num_warps_total) {
@@ -144,44 +191,9 @@ __global__ void __launch_bounds__(kLdgThreads)
       weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
     }
     __syncwarp();
-    uint4* out = reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.y) + n * p.out_row_bytes);
-    for (int64_t v0 = lane; v0 < vecs; v0 += kWarpSize * kLdgUnroll) {
-      float acc[kLdgUnroll][kElemsPerVec];
-#pragma unroll
-      for (int u = 0; u < kLdgUnroll; ++u) {
-#pragma unroll
-        for (int e = 0; e < kElemsPerVec; ++e) acc[u][e] = 0.f;
-      }
-      for (uint32_t rest = valid; rest != 0;) {  // warp-uniform: rounds of kLdgSlots slots
-        int slot[kLdgSlots];
-        uint4 raw[kLdgSlots][kLdgUnroll];
-#pragma unroll
-        for (int s = 0; s < kLdgSlots; ++s) {  // every load of the round first ...
-          slot[s] = rest != 0 ? __ffs(rest) - 1 : -1;
-          rest = rest != 0 ? rest & (rest - 1) : 0;
-          const uint4* row = slot[s] >= 0
-                                 ? reinterpret_cast<const uint4*>(sources[warp][slot[s]])
-                                 : nullptr;
-#pragma unroll
-          for (int u = 0; u < kLdgUnroll; ++u) {
-            const int64_t v = v0 + u * kWarpSize;
-            raw[s][u] = row != nullptr && v < vecs ? __ldg(row + v) : make_uint4(0, 0, 0, 0);
-          }
-        }
-#pragma unroll
-        for (int s = 0; s < kLdgSlots; ++s) {  // ... then the reduction, slots in order
-          if (slot[s] < 0) continue;
-          const float w = weights[warp][slot[s]];
-#pragma unroll
-          for (int u = 0; u < kLdgUnroll; ++u) accumulate_vec16<T>(acc[u], raw[s][u], w);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kLdgUnroll; ++u) {
-        const int64_t v = v0 + u * kWarpSize;
-        if (v < vecs) out[v] = pack_vec16<T>(acc[u]);
-      }
-    }
+    reduce_rows_ldg<T>(sources[warp], weights[warp], valid,
+                       reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.y) + n * p.out_row_bytes),
+                       p.out_row_bytes / 16);
     __syncwarp();  // sources/weights are rewritten by the next token
   }
 }

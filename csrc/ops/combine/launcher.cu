@@ -10,6 +10,7 @@
 #include "ops/combine/copy_rows.cuh"
 #include "ops/combine/kernel.cuh"
 #include "ops/combine/kernel_ldg.cuh"
+#include "ops/combine/partials_kernel.cuh"
 #include "ops/launch_utils.h"
 #include "swiftep/launchers.h"
 
@@ -114,6 +115,36 @@ LaunchResult launch_by_dtype(const CombineParams& p, const CombineWindow& win,
   return launch_result(cudaErrorInvalidValue);
 }
 
+// combine_partials: the push on every owner (always launched: the peers wait for its flags),
+// then the reduce of this rank's tokens.
+template <typename T, typename IdxT>
+LaunchResult launch_partials_typed(const CombineParams& p, const uint8_t* rows,
+                                   cudaStream_t stream) {
+  const CommParams& c = p.comm;
+  const int64_t pair_blocks =
+      ceil_div(static_cast<int64_t>(c.world_size) * c.max_tokens_per_rank, kWarpSize);
+  combine_push_kernel<T><<<static_cast<unsigned>(clamp_blocks(ceil_div(pair_blocks, kLdgWarps),
+                                                              p.num_sms)),
+                           kLdgThreads, 0, stream>>>(p, rows);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return launch_result(err);
+  combine_partials_reduce_kernel<T, IdxT>
+      <<<static_cast<unsigned>(clamp_blocks(ceil_div(p.num_tokens, kLdgWarps), p.num_sms)),
+         kLdgThreads, 0, stream>>>(p);
+  return launch_result(cudaGetLastError());
+}
+
+template <typename IdxT>
+LaunchResult launch_partials_by_dtype(const CombineParams& p, const uint8_t* rows,
+                                      cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kBFloat16: return launch_partials_typed<__nv_bfloat16, IdxT>(p, rows, stream);
+    case DType::kFloat16: return launch_partials_typed<__half, IdxT>(p, rows, stream);
+    case DType::kFloat32: return launch_partials_typed<float, IdxT>(p, rows, stream);
+  }
+  return launch_result(cudaErrorInvalidValue);
+}
+
 LaunchResult launch_window(const CombineParams& p, const CombineWindow& win,
                            const SegmentTable& table, cudaStream_t stream) {
   return p.topk_idx_is_int64 ? launch_by_dtype<int64_t>(p, win, table, stream)
@@ -139,6 +170,16 @@ LaunchResult launch_combine_from_table(const CombineParams& params, const Segmen
     return launch_result(cudaErrorInvalidValue);  // the binding checks first: the backstop
   }
   return launch_window(params, throughput_window(params.comm), table, stream);
+}
+
+LaunchResult launch_combine_partials(const CombineParams& params, const void* expert_out,
+                                     cudaStream_t stream) {
+  const auto* rows = static_cast<const uint8_t*>(expert_out);
+  if (!rows_aligned(params) || reinterpret_cast<uintptr_t>(rows) % kBulkAlign != 0) {
+    return launch_result(cudaErrorInvalidValue);  // the binding checks first: the backstop
+  }
+  return params.topk_idx_is_int64 ? launch_partials_by_dtype<int64_t>(params, rows, stream)
+                                  : launch_partials_by_dtype<int32_t>(params, rows, stream);
 }
 
 LaunchResult launch_low_latency_combine(const CombineParams& params, cudaStream_t stream) {

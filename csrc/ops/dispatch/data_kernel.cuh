@@ -36,7 +36,9 @@ __global__ void __launch_bounds__(kDispatchThreads)
   __shared__ __align__(8) uint64_t bars[kDispatchWarps][kDispatchStages];
   const CommParams& c = p.comm;
   const int64_t epoch = ctrl_epoch(c)[kEpochThroughput];  // bumped by phase 1 of this call
-  const SendWindow win{c.off_recv_x, c.off_recv_scales, c.off_recv_src, c.off_recv_weights};
+  const SendWindow win{c.off_recv_x, c.off_recv_scales, c.off_recv_src, c.off_recv_weights,
+                       c.combine_partials ? c.off_pair_rows : -1,
+                       static_cast<uint64_t>(epoch) << 32};
   init_warp_barriers(bars[warp_id()], kDispatchStages);
   const int64_t num_warps_total = static_cast<int64_t>(gridDim.x) * kDispatchWarps;
   const int64_t global_warp = static_cast<int64_t>(blockIdx.x) * kDispatchWarps + warp_id();

@@ -27,6 +27,10 @@ struct SendWindow {
   int64_t off_scales;
   int64_t off_src;
   int64_t off_weights;
+  // combine_partials (throughput only): region pair_rows, where each row's (source, token,
+  // slot) entry goes, tagged pair_tag | row; -1: none.
+  int64_t off_pair_rows = -1;
+  uint64_t pair_tag = 0;  // epoch << 32
 };
 
 // The work units of one warp: units first, first + step, ... < end. A unit covers one slot or
@@ -122,6 +126,12 @@ __device__ __forceinline__ void send_metadata(const DispatchParams& p, const Sen
     uint8_t* base = peer_base(c, mine.peer);
     at_offset<int2>(base, win.off_src)[mine.row] = make_int2(c.rank, static_cast<int>(n));
     at_offset<float>(base, win.off_weights)[mine.row] = p.topk_weights[n * p.num_topk + lane];
+    if (win.off_pair_rows >= 0) {  // the owner's combine finds the token's rows here
+      const int64_t entry = (static_cast<int64_t>(c.rank) * c.max_tokens_per_rank + n) *
+                                c.num_topk + lane;
+      at_offset<uint64_t>(base, win.off_pair_rows)[entry] =
+          win.pair_tag | static_cast<uint32_t>(mine.row);
+    }
   }
   if (p.scale_cols == 0 || p.quantize_fp8) return;
   for (int k = 0; k < p.num_topk; ++k) {
