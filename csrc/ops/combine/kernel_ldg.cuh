@@ -103,47 +103,47 @@ __device__ __forceinline__ const uint8_t* combine_table_source(const CombinePara
 
 // out[0, vecs) = sum over the set bits k of valid, in ascending order, of weights[k] * the
 // 16-byte vectors of sources[k] (float32 accumulation, written in T). Whole warp; sources and
-// weights in shared memory, written before a __syncwarp. Every lane has kLdgSlots * kLdgUnroll
-// vector loads in flight at once. Shared by the combine below and combine_partials
-// (partials_kernel.cuh).
-template <typename T>
+// weights in shared memory, written before a __syncwarp. Every lane has up to kSlots * kUnroll
+// vector loads in flight at once (kSlots rows at a time, kUnroll vectors of each). Shared by
+// the combine below and combine_partials (partials_kernel.cuh), which has fewer rows per item.
+template <typename T, int kSlots = kLdgSlots, int kUnroll = kLdgUnroll>
 __device__ __forceinline__ void reduce_rows_ldg(const uint8_t* const* sources,
                                                 const float* weights, uint32_t valid, uint4* out,
                                                 int64_t vecs) {
   constexpr int kElemsPerVec = 16 / sizeof(T);
   const int lane = lane_id();
-  for (int64_t v0 = lane; v0 < vecs; v0 += kWarpSize * kLdgUnroll) {
-    float acc[kLdgUnroll][kElemsPerVec];
+  for (int64_t v0 = lane; v0 < vecs; v0 += kWarpSize * kUnroll) {
+    float acc[kUnroll][kElemsPerVec];
 #pragma unroll
-    for (int u = 0; u < kLdgUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int e = 0; e < kElemsPerVec; ++e) acc[u][e] = 0.f;
     }
-    for (uint32_t rest = valid; rest != 0;) {  // warp-uniform: rounds of kLdgSlots slots
-      int slot[kLdgSlots];
-      uint4 raw[kLdgSlots][kLdgUnroll];
+    for (uint32_t rest = valid; rest != 0;) {  // warp-uniform: rounds of kSlots slots
+      int slot[kSlots];
+      uint4 raw[kSlots][kUnroll];
 #pragma unroll
-      for (int s = 0; s < kLdgSlots; ++s) {  // every load of the round first ...
+      for (int s = 0; s < kSlots; ++s) {  // every load of the round first ...
         slot[s] = rest != 0 ? __ffs(rest) - 1 : -1;
         rest = rest != 0 ? rest & (rest - 1) : 0;
         const uint4* row =
             slot[s] >= 0 ? reinterpret_cast<const uint4*>(sources[slot[s]]) : nullptr;
 #pragma unroll
-        for (int u = 0; u < kLdgUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           const int64_t v = v0 + u * kWarpSize;
           raw[s][u] = row != nullptr && v < vecs ? __ldg(row + v) : make_uint4(0, 0, 0, 0);
         }
       }
 #pragma unroll
-      for (int s = 0; s < kLdgSlots; ++s) {  // ... then the reduction, slots in order
+      for (int s = 0; s < kSlots; ++s) {  // ... then the reduction, slots in order
         if (slot[s] < 0) continue;
         const float w = weights[slot[s]];
 #pragma unroll
-        for (int u = 0; u < kLdgUnroll; ++u) accumulate_vec16<T>(acc[u], raw[s][u], w);
+        for (int u = 0; u < kUnroll; ++u) accumulate_vec16<T>(acc[u], raw[s][u], w);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kLdgUnroll; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + u * kWarpSize;
       if (v < vecs) out[v] = pack_vec16<T>(acc[u]);
     }

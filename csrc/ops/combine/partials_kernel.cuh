@@ -29,6 +29,20 @@
 
 namespace swiftep {
 
+// Rows reduced together and vectors of each in flight per lane (reduce_rows_ldg), overridable at
+// build time (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_PARTIALS_UNROLL=4 ..."; scripts/combine_variants.sh).
+// A pair has fewer rows than a token (4.0 at EP2, 1.5 at EP8, against the pull's 8) and a token
+// few partials, so at the pull's 8 x 2 a push lane has half the loads in flight or less
+// (docs/perf-notes.md, v7). Default: the measured 8 x 2.
+#ifndef SWIFTEP_PARTIALS_SLOTS
+#define SWIFTEP_PARTIALS_SLOTS 8
+#endif
+#ifndef SWIFTEP_PARTIALS_UNROLL
+#define SWIFTEP_PARTIALS_UNROLL 2
+#endif
+constexpr int kPartialsSlots = SWIFTEP_PARTIALS_SLOTS;
+constexpr int kPartialsUnroll = SWIFTEP_PARTIALS_UNROLL;
+
 // Row of (owner, token) in a rank's partials region: owner * T + token, at the window pitch.
 __device__ __forceinline__ int64_t partial_row_offset(const CommParams& c, int owner, int64_t n) {
   return c.off_partials + (static_cast<int64_t>(owner) * c.max_tokens_per_rank + n) * c.row_bytes;
@@ -89,8 +103,9 @@ __global__ void __launch_bounds__(kLdgThreads)
       const int source_rank = static_cast<int>(q / c.max_tokens_per_rank);
       uint8_t* out = at_offset<uint8_t>(peer_base(c, source_rank),
                                         partial_row_offset(c, c.rank, q % c.max_tokens_per_rank));
-      reduce_rows_ldg<T>(sources[warp], weights[warp], slots, reinterpret_cast<uint4*>(out),
-                         p.out_row_bytes / 16);
+      reduce_rows_ldg<T, kPartialsSlots, kPartialsUnroll>(
+          sources[warp], weights[warp], slots, reinterpret_cast<uint4*>(out),
+          p.out_row_bytes / 16);
       __syncwarp();  // sources/weights are rewritten by the next pair
     }
   }
@@ -150,9 +165,10 @@ __global__ void __launch_bounds__(kLdgThreads)
                                                                partial_row_offset(c, owner, n));
     __syncwarp();
     const uint32_t ranks = count >= kWarpSize ? kFullMask : (1u << count) - 1;
-    reduce_rows_ldg<T>(sources[warp], weights[warp], ranks,
-                       reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.y) + n * p.out_row_bytes),
-                       p.out_row_bytes / 16);
+    reduce_rows_ldg<T, kPartialsSlots, kPartialsUnroll>(
+        sources[warp], weights[warp], ranks,
+        reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.y) + n * p.out_row_bytes),
+        p.out_row_bytes / 16);
     __syncwarp();  // sources are rewritten by the next token
   }
 }
