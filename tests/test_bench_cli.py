@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from torch_swiftep.bench.__main__ import main
 
@@ -46,3 +47,11 @@ def test_help_explains_every_flag(capsys):
                  "--throughput-only", "--trace"):
         assert flag in text
     assert "(default: 7168)" in text and "(default: 8)" in text and "(default: 256)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_kernel_times_refuses_without_cuda(capsys):
+    from torch_swiftep.bench import kernel_times
+
+    assert kernel_times.main(["--world", "2"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err

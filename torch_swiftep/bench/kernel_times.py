@@ -71,6 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--fanout", action="store_true", help="CommConfig(dispatch_fanout=True)")
     p.add_argument("--partials", action="store_true", help="CommConfig(combine_partials=True)")
     args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("kernel_times: needs CUDA (it times the kernels on the GPU); none is available",
+              file=sys.stderr)
+        return 2
     results = run_world(args.world, _rank, args, env=ENV, timeout_s=300)
     for rank, times in enumerate(results):
         print(f"rank {rank}, {args.sms} SMs, fanout={args.fanout}, partials={args.partials}:")
