@@ -64,11 +64,7 @@ __global__ void __launch_bounds__(kFanoutCopyWarps * kWarpSize)
   const int lane = lane_id();
   const int warp = warp_id();
   uint8_t* buffer = dynamic_smem() + warp * kFanoutChunkBytes;
-  if (lane == 0) {
-    mbarrier_init(&bars[warp], 1);
-    fence_mbarrier_init();
-  }
-  __syncwarp();
+  init_warp_barriers(&bars[warp], 1);
   const auto* lowest = at_offset<const unsigned long long>(p.comm.workspace,
                                                            p.comm.off_fanout_rows);
   uint8_t* window = at_offset<uint8_t>(p.comm.workspace, p.comm.off_recv_x);
