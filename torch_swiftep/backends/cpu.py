@@ -222,9 +222,10 @@ def _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspa
     if _hierarchical(plan, low_latency) or partials:
         # combine_partials: the same bookkeeping with every rank its own node (one partial per
         # (token, owner rank)), reduced with the weights dispatch sent (recv_weights)
-        sent = typed_region(workspace, plan, "off_recv_weights", torch.float32, (rows_total,))
+        sent = (typed_region(workspace, plan, "off_recv_weights", torch.float32, (rows_total,))
+                if partials else None)
         y = combine_exchange(window, valid_rows, row_src, topk_idx, topk_weights, token_rows,
-                             plan, group, sent_weights=sent if partials else None)
+                             plan, group, sent_weights=sent)
         return y.to(expert_out.dtype)
     back_order = torch.argsort(row_src, stable=True)  # rows per source, ascending row index
     send = window[valid_rows[back_order]]
