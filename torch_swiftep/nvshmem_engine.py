@@ -214,6 +214,10 @@ class NvshmemEngine:
         _call(self.lib.swiftep_nvshmem_register, tensor.data_ptr(),
               tensor.numel() * tensor.element_size())
 
+    def register_range(self, ptr: int, nbytes: int) -> None:
+        """register() for a raw device range (a whole CUDA allocation)."""
+        _call(self.lib.swiftep_nvshmem_register, ptr, nbytes)
+
     def unregister(self, tensor: torch.Tensor) -> None:
         _call(self.lib.swiftep_nvshmem_unregister, tensor.data_ptr())
 

@@ -21,6 +21,8 @@ class DispatchResult(NamedTuple):
     topk_idx, topk_weights: the routing, kept for combine.
     comm_id, call: the Communicator and the dispatch this handle comes from (combine refuses a
         foreign or stale handle; call is -1 for a dispatch traced by torch.compile).
+    route: across nodes (scale_out.Route), what this rank's combine needs of the dispatch;
+        None in one node.
     """
 
     recv_x: torch.Tensor
@@ -33,6 +35,7 @@ class DispatchResult(NamedTuple):
     topk_weights: torch.Tensor
     comm_id: int = -1
     call: int = -1
+    route: Optional[tuple] = None
 
 
 class LowLatencyDispatchResult(NamedTuple):

@@ -1,0 +1,139 @@
+"""The hierarchical schedule across nodes (torch_swiftep/scale_out), the code the CUDA
+Communicator runs over NVSHMEM, driven here over a ThreadWorld (every rank a thread, every put a
+row copy): dispatch bit for bit against the reference, combine bit for bit against
+reference.combine(..., ranks_per_node=P), for 2x1, 2x2, 3x2, 2x4 and 4x2 worlds, bf16, fp32 and
+FP8, uneven, skewed, empty and -1 routing; a rank that never calls is named by the others within
+the bound; a capacity overflow is refused on every rank."""
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from torch_swiftep import testing
+from torch_swiftep.plan import default_capacity
+from torch_swiftep.scale_out import (
+    SIGNALS,
+    Geometry,
+    HierarchicalSchedule,
+    ScaleOutRank,
+    ThreadWorld,
+)
+from torch_swiftep.status import BrokenCommunicatorError, SwiftepError
+
+
+def run_threads(world: int, per_node: int, config, fn, timeout_s: float = 60.0,
+                capacity=None):
+    """fn(rank, ScaleOutRank) on every rank as a thread; returns the results in rank order
+    (an exception is returned, not raised)."""
+    config = dataclasses.replace(config, ranks_per_node=per_node)
+    tw = ThreadWorld(world, per_node, timeout_s)
+    cap = capacity or default_capacity(config, world)
+    ranks = []
+    for r in range(world):
+        g = Geometry(config, r, world, cap)
+        ranks.append(ScaleOutRank(HierarchicalSchedule(g, tw.transport(r, g.buffer_bytes(),
+                                                                        SIGNALS))))
+    results = [None] * world
+
+    def body(r):
+        try:
+            results[r] = fn(r, ranks[r])
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            results[r] = exc
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=timeout_s * 4 + 60)
+        assert not th.is_alive(), "a rank thread never finished"
+    return results
+
+
+CASES = [  # (tokens per rank, ranks per node, dtype, hidden, topk, routing, experts, fp8)
+    ((5, 0), 1, torch.bfloat16, 64, 2, "uniform", 4, False),
+    ((7, 3, 0, 6), 2, torch.bfloat16, 64, 3, "holes", 8, False),
+    ((4, 9, 2, 5), 2, torch.float32, 32, 4, "skewed", 16, False),
+    ((6, 6, 1, 3, 8, 2), 2, torch.bfloat16, 48, 2, "duplicates", 12, False),
+    ((3, 5, 0, 7, 2, 4, 6, 1), 4, torch.bfloat16, 64, 4, "uniform", 16, False),
+    ((3, 5, 0, 7, 2, 4, 6, 1), 2, torch.float16, 64, 3, "one_rank", 8, False),
+    ((6, 2, 5, 3), 2, torch.bfloat16, 512, 4, "holes", 8, True),
+    ((2, 6, 4, 0), 2, torch.bfloat16, 512, 2, "skewed", 8, "fused"),
+]
+
+
+def _step(case, per_node):
+    exp = testing.expected(case, ranks_per_node=per_node)
+
+    def fn(rank, comm):
+        errors = testing.run_step(comm, rank, exp, zero_copy=False, schedules=("throughput",))
+        # a second call reuses every buffer (epochs advance, stale metadata is ignored)
+        return errors + testing.run_step(comm, rank, exp, zero_copy=False,
+                                         schedules=("throughput",))
+    return exp, fn
+
+
+@pytest.mark.parametrize("shape", CASES, ids=lambda s: f"w{len(s[0])}x{s[1]}-{s[5]}-{s[7]}")
+def test_schedule_matches_reference(shape):
+    tokens, per_node, dtype, hidden, topk, routing, experts, fp8 = shape
+    case = testing.Case(seed=len(tokens) * 31 + per_node, dtype=dtype, hidden=hidden, topk=topk,
+                        routing=routing, experts=experts, tokens=tokens, fp8=fp8)
+    exp, fn = _step(case, per_node)
+    results = run_threads(case.world, per_node, case.config(), fn)
+    errors = [e for r in results for e in (r if isinstance(r, list) else [repr(r)])]
+    assert not errors, "\n".join(errors[:10])
+
+
+def test_combine_with_other_weights_and_a_fresh_tensor():
+    """combine(topk_weights=...) at the forwarders uses the weights the source sends now."""
+    case = testing.Case(seed=5, dtype=torch.bfloat16, hidden=32, topk=2, routing="uniform",
+                        experts=8, tokens=(4, 3, 5, 2))
+    inp = case.inputs()
+    new_w = [torch.rand_like(w) for w in inp.topk_weights]
+    _, rows = testing.reference.dispatch(inp.xs, inp.topk_idx, inp.topk_weights, 8)
+
+    def fn(rank, comm):
+        x, idx, w, _ = (inp.xs[rank], inp.topk_idx[rank], inp.topk_weights[rank], None)
+        handle = comm.dispatch(x, idx, w)
+        out = torch.randn(handle.recv_x.size(0), 32).bfloat16()
+        return handle.expert_offsets, out, comm.combine(out, handle, topk_weights=new_w[rank])
+
+    results = run_threads(4, 2, case.config(), fn)
+    outs = []
+    for offs, out, _ in results:
+        outs.append(out[:int(offs[-1])])
+    want = testing.reference.combine(outs, inp.topk_idx, new_w, rows, 8, ranks_per_node=2)
+    for rank, (_, _, y) in enumerate(results):
+        assert testing.same_bits(y, want[rank]) is None, rank
+
+
+def test_a_rank_that_never_calls_is_named_across_the_node_boundary():
+    cfg = testing.CommConfig(num_experts=8, hidden=32, num_topk=2, max_tokens_per_rank=4)
+
+    def fn(rank, comm):
+        if rank == 3:
+            return "absent"
+        x = torch.randn(4, 32).bfloat16()
+        comm.dispatch(x, torch.randint(0, 8, (4, 2)), torch.rand(4, 2))
+        return "no error"
+
+    results = run_threads(4, 2, cfg, fn, timeout_s=0.5)
+    assert results[3] == "absent"
+    for rank in range(3):
+        err = results[rank]
+        assert isinstance(err, BrokenCommunicatorError), (rank, err)
+        assert "waiting for rank 3 (node 1)" in str(err), str(err)
+
+
+def test_capacity_overflow_is_refused_on_every_rank():
+    cfg = testing.CommConfig(num_experts=4, hidden=32, num_topk=2, max_tokens_per_rank=8)
+
+    def fn(rank, comm):
+        idx = torch.tensor([[0, 1]] * 8)  # every token to rank 0's experts
+        comm.dispatch(torch.randn(8, 32).bfloat16(), idx, torch.rand(8, 2))
+        return "no error"
+
+    for err in run_threads(4, 2, cfg, fn, capacity=20):
+        assert isinstance(err, SwiftepError) and "rank 0 (node 0) would receive 32 rows" in \
+            str(err), err
