@@ -10,6 +10,8 @@
 # Steps: build, tests, nvshmem (the scale-out transport: csrc/nvshmem built and linked against
 # the NVSHMEM pip package, then 2-8 PEs as processes exchanging rows across virtual nodes, a PE
 # that never sends named by the others, and the engine from Python: tests/test_nvshmem_link.py),
+# scale_out (the Communicator with ranks_per_node < world: the hierarchical schedule over
+# NVSHMEM, ranks as processes in virtual nodes: tests/test_gpu_scale_out.py),
 # fuzz (tests/test_gpu_fuzz.py: >= 1000 random cases over worlds 2..8, both schedules; MPS=1 runs
 # its processes concurrently), sanitize (memcheck and racecheck over cases that launch every
 # kernel of both schedules), transformers (tests/test_transformers_gpu.py), bench, bench_quick.
@@ -24,7 +26,7 @@
 # torch_swiftep.launch.NO_MULTICAST_ENV.
 set -uo pipefail
 OUT=${1:-gpu_round_out}
-STEPS=${STEPS:-build,tests,nvshmem,fuzz,sanitize,transformers,bench}
+STEPS=${STEPS:-build,tests,nvshmem,scale_out,fuzz,sanitize,transformers,bench}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -68,6 +70,10 @@ fi
 if has nvshmem; then
   run nvshmem python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_nvshmem_link.py
   grep -E "exchange waited|gave up|passed|failed" "$OUT/nvshmem.log" | tee -a "$OUT/summary.log"
+fi
+if has scale_out; then  # the Communicator across virtual nodes, over NVSHMEM
+  run scale_out python3 -m pytest -q -p no:cacheprovider -rs --durations=10 \
+    tests/test_gpu_scale_out.py ${PYTEST_ARGS:-}
 fi
 # MPS=1: the fuzz's processes run under the MPS daemon (root), concurrently instead of taking
 # turns on the GPU. The daemon is stopped again before the sanitizers (which refuse MPS).

@@ -47,6 +47,9 @@ class Communicator:
             agreement = Agreement(group, config.timeout_s, config.ranks_per_node)
             agreement.check_same_config(config_fingerprint(config, device))
         host_status, symm = None, None
+        if device.type == "cuda" and world > 1 and (config.ranks_per_node or world) < world:
+            self._start_scale_out(group, config, plan, device, agreement)
+            return
         if device.type == "cuda" and world > 1:
             workspace, peer_ptrs, symm = symmetric_workspace(plan, group, device)
         else:
@@ -62,6 +65,18 @@ class Communicator:
         # only on the error path (a rejection is posted, a peer's timeout names its reason).
         self._agreement = agreement
         self._symm = symm  # peers' workspaces, for announcing a failure (ctrl.abort)
+
+    def _start_scale_out(self, group, config, plan, device, agreement) -> None:
+        """Several nodes on CUDA: the throughput ops run the hierarchical schedule over NVSHMEM
+        (scale_out/); no torch symmetric memory (it does not span nodes)."""
+        from .scale_out import start_nvshmem
+
+        empty = torch.zeros(0, dtype=torch.uint8, device=device)
+        self._init(config, plan, empty, torch.zeros(0, dtype=torch.int64, device=device),
+                   group.group_name, None)
+        self._agreement = agreement
+        self._scale_out = start_nvshmem(group, config, plan.rank, plan.world_size,
+                                        plan.capacity, about_rank=agreement.rejection_of)
 
     @classmethod
     def emulated_world(cls, config: CommConfig, world_size: int,
@@ -102,6 +117,7 @@ class Communicator:
         self._host_status = host_status
         self._agreement = None
         self._symm = None
+        self._scale_out = None  # several nodes on CUDA: scale_out.ScaleOutRank
         self._broken: Optional[str] = None  # CUDA: why this communicator must be rebuilt
         self._ledger = CallLedger()
         self._segments = SegmentTables(self.world_size, (group_name, str(workspace.device)))
@@ -134,6 +150,14 @@ class Communicator:
             scales) as it is sent, inside the dispatch kernel: half the bytes on the wire and
             no extra kernels. recv_x is then float8_e4m3fn with recv_scales.
         """
+        if self._scale_out is not None:
+            handle = self._call("dispatch", x, x_scales, topk_idx, topk_weights,
+                                *self._state(num_sms), quantize_fp8, op=lambda *_: (
+                                    self._scale_out.dispatch(x, topk_idx, topk_weights,
+                                                             x_scales=x_scales,
+                                                             quantize_fp8=quantize_fp8)))
+            return handle._replace(comm_id=self._ledger.comm_id,
+                                   call=self._ledger.handle_call("dispatch"))
         offsets, token_rows = self._call("dispatch", x, x_scales, topk_idx, topk_weights,
                                          *self._state(num_sms), quantize_fp8)
         cap, hidden = self.plan.capacity, self.config.hidden
@@ -161,6 +185,8 @@ class Communicator:
         outputs here (row i for dispatch row i) make combine zero-copy. Not inside
         torch.compile (plan.WINDOW_UNDER_COMPILE says why): there, pass the experts' tensor to
         combine, which stages it."""
+        if self._scale_out is not None:
+            return self._scale_out.combine_buffer(dtype or self.config.dtype)
         return typed_region(self.workspace, self._plan_list, "off_combine_x",
                             dtype or self.config.dtype, (self.plan.capacity, self.config.hidden))
 
@@ -184,6 +210,12 @@ class Communicator:
                    *self._state(num_sms))
         if symmetric is not True and symmetric is not False:
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        if self._scale_out is not None:  # expert_out read where it is, any tensor
+            return self._call("combine", expert_out, *routing, refused=None if not symmetric
+                              else ValueError("symmetric=True: across nodes combine reads any "
+                                              "expert_out in place; pass symmetric=False"),
+                              op=lambda *_: self._scale_out.combine(expert_out, handle,
+                                                                    topk_weights=weights))
         if self.config.combine_partials:  # expert_out read where it is, any tensor
             return self._call("combine", expert_out, *routing, refused=None
                               if weights is handle.topk_weights else ValueError(
@@ -203,6 +235,7 @@ class Communicator:
                              num_sms: Optional[int] = None) -> LowLatencyDispatchResult:
         """Decode schedule: static output shapes, one pass, CUDA-graph capturable.
         Arguments as dispatch(); num_tokens <= ll_max_tokens_per_rank."""
+        self._refuse_low_latency_across_nodes()
         counts, token_rows = self._call("low_latency_dispatch", x, x_scales, topk_idx,
                                         topk_weights, *self._state(num_sms), quantize_fp8)
         local, rows, hidden = self.num_local_experts, self.plan.ll_rows_per_expert, \
@@ -232,6 +265,7 @@ class Communicator:
         """[L, world_size * ll_max_tokens_per_rank, hidden] view of the low-latency combine
         window (zero-copy combine when experts write here; not inside torch.compile, as
         combine_buffer)."""
+        self._refuse_low_latency_across_nodes()
         check_low_latency_windows(self._plan_list)
         return typed_region(self.workspace, self._plan_list, "off_ll_combine_x",
                             dtype or self.config.dtype,
@@ -242,6 +276,7 @@ class Communicator:
                             *, topk_weights: Optional[torch.Tensor] = None,
                             num_sms: Optional[int] = None) -> torch.Tensor:
         """Weighted combine of the low-latency layout; expert_out: [L, S, hidden]."""
+        self._refuse_low_latency_across_nodes()
         self._ledger.check_handle(handle, "low_latency_dispatch")
         weights = handle.topk_weights if topk_weights is None else topk_weights
         return self._call("low_latency_combine", expert_out, handle.topk_idx, weights,
@@ -287,17 +322,28 @@ class Communicator:
 
     def epochs(self) -> tuple[int, int]:
         """(throughput calls, low-latency calls) this workspace has seen. Syncs."""
+        if self._scale_out is not None:
+            return (self._scale_out.schedule.dispatch_epoch, 0)
         e = ctrl_region(self.workspace, self._plan_list, "epoch", torch.int64,
                         (EPOCH_CAPACITY,))
         return (int(e[EPOCH_SLOTS.index("throughput")]),
                 int(e[EPOCH_SLOTS.index("low_latency")]))
 
+    def _refuse_low_latency_across_nodes(self) -> None:
+        if self._scale_out is not None:
+            raise NotImplementedError(
+                f"the low-latency schedule across nodes is not built on CUDA (ranks_per_node="
+                f"{self.config.ranks_per_node} < world_size={self.world_size}): use dispatch/"
+                "combine, or a Communicator of one node")
+
     def _check_status(self) -> None:
-        if self._host_status is None or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return
         if self._broken is not None:
             raise BrokenCommunicatorError(f"rank {self.rank}: this communicator is broken "
                                           f"({self._broken}); build a new one")
+        if self._host_status is None:
+            return
         about = self._agreement.rejection_of if self._agreement is not None else None
         try:
             raise_if_error(self._host_status, self.rank, about_rank=about,
@@ -326,9 +372,10 @@ class Communicator:
         return (self.workspace, self.peer_ptrs, self.group_name, self._plan_list,
                 self.config.num_sms if num_sms is None else num_sms)
 
-    def _call(self, name: str, *args, refused: Optional[Exception] = None):
+    def _call(self, name: str, *args, refused: Optional[Exception] = None, op=None):
         """Raise a reported kernel error, run the op's contract checks (ops/), agree with the
-        other ranks (CPU backend), then the op. refused: the caller's own check failed."""
+        other ranks (CPU backend), then the op (or op(*args), across nodes). refused: the
+        caller's own check failed."""
         self._check_status()
         if torch.compiler.is_compiling():  # traced: the checks and the op, no bookkeeping
             if refused is not None:
@@ -338,7 +385,7 @@ class Communicator:
         error = refused
         try:
             CONTRACTS[name].check(*args)
-            if self.device.type == "cpu" and name.endswith("dispatch"):
+            if (self.device.type == "cpu" or op is not None) and name.endswith("dispatch"):
                 check_index_values(args[2], self.config.num_experts)  # before any collective
         except (ValueError, TypeError, IndexError) as exc:
             error = exc
@@ -350,7 +397,7 @@ class Communicator:
         if error is not None:
             raise error
         try:
-            return getattr(torch.ops.swiftep, name)(*args)
+            return (op or getattr(torch.ops.swiftep, name))(*args)
         except RuntimeError as exc:
             if self._agreement is None or self.device.type != "cpu" or \
                     isinstance(exc, SwiftepError):

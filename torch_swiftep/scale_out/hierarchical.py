@@ -127,20 +127,7 @@ class HierarchicalSchedule:
         idx = topk_idx.long()
         valid = idx >= 0
         owner = torch.where(valid, idx // g.L, -1)
-        # 1. counts, to every rank
-        counts = torch.zeros(g.E + 1, dtype=torch.int64, device=dev)
-        counts.scatter_add_(0, torch.where(valid, idx, g.E).flatten(),
-                            torch.ones(idx.numel(), dtype=torch.int64, device=dev))
-        send = t.buffer(g.region("counts_send"))
-        send.zero_()
-        send[0, :g.E] = counts[:g.E].to(torch.int32)
-        every = list(range(g.world))
-        self._put("counts", send, torch.zeros(g.world, dtype=torch.long, device=dev),
-                  torch.full((g.world,), g.rank, dtype=torch.long, device=dev),
-                  torch.arange(g.world, device=dev), every, "counts", e)
-        t.wait("counts", every, e)
-        self._check()
-        C = t.buffer(g.region("counts"))[:, :g.E].long().clone()  # [W, E], before any put
+        C = self._exchange_counts(idx, valid, e)  # 1.
         per_owner = C.sum(0).view(g.world, g.L)
         need = per_owner.sum(1).tolist()
         for o, rows in enumerate(need):  # every rank sees the same counts: all raise alike
@@ -198,6 +185,24 @@ class HierarchicalSchedule:
         return (offsets, token_rows, t.buffer(g.region("recv_x", xdt)),
                 t.buffer(g.region("recv_scales")) if fp8 else None, recv_meta[:, :2],
                 recv_meta[:, 3].view(torch.float32), route)
+
+    def _exchange_counts(self, idx, valid, e) -> torch.Tensor:
+        """Step 1: every rank's per-expert counts, [W, E] int64 (a copy, taken before this rank
+        puts anything: no rank can start the next call's puts before that)."""
+        g, t, dev = self.g, self.t, idx.device
+        counts = torch.zeros(g.E + 1, dtype=torch.int64, device=dev)
+        counts.scatter_add_(0, torch.where(valid, idx, g.E).flatten(),
+                            torch.ones(idx.numel(), dtype=torch.int64, device=dev))
+        send = t.buffer(g.region("counts_send"))
+        send.zero_()
+        send[0, :g.E] = counts[:g.E].to(torch.int32)
+        every = list(range(g.world))
+        self._put("counts", send, torch.zeros(g.world, dtype=torch.long, device=dev),
+                  torch.full((g.world,), g.rank, dtype=torch.long, device=dev),
+                  torch.arange(g.world, device=dev), every, "counts", e)
+        t.wait("counts", every, e)
+        self._check()
+        return t.buffer(g.region("counts"))[:, :g.E].long().clone()
 
     def _token_rows(self, idx, valid, C, per_owner):
         """[n, K] int32 final rows, the flat layout's: expert e's rows start after the owner's
