@@ -81,6 +81,11 @@ def _worker(rank, world_size, port, backend, group_timeout_s, env, fn, args, res
     except BaseException:  # report everything, including SystemExit from a test helper
         results.put((rank, False, traceback.format_exc()))
     finally:
+        # The result is on its way before anything else can go wrong: a library that crashes
+        # while the process exits (seen: NVSHMEM left initialized after an error) would
+        # otherwise take the queue's unflushed result with it.
+        results.close()
+        results.join_thread()
         try:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -159,6 +159,7 @@ class NvshmemEngine:
     def __init__(self, lib: ctypes.CDLL, rank: int, world: int):
         self.lib, self.rank, self.world = lib, rank, world
         self._buffers: dict[int, int] = {}  # data_ptr -> bytes of what alloc() handed out
+        self._allocations: dict[int, int] = {}  # registered CUDA allocations: base -> bytes
 
     @classmethod
     def start(cls, group=None, *, library: Optional[str] = None) -> "NvshmemEngine":
@@ -214,9 +215,19 @@ class NvshmemEngine:
         _call(self.lib.swiftep_nvshmem_register, tensor.data_ptr(),
               tensor.numel() * tensor.element_size())
 
-    def register_range(self, ptr: int, nbytes: int) -> None:
-        """register() for a raw device range (a whole CUDA allocation)."""
-        _call(self.lib.swiftep_nvshmem_register, ptr, nbytes)
+    def register_allocation_of(self, tensor: torch.Tensor) -> None:
+        """register() for the whole CUDA allocation holding `tensor`, once per process (the
+        caching allocator hands the same allocations out again, and NVSHMEM refuses to
+        register a range twice). An allocation freed back to the driver (empty_cache) stays
+        registered here: register a tensor again after that only through a fresh engine."""
+        if tensor.numel() == 0:
+            return
+        ptr = tensor.data_ptr()
+        if any(base <= ptr < base + n for base, n in self._allocations.items()):
+            return
+        base, nbytes = _allocation_of(ptr)
+        _call(self.lib.swiftep_nvshmem_register, base, nbytes)
+        self._allocations[base] = nbytes
 
     def unregister(self, tensor: torch.Tensor) -> None:
         _call(self.lib.swiftep_nvshmem_unregister, tensor.data_ptr())
@@ -265,6 +276,21 @@ class NvshmemEngine:
                                "allocated: free() them first")
         _call(self.lib.swiftep_nvshmem_finalize)
         NvshmemEngine._running = None
+
+
+def _allocation_of(ptr: int) -> tuple[int, int]:
+    """(base, bytes) of the CUDA allocation holding device pointer ptr (cuMemGetAddressRange)."""
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    fn = libcuda.cuMemGetAddressRange_v2
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                   ctypes.c_uint64]
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    code = fn(ctypes.byref(base), ctypes.byref(size), ptr)
+    if code != 0:
+        raise NvshmemError(f"cuMemGetAddressRange({ptr:#x}) failed with CUresult {code}: not "
+                           "device memory of this process")
+    return base.value, size.value
 
 
 # --------------------------------------------------------------------------- command line

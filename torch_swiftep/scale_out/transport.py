@@ -95,7 +95,6 @@ class NvshmemTransport:
         self._signals = engine.alloc(len(self.signal_names) * self.world * CHANNELS * 8)
         self._signals.zero_()
         self._status = torch.zeros(len(self.signal_names), 4, dtype=torch.int64, device="cuda")
-        self._registered: dict[int, int] = {}  # allocation base -> bytes, for put sources
         torch.cuda.synchronize()
         dist.barrier(group)  # every rank's signals are zero before anyone puts
 
@@ -108,17 +107,9 @@ class NvshmemTransport:
         return self._signals.view(torch.int64)[i * per:(i + 1) * per]
 
     def source(self, tensor: torch.Tensor) -> None:
-        """Makes a local tensor (x) a put source over remote transports: its whole CUDA
-        allocation is registered once (the caching allocator reuses allocations, so this is
-        rare after the first calls)."""
-        if tensor.numel() == 0:
-            return
-        base, size = _allocation_of(tensor.data_ptr())
-        if base in self._registered or any(b <= tensor.data_ptr() < b + n
-                                           for b, n in self._registered.items()):
-            return
-        self.engine.register_range(base, size)
-        self._registered[base] = size
+        """Makes a local tensor (x) a put source over remote transports (once per CUDA
+        allocation and process: NvshmemEngine.register_allocation_of)."""
+        self.engine.register_allocation_of(tensor)
 
     def put(self, region: Region, src: torch.Tensor, src_rows: torch.Tensor,
             dst_rows: torch.Tensor, dest: torch.Tensor, targets: Sequence[int], signal: str,
@@ -170,20 +161,6 @@ class NvshmemTransport:
             self.engine.free(flat)
         self.engine.free(self._signals)
         self.flat = {}
-
-
-def _allocation_of(ptr: int) -> tuple[int, int]:
-    """(base, bytes) of the CUDA allocation holding device pointer ptr (cuMemGetAddressRange)."""
-    import ctypes
-
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    base, size = ctypes.c_uint64(), ctypes.c_size_t()
-    code = libcuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size),
-                                           ctypes.c_uint64(ptr))
-    if code != 0:
-        raise BrokenCommunicatorError(f"cuMemGetAddressRange({ptr:#x}) failed with {code}: "
-                                      "x is not device memory")
-    return base.value, size.value
 
 
 # --------------------------------------------------------------------- threads (CPU tests)
