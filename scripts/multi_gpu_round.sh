@@ -44,11 +44,15 @@ for shape in deepseek-v3:32 qwen3-moe:16; do
 done
 # Scale-out: the rows that cross virtual node boundaries (2 nodes of this machine's GPUs), and
 # the NVSHMEM transport: build, link check, one-PE round trip, then 2-8 PEs (PE r on GPU
-# r % GPUs) exchanging rows across virtual nodes and the engine from Python (csrc/nvshmem; the
-# CUDA scale-out path is not behind the Communicator yet: docs/design.md, "Scale-out").
+# r % GPUs) exchanging rows across virtual nodes and the engine from Python (csrc/nvshmem), then
+# the Communicator across virtual nodes (the hierarchical schedule over NVSHMEM, ranks r on GPU
+# r % GPUs: tests/test_gpu_scale_out.py, worlds 2x2, 2x4, 4x2 and a missing rank).
 python3 -m torch_swiftep.bench.scale_out > "$OUT/scale_out.log" 2>&1 || status=1
 tail -12 "$OUT/scale_out.log"
 python3 -m pytest -q -s -p no:cacheprovider -rs tests/test_nvshmem_link.py \
   > "$OUT/nvshmem.log" 2>&1 || status=1
 tail -8 "$OUT/nvshmem.log"
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_scale_out.py \
+  > "$OUT/scale_out_tests.log" 2>&1 || status=1
+tail -8 "$OUT/scale_out_tests.log"
 exit $status

@@ -55,13 +55,23 @@ def _all_cases(rank, world, per_node, library):
         key = (case.hidden, case.topk, case.dtype)
         if key not in comms:
             comms[key] = ts.Communicator(dist.group.WORLD, case.config(
-                max_tokens_per_rank=16, ll_max_tokens_per_rank=0, ranks_per_node=per_node,
+                max_tokens_per_rank=16, ll_max_tokens_per_rank=16, ranks_per_node=per_node,
                 timeout_s=60), device=device)
         exp = testing.expected(case, ranks_per_node=per_node)
         for _ in range(2):  # again: every buffer reused, epochs advance
             errors += testing.run_step(comms[key], rank, exp, zero_copy=case.seed % 2 == 1,
-                                       schedules=("throughput",), device=device)
+                                       device=device)  # both schedules
+            errors += _low_latency_bits(comms[key], rank, exp, device)
     return errors
+
+
+def _low_latency_bits(comm, rank, exp, device) -> list:
+    """The direct low-latency combine across nodes is the flat slot sum, bit for bit."""
+    x, idx, w, scales = exp.rank_inputs(rank, device)
+    handle = comm.low_latency_dispatch(x, idx, w, x_scales=scales, quantize_fp8=exp.case.fused)
+    y = comm.low_latency_combine(testing.expert_output(handle, exp.case.out_dtype), handle)
+    msg = testing.same_bits(y.cpu(), exp.y[rank])
+    return [f"{exp.case}: rank {rank}: low_latency_combine {msg}"] if msg else []
 
 
 @_with(NEEDS_BUILD)
@@ -97,3 +107,49 @@ def test_cuda_across_nodes_names_a_missing_rank_and_its_node(build):  # noqa: F8
     assert results[3] == "absent"
     for rank in range(3):
         assert "waiting for rank 3 (node 1)" in results[rank], (rank, results[rank])
+
+
+def _graph_replays(rank, world, library):
+    """The low-latency step across nodes captured once in a CUDA graph, replayed on fresh
+    inputs copied into its static tensors: every replay matches the reference bit for bit."""
+    device = _device(library)
+    cases = [testing.Case(seed=s, dtype=torch.bfloat16, hidden=512, topk=4, routing=r,
+                          experts=2 * world, tokens=[6, 8, 0, 5][:world])
+             for s, r in ((71, "holes"), (72, "uniform"), (73, "skewed"))]
+    comm = ts.Communicator(dist.group.WORLD, cases[0].config(
+        max_tokens_per_rank=8, ll_max_tokens_per_rank=8, ranks_per_node=2, timeout_s=60),
+        device=device)
+    x, idx, w, _ = testing.expected(cases[0]).rank_inputs(rank, device)
+
+    def step():
+        handle = comm.low_latency_dispatch(x, idx, w)
+        return handle, comm.low_latency_combine(testing.expert_output(handle, torch.bfloat16),
+                                                handle)
+
+    step()  # eager first: kernels loaded, sources registered
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        handle, y = step()
+    errors = []
+    for case in cases[1:] + cases[:1]:
+        exp = testing.expected(case)
+        xs, ids, ws, _ = exp.rank_inputs(rank, device)
+        x.copy_(xs)
+        idx.copy_(ids)
+        w.copy_(ws)
+        torch.cuda.synchronize()
+        graph.replay()
+        comm.check()
+        ref, rows = exp.low_latency(8)
+        errors += testing.compare_low_latency(rank, handle, ref[rank], rows[rank])
+        msg = testing.same_bits(y.cpu(), exp.y[rank])
+        errors += [f"{case}: rank {rank}: replayed combine {msg}"] if msg else []
+    return errors
+
+
+@_with(NEEDS_BUILD)
+def test_low_latency_across_nodes_replays_in_a_cuda_graph(build):  # noqa: F811
+    errors = run_world(4, _graph_replays, _library(build), env=ENV, timeout_s=600)
+    flat = [e for per_rank in errors for e in per_rank]
+    assert not flat, "\n".join(flat[:20])

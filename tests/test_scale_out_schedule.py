@@ -16,10 +16,11 @@ from torch_swiftep.scale_out import (
     SIGNALS,
     Geometry,
     HierarchicalSchedule,
+    LowLatencySchedule,
     ScaleOutRank,
     ThreadWorld,
 )
-from torch_swiftep.status import BrokenCommunicatorError, SwiftepError
+from torch_swiftep.status import BrokenCommunicatorError, SwiftepError, SwiftepIndexError
 
 
 def run_threads(world: int, per_node: int, config, fn, timeout_s: float = 60.0,
@@ -32,8 +33,9 @@ def run_threads(world: int, per_node: int, config, fn, timeout_s: float = 60.0,
     ranks = []
     for r in range(world):
         g = Geometry(config, r, world, cap)
-        ranks.append(ScaleOutRank(HierarchicalSchedule(g, tw.transport(r, g.buffer_bytes(),
-                                                                        SIGNALS))))
+        t = tw.transport(r, g.buffer_bytes(), SIGNALS)
+        ranks.append(ScaleOutRank(HierarchicalSchedule(g, t),
+                                  LowLatencySchedule(g, t, torch.device("cpu"))))
     results = [None] * world
 
     def body(r):
@@ -67,11 +69,23 @@ def _step(case, per_node):
     exp = testing.expected(case, ranks_per_node=per_node)
 
     def fn(rank, comm):
-        errors = testing.run_step(comm, rank, exp, zero_copy=False, schedules=("throughput",))
-        # a second call reuses every buffer (epochs advance, stale metadata is ignored)
-        return errors + testing.run_step(comm, rank, exp, zero_copy=False,
-                                         schedules=("throughput",))
+        errors = []
+        # twice: every buffer is reused (epochs advance, stale metadata is ignored)
+        for _ in range(2):
+            errors += testing.run_step(comm, rank, exp, zero_copy=False,
+                                       schedules=("throughput", "low_latency"))
+            errors += _low_latency_bits(comm, rank, exp)
+        return errors
     return exp, fn
+
+
+def _low_latency_bits(comm, rank, exp) -> list:
+    """The direct low-latency combine is the flat slot sum: reference.combine's bits."""
+    x, idx, w, scales = exp.rank_inputs(rank)
+    handle = comm.low_latency_dispatch(x, idx, w, x_scales=scales, quantize_fp8=exp.case.fused)
+    y = comm.low_latency_combine(testing.expert_output(handle, exp.case.out_dtype), handle)
+    msg = testing.same_bits(y, exp.y[rank])
+    return [f"{exp.case}: rank {rank}: low_latency_combine {msg}"] if msg else []
 
 
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: f"w{len(s[0])}x{s[1]}-{s[5]}-{s[7]}")
@@ -137,3 +151,22 @@ def test_capacity_overflow_is_refused_on_every_rank():
     for err in run_threads(4, 2, cfg, fn, capacity=20):
         assert isinstance(err, SwiftepError) and "rank 0 (node 0) would receive 32 rows" in \
             str(err), err
+
+
+def test_low_latency_out_of_range_experts_are_sent_nowhere_and_reported():
+    """What a CUDA graph replay cannot check on the host: check() reports it afterwards."""
+    cfg = testing.CommConfig(num_experts=8, hidden=32, num_topk=2, max_tokens_per_rank=4,
+                             ll_max_tokens_per_rank=4)
+
+    def fn(rank, comm):
+        idx = torch.tensor([[0, 9], [3, -1]])  # 9 is no expert
+        handle = comm.low_latency_dispatch(torch.randn(2, 32).bfloat16(), idx, torch.rand(2, 2))
+        try:
+            comm.check()
+        except SwiftepIndexError as exc:
+            return int(handle.recv_counts.sum()), str(exc)
+        return "no error"
+
+    for rank, got in enumerate(run_threads(4, 2, cfg, fn)):
+        received = 4 if rank in (0, 1) else 0  # experts 0 and 3 (ranks 0, 1): one row per rank
+        assert got[0] == received and "1 topk_idx entries" in got[1], (rank, got)

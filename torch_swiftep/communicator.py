@@ -235,7 +235,14 @@ class Communicator:
                              num_sms: Optional[int] = None) -> LowLatencyDispatchResult:
         """Decode schedule: static output shapes, one pass, CUDA-graph capturable.
         Arguments as dispatch(); num_tokens <= ll_max_tokens_per_rank."""
-        self._refuse_low_latency_across_nodes()
+        if self._scale_out is not None:  # across nodes: direct puts over NVSHMEM
+            handle = self._call("low_latency_dispatch", x, x_scales, topk_idx, topk_weights,
+                                *self._state(num_sms), quantize_fp8, op=lambda *_: (
+                                    self._scale_out.low_latency_dispatch(
+                                        x, topk_idx, topk_weights, x_scales=x_scales,
+                                        quantize_fp8=quantize_fp8)))
+            return handle._replace(comm_id=self._ledger.comm_id,
+                                   call=self._ledger.handle_call("low_latency_dispatch"))
         counts, token_rows = self._call("low_latency_dispatch", x, x_scales, topk_idx,
                                         topk_weights, *self._state(num_sms), quantize_fp8)
         local, rows, hidden = self.num_local_experts, self.plan.ll_rows_per_expert, \
@@ -265,8 +272,9 @@ class Communicator:
         """[L, world_size * ll_max_tokens_per_rank, hidden] view of the low-latency combine
         window (zero-copy combine when experts write here; not inside torch.compile, as
         combine_buffer)."""
-        self._refuse_low_latency_across_nodes()
         check_low_latency_windows(self._plan_list)
+        if self._scale_out is not None:
+            return self._scale_out.low_latency_combine_buffer(dtype or self.config.dtype)
         return typed_region(self.workspace, self._plan_list, "off_ll_combine_x",
                             dtype or self.config.dtype,
                             (self.num_local_experts, self.plan.ll_rows_per_expert,
@@ -276,11 +284,13 @@ class Communicator:
                             *, topk_weights: Optional[torch.Tensor] = None,
                             num_sms: Optional[int] = None) -> torch.Tensor:
         """Weighted combine of the low-latency layout; expert_out: [L, S, hidden]."""
-        self._refuse_low_latency_across_nodes()
         self._ledger.check_handle(handle, "low_latency_dispatch")
         weights = handle.topk_weights if topk_weights is None else topk_weights
         return self._call("low_latency_combine", expert_out, handle.topk_idx, weights,
-                          handle.token_rows, handle.recv_counts, *self._state(num_sms))
+                          handle.token_rows, handle.recv_counts, *self._state(num_sms),
+                          op=None if self._scale_out is None else lambda *_: (
+                              self._scale_out.low_latency_combine(expert_out, handle,
+                                                                  topk_weights=weights)))
 
     # ------------------------------------------------------------------------- overlap
     def start(self, method, *args, **kwargs) -> PendingCall:
@@ -319,22 +329,18 @@ class Communicator:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         self._check_status()
+        if self._scale_out is not None:  # what the low-latency calls recorded
+            self._scale_out.check()
 
     def epochs(self) -> tuple[int, int]:
         """(throughput calls, low-latency calls) this workspace has seen. Syncs."""
         if self._scale_out is not None:
-            return (self._scale_out.schedule.dispatch_epoch, 0)
+            return (self._scale_out.schedule.dispatch_epoch,
+                    int(self._scale_out.low_latency.epoch))  # its dispatches and combines
         e = ctrl_region(self.workspace, self._plan_list, "epoch", torch.int64,
                         (EPOCH_CAPACITY,))
         return (int(e[EPOCH_SLOTS.index("throughput")]),
                 int(e[EPOCH_SLOTS.index("low_latency")]))
-
-    def _refuse_low_latency_across_nodes(self) -> None:
-        if self._scale_out is not None:
-            raise NotImplementedError(
-                f"the low-latency schedule across nodes is not built on CUDA (ranks_per_node="
-                f"{self.config.ranks_per_node} < world_size={self.world_size}): use dispatch/"
-                "combine, or a Communicator of one node")
 
     def _check_status(self) -> None:
         if torch.compiler.is_compiling():
@@ -385,7 +391,8 @@ class Communicator:
         error = refused
         try:
             CONTRACTS[name].check(*args)
-            if (self.device.type == "cpu" or op is not None) and name.endswith("dispatch"):
+            if (self.device.type == "cpu" or op is not None) and name.endswith("dispatch") \
+                    and not torch.cuda.is_current_stream_capturing():  # a capture: check()
                 check_index_values(args[2], self.config.num_experts)  # before any collective
         except (ValueError, TypeError, IndexError) as exc:
             error = exc

@@ -53,7 +53,7 @@ class RowPutParams(ctypes.Structure):  # csrc/nvshmem/transport.h, field for fie
                 ("dest_pes", ctypes.c_void_p), ("num_dests", ctypes.c_int32),
                 ("channels", ctypes.c_int32), ("signals", ctypes.c_void_p),
                 ("epoch", ctypes.c_uint64), ("my_pe", ctypes.c_int32),
-                ("status", ctypes.c_void_p)]
+                ("status", ctypes.c_void_p), ("epoch_ptr", ctypes.c_void_p)]
 
 
 class SignalWaitParams(ctypes.Structure):  # csrc/nvshmem/transport.h, field for field
@@ -61,7 +61,7 @@ class SignalWaitParams(ctypes.Structure):  # csrc/nvshmem/transport.h, field for
                 ("num_srcs", ctypes.c_int32), ("channels", ctypes.c_int32),
                 ("epoch", ctypes.c_uint64), ("my_pe", ctypes.c_int32),
                 ("ranks_per_node", ctypes.c_int32), ("timeout_ms", ctypes.c_int64),
-                ("status", ctypes.c_void_p)]
+                ("status", ctypes.c_void_p), ("epoch_ptr", ctypes.c_void_p)]
 
 
 def expected_layout() -> list[int]:
@@ -239,11 +239,12 @@ class NvshmemEngine:
                                "the launch, see csrc/nvshmem/transport.h)")
 
     def put_rows(self, src, dst, src_rows, dst_rows, dest_offsets, dest_pes, *, channels: int,
-                 signals, epoch: int, status, stream=None) -> None:
+                 signals, epoch: int, status, stream=None, epoch_ptr=None) -> None:
         """transport.h's put_rows: row src_rows[i] of the local `src` ([rows, row_bytes] uint8
         view of any CUDA tensor) to row dst_rows[i] of the symmetric `dst` on PE dest_pes[d],
         for items [dest_offsets[d], dest_offsets[d + 1]); then one signal per (destination,
-        channel) set to `epoch`. Index tensors int32 on the device; status int64[4]."""
+        channel) set to `epoch` (+ epoch_ptr's value, read on the device, when given: a uint64 [1]
+        tensor a CUDA graph advances). Index tensors int32 on the device; status int64[4]."""
         for name, t in (("src", src), ("dst", dst)):
             if t.dtype != torch.uint8 or t.dim() != 2 or not t.is_contiguous():
                 raise NvshmemError(f"put_rows: {name} must be a contiguous uint8 [rows, "
@@ -255,17 +256,18 @@ class NvshmemEngine:
         p = RowPutParams(_ptr(src), src.size(0), _ptr(dst), dst.size(0), src.size(1),
                          _ptr(src_rows), _ptr(dst_rows), _ptr(dest_offsets), _ptr(dest_pes),
                          dest_pes.numel(), channels, _ptr(signals), epoch, self.rank,
-                         _ptr(status))
+                         _ptr(status), _ptr(epoch_ptr))
         self._launched(self.lib.swiftep_nvshmem_put_rows(ctypes.byref(p), _stream(stream)),
                        "put_rows")
 
     def wait_signals(self, signals, src_pes, *, channels: int, epoch: int, ranks_per_node: int,
-                     timeout_ms: int, status, stream=None) -> None:
+                     timeout_ms: int, status, stream=None, epoch_ptr=None) -> None:
         """transport.h's wait_signals: waits, bounded by timeout_ms, until every (source PE,
         channel) signal has reached `epoch`; a timeout is recorded in `status`
         {TIMEOUT, source PE, channel, epoch} and printed naming the PE and its node."""
         p = SignalWaitParams(_ptr(signals), _ptr(src_pes), src_pes.numel(), channels, epoch,
-                             self.rank, ranks_per_node, timeout_ms, _ptr(status))
+                             self.rank, ranks_per_node, timeout_ms, _ptr(status),
+                             _ptr(epoch_ptr))
         self._launched(self.lib.swiftep_nvshmem_wait_signals(ctypes.byref(p), _stream(stream)),
                        "wait_signals")
 

@@ -59,6 +59,7 @@ class LowLatencyDispatchResult(NamedTuple):
     topk_weights: torch.Tensor
     comm_id: int = -1
     call: int = -1
+    route: Optional[tuple] = None  # across nodes: scale_out.LowLatencyRoute
 
 
 class PendingCall:

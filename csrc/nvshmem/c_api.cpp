@@ -33,10 +33,11 @@ int report(const sn::Status& status, char* err, size_t err_len) {
 // Field offsets of both parameter structs, in declaration order, then their sizes.
 #define SWIFTEP_PUT_FIELDS(X)                                                                   \
   X(src) X(src_rows_total) X(dst) X(dst_rows_total) X(row_bytes) X(src_rows) X(dst_rows)        \
-  X(dest_offsets) X(dest_pes) X(num_dests) X(channels) X(signals) X(epoch) X(my_pe) X(status)
+  X(dest_offsets) X(dest_pes) X(num_dests) X(channels) X(signals) X(epoch) X(my_pe) X(status)  \
+  X(epoch_ptr)
 #define SWIFTEP_WAIT_FIELDS(X)                                                                  \
   X(signals) X(src_pes) X(num_srcs) X(channels) X(epoch) X(my_pe) X(ranks_per_node)            \
-  X(timeout_ms) X(status)
+  X(timeout_ms) X(status) X(epoch_ptr)
 #define SWIFTEP_PUT_OFFSET(f) offsetof(sn::RowPutParams, f),
 #define SWIFTEP_WAIT_OFFSET(f) offsetof(sn::SignalWaitParams, f),
 
@@ -55,7 +56,7 @@ const std::vector<int64_t>& layout() {
 
 extern "C" {
 
-// Offsets of RowPutParams' 15 fields, SignalWaitParams' 9, then the two sizes (26 values).
+// Offsets of RowPutParams' 16 fields, SignalWaitParams' 10, then the two sizes (28 values).
 // Returns how many values there are; writes at most `capacity` of them.
 int swiftep_nvshmem_layout(int64_t* out, int capacity) {
   const std::vector<int64_t>& v = layout();

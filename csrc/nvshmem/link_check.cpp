@@ -94,10 +94,10 @@ void round_trip(const std::vector<uint8_t>& id) {
   expect_code(sn::register_local(src, rows.size()), sn::Code::kOk, "register the source");
   const sn::RowPutParams put{src, kRows, static_cast<uint8_t*>(dst), kRows, kRowBytes,
                              d_src_rows, d_dst_rows, offsets, pes, 1, kChannels,
-                             static_cast<uint64_t*>(signals), 1, 0, status};
+                             static_cast<uint64_t*>(signals), 1, 0, status, nullptr};
   check(sn::launch_put_rows(put, nullptr) == cudaSuccess, "launch put_rows");
   sn::SignalWaitParams wait{static_cast<uint64_t*>(signals), pes, 1, kChannels, 1, 0, 1,
-                            10000, status};
+                            10000, status, nullptr};
   check(sn::launch_wait_signals(wait, nullptr) == cudaSuccess, "launch wait_signals");
   check(cudaDeviceSynchronize() == cudaSuccess, "kernels finished");
   check(read_status(status)[0] == 0, "no error recorded");

@@ -183,7 +183,7 @@ int run(int world, int ranks_per_node, const std::string& uid_file, int absent) 
     const sn::RowPutParams put{src, kSrcRows, static_cast<uint8_t*>(dst),
                                world * kMaxRowsPerPair, kRowBytes, src_rows, dst_rows, offsets,
                                pes, world, kChannels, static_cast<uint64_t*>(signals), kEpoch,
-                               rank, status};
+                               rank, status, nullptr};
     check(sn::launch_put_rows(put, nullptr) == cudaSuccess,
           "put " + std::to_string(plan.src_rows.size()) + " rows to " + std::to_string(world) +
               " PEs over " + std::to_string(kChannels) + " channels");
@@ -199,7 +199,7 @@ int run(int world, int ranks_per_node, const std::string& uid_file, int absent) 
   const int64_t bound_ms = must_give_up ? kAbsentWaitMs : kWaitMs;
   const sn::SignalWaitParams wait{static_cast<uint64_t*>(signals), sender_pes,
                                   static_cast<int32_t>(senders.size()), kChannels, kEpoch, rank,
-                                  ranks_per_node, bound_ms, status};
+                                  ranks_per_node, bound_ms, status, nullptr};
   const auto t0 = std::chrono::steady_clock::now();
   check(sn::launch_wait_signals(wait, nullptr) == cudaSuccess, "launch wait_signals");
   check(cudaDeviceSynchronize() == cudaSuccess, "kernels finished");

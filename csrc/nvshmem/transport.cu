@@ -23,13 +23,14 @@ bool valid_put(const RowPutParams& p) {
                      p.src_rows_total >= 0 && p.dst_rows_total >= 0 && p.num_dests >= 0 &&
                      p.channels >= 1 &&
                      static_cast<int64_t>(p.num_dests) * p.channels <= kMaxGridBlocks;
-  return pointers && shape && p.epoch > 0 && p.my_pe >= 0;
+  return pointers && shape && (p.epoch > 0 || p.epoch_ptr != nullptr) && p.my_pe >= 0;
 }
 
 bool valid_wait(const SignalWaitParams& p) {
   const bool pointers = p.signals != nullptr && p.status != nullptr &&
                         (p.num_srcs == 0 || p.src_pes != nullptr);
-  return pointers && p.num_srcs >= 0 && p.channels >= 1 && p.epoch > 0 && p.my_pe >= 0 &&
+  return pointers && p.num_srcs >= 0 && p.channels >= 1 &&
+         (p.epoch > 0 || p.epoch_ptr != nullptr) && p.my_pe >= 0 &&
          p.ranks_per_node >= 1 && p.timeout_ms > 0;
 }
 

@@ -59,6 +59,12 @@ __device__ __forceinline__ void report_first(int64_t* status, int64_t code, int6
 // Rows of one (destination, channel): items channel, channel + channels, ... of the
 // destination's range, taken in turn by the block's warps. Every branch is warp-uniform, as the
 // warp-collective put requires.
+// The call's epoch: RowPutParams / SignalWaitParams::epoch plus *epoch_ptr when given.
+template <typename Params>
+__device__ __forceinline__ uint64_t call_epoch(const Params& p) {
+  return p.epoch + (p.epoch_ptr != nullptr ? *p.epoch_ptr : 0);
+}
+
 __global__ void __launch_bounds__(kPutThreads) put_rows_kernel(const RowPutParams p) {
   const int dest = static_cast<int>(blockIdx.x) / p.channels;
   const int channel = static_cast<int>(blockIdx.x) % p.channels;
@@ -90,7 +96,7 @@ __global__ void __launch_bounds__(kPutThreads) put_rows_kernel(const RowPutParam
   if (threadIdx.x == 0) {
     uint64_t* signal = p.signals + static_cast<int64_t>(p.my_pe) * p.channels + channel;
     nvshmem_fence();
-    nvshmemx_signal_op(signal, p.epoch, NVSHMEM_SIGNAL_SET, pe);
+    nvshmemx_signal_op(signal, call_epoch(p), NVSHMEM_SIGNAL_SET, pe);
     nvshmem_quiet();
   }
 }
@@ -142,7 +148,9 @@ __device__ __forceinline__ bool wait_signal_geq(const SignalWaitParams& p, int s
 }
 
 // One block: thread t waits for pairs t, t + blockDim.x, ... of (source, channel).
-__global__ void __launch_bounds__(kWaitThreads) wait_signals_kernel(const SignalWaitParams p) {
+__global__ void __launch_bounds__(kWaitThreads) wait_signals_kernel(const SignalWaitParams params) {
+  SignalWaitParams p = params;  // the waits below compare against the call's epoch
+  p.epoch = call_epoch(params);
   const int pairs = p.num_srcs * p.channels;
   for (int pair = static_cast<int>(threadIdx.x); pair < pairs; pair += blockDim.x) {
     const int src = pair / p.channels;

@@ -42,6 +42,10 @@ struct RowPutParams {
   uint64_t epoch;               // > 0, larger than every earlier call's on these signals
   int32_t my_pe;
   int64_t* status;              // device int64[kStatusWords]
+  // Optional (nullptr: unused): the epoch is epoch + *epoch_ptr, read by the kernel, so a CUDA
+  // graph that advances *epoch_ptr before each put replays with a fresh epoch (epoch may then
+  // be 0).
+  const uint64_t* epoch_ptr;
 };
 
 // wait_signals: one block; its threads wait for the (source, channel) pairs between them.
@@ -55,6 +59,7 @@ struct SignalWaitParams {
   int32_t ranks_per_node;   // names the node of a PE (pe / ranks_per_node) in a timeout
   int64_t timeout_ms;       // bound of every wait (%globaltimer), > 0
   int64_t* status;          // device int64[kStatusWords]
+  const uint64_t* epoch_ptr;  // as RowPutParams::epoch_ptr
 };
 
 // Both return cudaErrorInvalidValue for parameters out of range (checked on the host, before

@@ -25,22 +25,14 @@ forwarder's metadata), as a normal-mode internode dispatch does; it is not CUDA-
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
 from ..fp8 import quantize_fp8 as _quantize
 from ..ops.protocol import FP8_BLOCK
 from ..status import SwiftepError, rank_name
-from .transport import Region
-
-SIGNALS = ("counts", "stage_x", "stage_scales", "stage_meta", "direct_x", "direct_scales",
-           "direct_meta", "fwd_x", "fwd_scales", "fwd_meta", "comb_ready", "comb_w", "comb_rows",
-           "partials")
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
+from .geometry import Geometry, put_counts, rank_in_expert
 
 
 class Route(NamedTuple):
@@ -55,44 +47,6 @@ class Route(NamedTuple):
     fwd_slots: torch.Tensor       # [F] and slot
     owner_meta: torch.Tensor      # [R, 4] int32 of this rank's rows: (source, token, slot, w)
     token_nodes: torch.Tensor     # [n, N] bool: token has a slot on node m
-
-
-class Geometry:
-    def __init__(self, config, rank: int, world: int, capacity: int):
-        self.rank, self.world = rank, world
-        self.P = config.ranks_per_node or world
-        self.N = world // self.P
-        self.node, self.local = rank // self.P, rank % self.P
-        self.E, self.K, self.T = config.num_experts, config.num_topk, config.max_tokens_per_rank
-        self.L, self.H, self.cap = self.E // world, config.hidden, capacity
-        self.dtype = config.dtype
-        self.S = config.scale_cols if config.scale_cols % 4 == 0 else 0  # 16-byte scale rows
-        self.M = _round_up(1 + 3 * self.K, 4)  # stage metadata: epoch, rows, experts, weights
-        self.node_ranks = list(range(self.node * self.P, (self.node + 1) * self.P))
-        self.column = [m * self.P + self.local for m in range(self.N)]  # my peer on each node
-        self.remote_column = [p for p in self.column if p != rank]
-
-    def region(self, name: str, dtype: Optional[torch.dtype] = None) -> Region:
-        N, T, K, H = self.N, self.T, self.K, self.H
-        shapes = {"counts": (self.world, _round_up(self.E, 4), torch.int32),
-                  "counts_send": (1, _round_up(self.E, 4), torch.int32),
-                  "stage_x": (N * T, H, self.dtype), "stage_scales": (N * T, self.S, torch.float32),
-                  "stage_meta": (N * T, self.M, torch.int32), "meta_send": (T, self.M, torch.int32),
-                  "recv_x": (self.cap, H, self.dtype),
-                  "recv_scales": (self.cap, self.S, torch.float32),
-                  "recv_meta": (self.cap, 4, torch.int32),
-                  "comb_w": (N * T, _round_up(K, 4), torch.float32),
-                  "w_send": (T, _round_up(K, 4), torch.float32),
-                  "comb_rows": (N * T * K, H, self.dtype), "partials": (N * T, H, self.dtype),
-                  "partials_send": (N * T, H, self.dtype)}
-        rows, width, default = shapes[name]
-        return Region(name, rows, width, dtype or default)
-
-    def buffer_bytes(self) -> dict[str, int]:
-        names = ("counts", "counts_send", "stage_x", "stage_scales", "stage_meta", "meta_send",
-                 "recv_x", "recv_scales", "recv_meta", "comb_w", "w_send", "comb_rows",
-                 "partials", "partials_send")
-        return {n: (lambda r: r.rows * r.width * r.dtype.itemsize)(self.region(n)) for n in names}
 
 
 class HierarchicalSchedule:
@@ -189,18 +143,9 @@ class HierarchicalSchedule:
     def _exchange_counts(self, idx, valid, e) -> torch.Tensor:
         """Step 1: every rank's per-expert counts, [W, E] int64 (a copy, taken before this rank
         puts anything: no rank can start the next call's puts before that)."""
-        g, t, dev = self.g, self.t, idx.device
-        counts = torch.zeros(g.E + 1, dtype=torch.int64, device=dev)
-        counts.scatter_add_(0, torch.where(valid, idx, g.E).flatten(),
-                            torch.ones(idx.numel(), dtype=torch.int64, device=dev))
-        send = t.buffer(g.region("counts_send"))
-        send.zero_()
-        send[0, :g.E] = counts[:g.E].to(torch.int32)
-        every = list(range(g.world))
-        self._put("counts", send, torch.zeros(g.world, dtype=torch.long, device=dev),
-                  torch.full((g.world,), g.rank, dtype=torch.long, device=dev),
-                  torch.arange(g.world, device=dev), every, "counts", e)
-        t.wait("counts", every, e)
+        g, t = self.g, self.t
+        put_counts(g, t, idx, valid, "", e)
+        t.wait("counts", g.every, e)
         self._check()
         return t.buffer(g.region("counts"))[:, :g.E].long().clone()
 
@@ -213,12 +158,7 @@ class HierarchicalSchedule:
         expert_start[:g.E] = (per_owner.cumsum(1) - per_owner).flatten()
         expert_start[:g.E] += C[:g.rank].sum(0)
         flat = torch.where(valid, idx, g.E).flatten()
-        order = torch.argsort(flat, stable=True)
-        ordered = flat[order]
-        rank_in = torch.empty_like(flat)
-        rank_in[order] = torch.arange(flat.numel(), device=dev) - torch.searchsorted(ordered,
-                                                                                     ordered)
-        rows = (expert_start[flat] + rank_in).view(idx.shape)
+        rows = (expert_start[flat] + rank_in_expert(flat)).view(idx.shape)
         return torch.where(valid, rows, -1).to(torch.int32)
 
     def _forward(self, e, fp8, xdt):

@@ -65,17 +65,24 @@ def timeout_error(rank: int, per_node: int, world: int, record, timeout_s: float
     return BrokenCommunicatorError(message + "; this communicator must be rebuilt")
 
 
-def group_by_target(dest: torch.Tensor, targets: Sequence[int]) -> tuple:
-    """(order of the items grouped by target, offsets [len(targets) + 1] int32): items whose
-    dest is targets[i] come at [offsets[i], offsets[i + 1]). No host sync."""
-    lookup = torch.full((max(targets) + 1,), len(targets), dtype=torch.long, device=dest.device)
-    lookup[torch.tensor(list(targets), dtype=torch.long, device=dest.device)] = \
-        torch.arange(len(targets), device=dest.device)
-    slot = lookup[dest]
+def target_lookup(targets: Sequence[int], device) -> torch.Tensor:
+    """lookup[pe] = the index of pe in targets, len(targets) for any other pe (the last entry
+    stands for every pe outside [0, max(targets)], e.g. -1: no destination)."""
+    lookup = torch.full((max(targets) + 2,), len(targets), dtype=torch.long)
+    lookup[list(targets)] = torch.arange(len(targets))
+    return lookup.to(device)
+
+
+def group_by_target(dest: torch.Tensor, lookup: torch.Tensor, num_targets: int) -> tuple:
+    """(order of the items grouped by target, offsets [num_targets + 1] int32): items whose dest
+    is targets[i] come at [offsets[i], offsets[i + 1]); items whose dest is no target (-1) come
+    after offsets[-1], so no put sends them. No host sync (CUDA-graph capturable)."""
+    last = lookup.numel() - 1
+    slot = lookup[torch.where((dest >= 0) & (dest < last), dest, last)]
     order = torch.argsort(slot, stable=True)
-    counts = torch.zeros(len(targets) + 1, dtype=torch.long, device=dest.device)
+    counts = torch.zeros(num_targets + 1, dtype=torch.long, device=dest.device)
     counts.scatter_add_(0, slot, torch.ones_like(slot))
-    offsets = torch.zeros(len(targets) + 1, dtype=torch.int32, device=dest.device)
+    offsets = torch.zeros(num_targets + 1, dtype=torch.int32, device=dest.device)
     offsets[1:] = counts[:-1].cumsum(0)
     return order, offsets
 
@@ -95,6 +102,7 @@ class NvshmemTransport:
         self._signals = engine.alloc(len(self.signal_names) * self.world * CHANNELS * 8)
         self._signals.zero_()
         self._status = torch.zeros(len(self.signal_names), 4, dtype=torch.int64, device="cuda")
+        self._targets: dict[tuple, tuple] = {}  # targets -> (lookup, PEs): made once, on device
         torch.cuda.synchronize()
         dist.barrier(group)  # every rank's signals are zero before anyone puts
 
@@ -116,25 +124,31 @@ class NvshmemTransport:
             epoch: int) -> None:
         if not targets:
             return
-        order, offsets = group_by_target(dest, targets)
+        lookup, dest_pes = self._pes(targets)
+        order, offsets = group_by_target(dest, lookup, len(targets))
         dst = self.buffer(region).view(torch.uint8)
         src_bytes = src.contiguous().view(torch.uint8)  # [rows, row bytes]
         empty = src_rows.numel() == 0
         as_i32 = lambda t: (torch.zeros(1, dtype=torch.int32, device=dst.device) if empty  # noqa
                             else t[order].to(torch.int32))
-        dest_pes = torch.tensor(list(targets), dtype=torch.int32, device=dst.device)
         self.engine.put_rows(src_bytes if src_bytes.size(0) else dst[:1], dst, as_i32(src_rows),
                              as_i32(dst_rows), offsets, dest_pes, channels=CHANNELS,
-                             signals=self._signal_array(signal), epoch=epoch,
+                             signals=self._signal_array(signal), **_epoch_args(epoch),
                              status=self._status[self.signal_names.index(signal)])
 
-    def wait(self, signal: str, sources: Sequence[int], epoch: int) -> None:
+    def _pes(self, ranks: Sequence[int]) -> tuple:
+        key = tuple(ranks)
+        if key not in self._targets:  # host-to-device copies: never while a graph captures
+            self._targets[key] = (target_lookup(key, "cuda"),
+                                  torch.tensor(key, dtype=torch.int32, device="cuda"))
+        return self._targets[key]
+
+    def wait(self, signal: str, sources: Sequence[int], epoch) -> None:
         if not sources:
             return
         self.engine.wait_signals(
-            self._signal_array(signal),
-            torch.tensor(list(sources), dtype=torch.int32, device="cuda"), channels=CHANNELS,
-            epoch=epoch, ranks_per_node=self.per_node,
+            self._signal_array(signal), self._pes(sources)[1], channels=CHANNELS,
+            **_epoch_args(epoch), ranks_per_node=self.per_node,
             timeout_ms=max(1, int(self.timeout_s * 1000)),
             status=self._status[self.signal_names.index(signal)])
 
@@ -161,6 +175,14 @@ class NvshmemTransport:
             self.engine.free(flat)
         self.engine.free(self._signals)
         self.flat = {}
+
+
+def _epoch_args(epoch) -> dict:
+    """A call's epoch: a Python int, or a uint64 [1] device tensor the kernels read (advanced
+    on the device, so a captured CUDA graph replays with fresh epochs)."""
+    if isinstance(epoch, torch.Tensor):
+        return {"epoch": 0, "epoch_ptr": epoch}
+    return {"epoch": epoch}
 
 
 # --------------------------------------------------------------------- threads (CPU tests)
@@ -203,10 +225,11 @@ class ThreadTransport:
                 dst[dst_rows[sel]] = raw[src_rows[sel]]
         with self.w.cond:
             for target in targets:
-                self.w.signals[(target, signal, self.rank)] = epoch
+                self.w.signals[(target, signal, self.rank)] = int(epoch)
             self.w.cond.notify_all()
 
-    def wait(self, signal: str, sources: Sequence[int], epoch: int) -> None:
+    def wait(self, signal: str, sources: Sequence[int], epoch) -> None:
+        epoch = int(epoch)
         if self.status.record is not None:
             return  # an earlier wait of this call gave up: later ones return at once
         deadline = time.monotonic() + self.timeout_s
