@@ -25,8 +25,9 @@ class Communicator:
     before compiling or capturing; every method is a thin wrapper over torch.ops.swiftep.*.
 
     group: the process group (None: a world of one). On CUDA the workspace is allocated from
-        torch.distributed._symmetric_memory and rendezvoused over the group; on CPU the ops run
-        the gloo implementation.
+        torch.distributed._symmetric_memory and rendezvoused over the group (one node), or,
+        with config.ranks_per_node < world, NVSHMEM runs the schedules across nodes
+        (scale_out/); on CPU the ops run the gloo implementation.
     config: CommConfig (shapes, capacity, SM budget, timeout).
     device: where the workspace lives (default: the current CUDA device if CUDA is available
         and the group's backend is not gloo-only, else CPU).

@@ -72,7 +72,8 @@ class CommConfig:
     ranks_per_node: ranks of one node (NVLink domain); ranks r and r' share a node when
         r // ranks_per_node == r' // ranks_per_node. None: the whole world is one node. Across
         nodes the throughput schedule sends a token once per destination node and forwards it
-        inside the node (CPU backend today; docs/design.md, "Scale-out").
+        inside the node, the low-latency one puts directly (CPU backend over gloo; CUDA over
+        NVSHMEM: docs/api.md, "Across nodes on CUDA").
     dispatch_fanout: the throughput dispatch sends a token's row over the link once per remote
         rank (into the lowest of its rows there) and that rank copies it into the token's other
         rows: fewer link bytes (4x fewer at 128 experts per rank, top-8), more copies by the
