@@ -392,8 +392,8 @@ class Communicator:
         error = refused
         try:
             CONTRACTS[name].check(*args)
-            if (self.device.type == "cpu" or op is not None) and name.endswith("dispatch") \
-                    and not torch.cuda.is_current_stream_capturing():  # a capture: check()
+            if name.endswith("dispatch") and (self.device.type == "cpu" or (
+                    op is not None and not torch.cuda.is_current_stream_capturing())):
                 check_index_values(args[2], self.config.num_experts)  # before any collective
         except (ValueError, TypeError, IndexError) as exc:
             error = exc
