@@ -75,7 +75,7 @@ cudaError_t configure_dispatch(const DispatchParams& p, DispatchConfig* out) {
 
 // Phase 3 of dispatch_fanout (fanout_kernel.cuh), on this call's SM budget.
 cudaError_t launch_fanout(const DispatchParams& p, cudaStream_t stream) {
-  const int64_t smem = kFanoutCopyWarps * kFanoutChunkBytes;
+  const int64_t smem = kFanoutCopyWarps * kFanoutWarpBytes;
   cudaError_t err = ensure_dynamic_smem(reinterpret_cast<const void*>(&fanout_copy_kernel), smem);
   if (err != cudaSuccess) return err;
   fanout_lowest_kernel<<<static_cast<unsigned>(clamp_blocks(
