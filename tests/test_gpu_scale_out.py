@@ -153,3 +153,36 @@ def test_low_latency_across_nodes_replays_in_a_cuda_graph(build):  # noqa: F811
     errors = run_world(4, _graph_replays, _library(build), env=ENV, timeout_s=600)
     flat = [e for per_rank in errors for e in per_rank]
     assert not flat, "\n".join(flat[:20])
+
+
+def _layers_across_nodes(rank, world, library):
+    """ExpertParallelMoE on a Communicator across nodes, both schedules, eager, against the
+    dense layer: the package's own layer runs unchanged there."""
+    from test_gpu import _all_layers
+
+    from torch_swiftep.moe import ExpertParallelMoE, dense_reference
+
+    device = _device(library)
+    cfg = ts.CommConfig(num_experts=4 * world, hidden=256, num_topk=4, max_tokens_per_rank=32,
+                        ll_max_tokens_per_rank=32, ranks_per_node=2, timeout_s=60)
+    comm = ts.Communicator(dist.group.WORLD, cfg, device=device)
+    errors = []
+    for low_latency in (False, True):
+        layer = ExpertParallelMoE(comm, 128, low_latency=low_latency)
+        for step in range(2):
+            gen = torch.Generator().manual_seed(100 * step + rank)
+            x = torch.randn(17 + 5 * step, 256, generator=gen).bfloat16().to(device)
+            got = layer(x)
+            comm.check()
+            want = dense_reference(_all_layers(comm, world, layer), x)
+            msg = testing.close(got, want, torch.bfloat16)
+            if msg:
+                errors.append(f"rank {rank} low_latency={low_latency} step {step}: {msg}")
+    return errors
+
+
+@_with(NEEDS_BUILD)
+def test_expert_parallel_layer_across_nodes(build):  # noqa: F811
+    errors = run_world(4, _layers_across_nodes, _library(build), env=ENV, timeout_s=600)
+    flat = [e for per_rank in errors for e in per_rank]
+    assert not flat, "\n".join(flat[:20])

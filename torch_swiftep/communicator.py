@@ -1,6 +1,7 @@
 """The user-facing object: one per rank, built once from a process group, outside any graph."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -193,7 +194,10 @@ class Communicator:
 
     def expert_output_pool(self):
         """Context manager for the experts' output of combine(..., symmetric=True), read in
-        place (no copy). Its first entry is collective (symmetric.py: SegmentTables)."""
+        place (no copy). Its first entry is collective (symmetric.py: SegmentTables). Across
+        nodes on CUDA combine reads any tensor in place: a context that changes nothing."""
+        if self._scale_out is not None:
+            return contextlib.nullcontext()
         return self._segments.pool(self)
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchResult, *,
@@ -211,10 +215,8 @@ class Communicator:
                    *self._state(num_sms))
         if symmetric is not True and symmetric is not False:
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
-        if self._scale_out is not None:  # expert_out read where it is, any tensor
-            return self._call("combine", expert_out, *routing, refused=None if not symmetric
-                              else ValueError("symmetric=True: across nodes combine reads any "
-                                              "expert_out in place; pass symmetric=False"),
+        if self._scale_out is not None:  # any expert_out is read in place: symmetric or not
+            return self._call("combine", expert_out, *routing,
                               op=lambda *_: self._scale_out.combine(expert_out, handle,
                                                                     topk_weights=weights))
         if self.config.combine_partials:  # expert_out read where it is, any tensor
@@ -388,7 +390,7 @@ class Communicator:
             if refused is not None:
                 raise refused
             CONTRACTS[name].check(*args)
-            return getattr(torch.ops.swiftep, name)(*args)
+            return (op or getattr(torch.ops.swiftep, name))(*args)  # across nodes: a graph break
         error = refused
         try:
             CONTRACTS[name].check(*args)
