@@ -170,3 +170,68 @@ def test_low_latency_out_of_range_experts_are_sent_nowhere_and_reported():
     for rank, got in enumerate(run_threads(4, 2, cfg, fn)):
         received = 4 if rank in (0, 1) else 0  # experts 0 and 3 (ranks 0, 1): one row per rank
         assert got[0] == received and "1 topk_idx entries" in got[1], (rank, got)
+
+
+class _FakeEngine:
+    """NvshmemEngine's interface on the CPU, its put_rows doing what the transport kernel does
+    (items [dest_offsets[d], dest_offsets[d + 1]) to dest_pes[d], then the signal), so the
+    NvshmemTransport's own bookkeeping (grouping by target, offsets, byte views, the rows of
+    no destination) runs in CI."""
+
+    def __init__(self, rank, world, buffers, fail_alloc=False):
+        self.rank, self.world, self.buffers, self.fail_alloc = rank, world, buffers, fail_alloc
+        buffers[rank] = []
+
+    def alloc(self, nbytes):
+        if self.fail_alloc:
+            from torch_swiftep.nvshmem_engine import NvshmemError
+            raise NvshmemError("nvshmem_malloc(...) returned NULL")
+        self.buffers[self.rank].append(torch.zeros(nbytes, dtype=torch.uint8))
+        return self.buffers[self.rank][-1]
+
+    def _same_on(self, pe, t):  # pe's copy of the symmetric buffer t points into
+        for i, flat in enumerate(self.buffers[self.rank]):
+            start = t.data_ptr() - flat.data_ptr()
+            if 0 <= start < flat.numel():
+                return self.buffers[pe][i].view(-1)[start:start + t.numel() * t.element_size()]
+        raise AssertionError("not a symmetric buffer")
+
+    def put_rows(self, src, dst, src_rows, dst_rows, dest_offsets, dest_pes, *, channels,
+                 signals, status, epoch=0, epoch_ptr=None):
+        value = epoch + (int(epoch_ptr) if epoch_ptr is not None else 0)
+        for d, pe in enumerate(dest_pes.tolist()):
+            there = self._same_on(pe, dst).view(dst.shape)
+            for i in range(int(dest_offsets[d]), int(dest_offsets[d + 1])):
+                there[int(dst_rows[i])] = src[int(src_rows[i])]
+            sig = self._same_on(pe, signals).view(torch.int64)
+            sig[self.rank * channels:(self.rank + 1) * channels] = value
+
+
+def test_nvshmem_transport_groups_rows_by_target_and_drops_no_destination():
+    from torch_swiftep.scale_out import NvshmemTransport, Region
+
+    buffers = {}
+    region = Region("rows", 8, 4, torch.int32)
+    ts_ = [NvshmemTransport(_FakeEngine(r, 3, buffers), None, {"rows": 8 * 16}, ["s"], 1, 1.0,
+                            device="cpu") for r in range(3)]
+    src = torch.arange(20, dtype=torch.int32).view(5, 4)
+    dest = torch.tensor([2, -1, 0, 2, 1])  # unsorted, one row with no destination
+    ts_[1].put(region, src, torch.arange(5), torch.tensor([3, 7, 0, 5, 6]), dest, [0, 1, 2],
+               "s", torch.tensor([4]))
+    got = [t.buffer(region) for t in ts_]
+    assert got[2][3].tolist() == src[0].tolist() and got[2][5].tolist() == src[3].tolist()
+    assert got[0][0].tolist() == src[2].tolist() and got[1][6].tolist() == src[4].tolist()
+    written = sum(int(g.ne(0).any(dim=1).sum()) for g in got)
+    assert written == 4 and all(g[7].eq(0).all() for g in got)  # row 1 went nowhere
+    for t in ts_:  # rank 1 signalled every target, on both channels, with the device epoch
+        assert t._signal_array("s").view(3, -1)[1].tolist() == [4, 4]
+
+
+def test_nvshmem_transport_says_how_much_heap_it_needs():
+    from torch_swiftep.nvshmem_engine import NvshmemError
+    from torch_swiftep.scale_out import NvshmemTransport
+
+    with pytest.raises(NvshmemError, match="need 3.0 MiB of the NVSHMEM symmetric heap.*"
+                                           "NVSHMEM_SYMMETRIC_SIZE"):
+        NvshmemTransport(_FakeEngine(0, 1, {}, fail_alloc=True), None,
+                         {"a": 2 << 20, "b": 1 << 20}, ["s"], 1, 1.0, device="cpu")

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ..nvshmem_engine import NvshmemError
 from ..status import BrokenCommunicatorError, rank_name
 
 # NVSHMEM blocks (queues) per destination rank of a put: one slow queue does not serialize a
@@ -92,19 +93,33 @@ class NvshmemTransport:
     """Over NVSHMEM (torch_swiftep.nvshmem_engine): collective construction."""
 
     def __init__(self, engine, group, buffer_bytes: dict[str, int], signal_names: Sequence[str],
-                 ranks_per_node: int, timeout_s: float):
+                 ranks_per_node: int, timeout_s: float, device: str = "cuda"):
         import torch.distributed as dist
 
         self.engine, self.rank, self.world = engine, engine.rank, engine.world
+        self.device = torch.device(device)
         self.per_node, self.timeout_s = ranks_per_node, timeout_s
-        self.flat = {name: engine.alloc(max(n, 16)) for name, n in sorted(buffer_bytes.items())}
         self.signal_names = list(signal_names)
-        self._signals = engine.alloc(len(self.signal_names) * self.world * CHANNELS * 8)
+        signal_bytes = len(self.signal_names) * self.world * CHANNELS * 8
+        try:
+            self.flat = {name: engine.alloc(max(n, 16))
+                         for name, n in sorted(buffer_bytes.items())}
+            self._signals = engine.alloc(signal_bytes)
+        except NvshmemError as exc:  # the same sizes on every rank: every rank says this
+            need = sum(max(n, 16) for n in buffer_bytes.values()) + signal_bytes
+            raise NvshmemError(
+                f"{exc}; the scale-out buffers need {need / 2**20:.1f} MiB of the NVSHMEM "
+                "symmetric heap per rank (its windows, staging and signals): set "
+                "NVSHMEM_SYMMETRIC_SIZE above that before NVSHMEM starts, or build the "
+                "Communicator with a smaller capacity / max_tokens_per_rank") from exc
         self._signals.zero_()
-        self._status = torch.zeros(len(self.signal_names), 4, dtype=torch.int64, device="cuda")
+        self._status = torch.zeros(len(self.signal_names), 4, dtype=torch.int64,
+                                   device=self.device)
         self._targets: dict[tuple, tuple] = {}  # targets -> (lookup, PEs): made once, on device
-        torch.cuda.synchronize()
-        dist.barrier(group)  # every rank's signals are zero before anyone puts
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if dist.is_initialized():
+            dist.barrier(group)  # every rank's signals are zero before anyone puts
 
     def buffer(self, region: Region) -> torch.Tensor:
         return region.on(self.flat[region.name])
@@ -139,8 +154,8 @@ class NvshmemTransport:
     def _pes(self, ranks: Sequence[int]) -> tuple:
         key = tuple(ranks)
         if key not in self._targets:  # host-to-device copies: never while a graph captures
-            self._targets[key] = (target_lookup(key, "cuda"),
-                                  torch.tensor(key, dtype=torch.int32, device="cuda"))
+            self._targets[key] = (target_lookup(key, self.device),
+                                  torch.tensor(key, dtype=torch.int32, device=self.device))
         return self._targets[key]
 
     def wait(self, signal: str, sources: Sequence[int], epoch) -> None:
