@@ -26,6 +26,13 @@ from torch_swiftep.launch import rank_gpu, run_world
 pytestmark = GPU_MARKS
 
 
+def _no_errors(world, fn, *args, timeout_s=600):
+    """Runs fn on `world` ranks; fails with the first mismatches any rank reported."""
+    errors = run_world(world, fn, *args, env=ENV, timeout_s=timeout_s)
+    flat = [e for per_rank in errors for e in per_rank]
+    assert not flat, "\n".join(flat[:20])
+
+
 def _device(library):
     os.environ["SWIFTEP_NVSHMEM_LIB"] = library
     torch.cuda.set_device(rank_gpu(dist.get_rank(), torch.cuda.device_count()))
@@ -77,9 +84,7 @@ def _low_latency_bits(comm, rank, exp, device) -> list:
 @_with(NEEDS_BUILD)
 @pytest.mark.parametrize("world,per_node", [(4, 2), (8, 4), (8, 2)])
 def test_cuda_across_nodes_matches_reference(build, world, per_node):  # noqa: F811
-    errors = run_world(world, _all_cases, per_node, _library(build), env=ENV, timeout_s=900)
-    flat = [e for per_rank in errors for e in per_rank]
-    assert not flat, "\n".join(flat[:20])
+    _no_errors(world, _all_cases, per_node, _library(build), timeout_s=900)
 
 
 def _missing_rank(rank, world, library):
@@ -150,9 +155,7 @@ def _graph_replays(rank, world, library):
 
 @_with(NEEDS_BUILD)
 def test_low_latency_across_nodes_replays_in_a_cuda_graph(build):  # noqa: F811
-    errors = run_world(4, _graph_replays, _library(build), env=ENV, timeout_s=600)
-    flat = [e for per_rank in errors for e in per_rank]
-    assert not flat, "\n".join(flat[:20])
+    _no_errors(4, _graph_replays, _library(build))
 
 
 def _layers_across_nodes(rank, world, library):
@@ -183,6 +186,4 @@ def _layers_across_nodes(rank, world, library):
 
 @_with(NEEDS_BUILD)
 def test_expert_parallel_layer_across_nodes(build):  # noqa: F811
-    errors = run_world(4, _layers_across_nodes, _library(build), env=ENV, timeout_s=600)
-    flat = [e for per_rank in errors for e in per_rank]
-    assert not flat, "\n".join(flat[:20])
+    _no_errors(4, _layers_across_nodes, _library(build))

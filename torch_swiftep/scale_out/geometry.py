@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from ..fp8 import quantize_fp8 as _quantize
+from ..ops.protocol import FP8_BLOCK
 from .transport import Region
 
 # Every put signals one of these (its own array per name, so a receiver can wait for exactly the
@@ -97,3 +99,14 @@ def rank_in_expert(flat: torch.Tensor) -> torch.Tensor:
     rank_in[order] = torch.arange(flat.numel(), device=flat.device) - torch.searchsorted(
         ordered, ordered)
     return rank_in
+
+
+def payload(g: Geometry, x: torch.Tensor, x_scales, quantize_fp8: bool) -> tuple:
+    """(x, x_scales) as they travel: quantized here when asked (the torch recipe the one-node
+    kernels reproduce); FP8 scale rows must be 16-byte multiples for the puts."""
+    if quantize_fp8:
+        x, x_scales = _quantize(x)
+    if x_scales is not None and g.S == 0:
+        raise ValueError(f"FP8 dispatch across nodes needs hidden a multiple of "
+                         f"{4 * FP8_BLOCK} (16-byte scale rows), got hidden={g.H}")
+    return x, x_scales

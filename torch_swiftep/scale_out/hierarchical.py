@@ -29,10 +29,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..fp8 import quantize_fp8 as _quantize
-from ..ops.protocol import FP8_BLOCK
 from ..status import SwiftepError, rank_name
-from .geometry import Geometry, put_counts, rank_in_expert
+from .geometry import Geometry, payload, put_counts, rank_in_expert
 
 
 class Route(NamedTuple):
@@ -69,14 +67,10 @@ class HierarchicalSchedule:
         """Returns (expert_offsets [L + 1] int32, token_rows [n, K] int32, recv_x, recv_scales,
         recv_src [cap, 2] int32, recv_weights [cap] float32, Route)."""
         g, t = self.g, self.t
+        x, x_scales = payload(g, x, x_scales, quantize_fp8)
+        fp8 = x_scales is not None
         self.dispatch_epoch += 1
         e = self.dispatch_epoch
-        if quantize_fp8:
-            x, x_scales = _quantize(x)
-        fp8 = x_scales is not None
-        if fp8 and g.S == 0:
-            raise ValueError(f"FP8 dispatch across nodes needs hidden a multiple of "
-                             f"{4 * FP8_BLOCK} (16-byte scale rows), got hidden={g.H}")
         dev, n = x.device, x.size(0)
         idx = topk_idx.long()
         valid = idx >= 0

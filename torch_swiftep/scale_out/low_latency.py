@@ -15,9 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..fp8 import quantize_fp8 as _quantize
-from ..ops.protocol import FP8_BLOCK
-from .geometry import Geometry, put_counts, rank_in_expert
+from .geometry import Geometry, payload, put_counts, rank_in_expert
 
 
 class LowLatencyRoute(NamedTuple):
@@ -42,12 +40,8 @@ class LowLatencySchedule:
         """Returns (recv_x [L, S, H], recv_scales or None, recv_src [L, S, 2], recv_weights
         [L, S], recv_counts [L] int32, token_rows [n, K] int32 (j * S + row), route)."""
         g, t = self.g, self.t
-        if quantize_fp8:
-            x, x_scales = _quantize(x)
+        x, x_scales = payload(g, x, x_scales, quantize_fp8)
         fp8 = x_scales is not None
-        if fp8 and g.S == 0:
-            raise ValueError(f"FP8 dispatch across nodes needs hidden a multiple of "
-                             f"{4 * FP8_BLOCK} (16-byte scale rows), got hidden={g.H}")
         self.epoch += 1
         e, dev, n = self.epoch, x.device, x.size(0)
         idx = topk_idx.long()
