@@ -42,6 +42,7 @@ class Geometry:
         self.column = [m * self.P + self.local for m in range(self.N)]  # my peer on each node
         self.remote_column = [p for p in self.column if p != rank]
         self.every = list(range(world))
+        self._table = self._shapes()  # looked up by every put: built once
 
     def _shapes(self) -> dict:
         N, T, K, H, E4, K4 = self.N, self.T, self.K, self.H, _round_up(self.E, 4), \
@@ -66,12 +67,12 @@ class Geometry:
         }
 
     def region(self, name: str, dtype: Optional[torch.dtype] = None) -> Region:
-        rows, width, default = self._shapes()[name]
+        rows, width, default = self._table[name]
         return Region(name, rows, width, dtype or default)
 
     def buffer_bytes(self) -> dict[str, int]:
         return {name: rows * width * dtype.itemsize
-                for name, (rows, width, dtype) in self._shapes().items()}
+                for name, (rows, width, dtype) in self._table.items()}
 
 
 def put_counts(g: Geometry, t, idx: torch.Tensor, valid: torch.Tensor, prefix: str,

@@ -78,9 +78,8 @@ class ScaleOutRank:
 
     def check(self) -> None:
         """The throughput schedule raises in the call that meets an error (it syncs the host);
-        the low-latency one records them (it may be captured in a CUDA graph): raise those."""
-        if torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()
+        the low-latency one records them (it may be captured in a CUDA graph): raise those.
+        Reading them waits for this stream's work."""
         if self.low_latency is None:
             return
         self._guard(self.low_latency.t.check)
