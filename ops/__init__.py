@@ -18,6 +18,7 @@ from . import (
     low_latency_combine,
     low_latency_dispatch,
     protocol,
+    swiglu_rows,
 )
 from ._contract import NAMESPACE, OpContract
 
@@ -28,6 +29,7 @@ CONTRACTS: tuple[OpContract, ...] = (
     combine_symmetric.CONTRACT,
     low_latency_dispatch.CONTRACT,
     low_latency_combine.CONTRACT,
+    swiglu_rows.CONTRACT,
 )
 
 BY_NAME = {c.name: c for c in CONTRACTS}

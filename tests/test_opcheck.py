@@ -31,6 +31,8 @@ def _samples():
                               for seg in (0, -1)],  # in place, and staged
         "low_latency_dispatch": [(x, None, idx, w, *state)],
         "low_latency_combine": [(ll_out, idx, w, ll.token_rows, ll.recv_counts, *state)],
+        "swiglu_rows": [(torch.randn(10, 2 * H).bfloat16(), torch.tensor([4, 7]).int()),
+                        (torch.randn(10, 2 * H), torch.tensor([12]).int())],
     }
 
 

@@ -136,3 +136,59 @@ def test_world_of_one_runs_the_experts_over_each_chunks_rows():
             layer.expert_outputs(0, handle, N // 4)
         y = layer(x, Schedule((10, 12, 7), 4, "interleaved", 0.0, ()))
         assert torch.allclose(y, moe(x), rtol=1e-5, atol=1e-6)
+
+
+EXPERT_GROUPS = ((4,), (2, 2), (1, 3), (3, 1), (1, 1, 1, 1))  # of a rank's 4 local experts
+
+
+def _compare_expert_chunks(rank, world, row_wise):
+    moe, comms, shared = _layer(rank, world, False)
+    if row_wise:
+        moe.experts = lambda rows, offs, pool=None: rows * 1.5 - 0.25
+        shared = lambda x: x * 0.5  # noqa: E731
+    x = torch.randn(N, H, generator=torch.Generator().manual_seed(20 + rank))
+    errors = []
+    with torch.no_grad():
+        plain = moe(x)
+        for with_shared in (False, True):
+            layer = PipelinedMoE(moe, comms, shared if with_shared else None)
+            want = plain + shared(x) if with_shared else plain
+            for groups in EXPERT_GROUPS:
+                y = layer(x, Schedule(groups, 4, "shared_first", 0.0, (), "experts"))
+                # one group: the unpipelined layer's calls exactly; more: float32 rounding
+                same = torch.equal(y, want) if len(groups) == 1 else \
+                    torch.allclose(y, want, rtol=1e-5, atol=1e-6)
+                if not same:
+                    errors.append(f"rank {rank} shared={with_shared} groups {groups}: max |diff|"
+                                  f" {(y - want).abs().max().item():.3g}")
+    return errors
+
+
+@pytest.mark.parametrize("row_wise", [True, False])
+def test_chunks_of_experts_equal_the_unpipelined_layer_to_rounding(row_wise):
+    errors = sum(run_world(2, _compare_expert_chunks, row_wise, timeout_s=120), [])
+    assert not errors, errors[:6]
+
+
+def _bad_expert_chunks(rank, world):
+    messages = []
+    for low_latency, groups in ((False, (2, 1)), (True, (2, 2))):
+        moe, comms, _ = _layer(rank, world, low_latency)
+        layer = PipelinedMoE(moe, comms)
+        try:
+            layer(torch.randn(N, H), Schedule(groups, 4, "shared_first", 0.0, (), "experts"))
+            messages.append("accepted")
+        except ValueError as exc:
+            messages.append(str(exc))
+    return messages
+
+
+def test_bad_chunks_of_experts_are_refused():
+    for uneven, low_latency in run_world(2, _bad_expert_chunks, timeout_s=120):
+        assert "schedule.chunks=[2, 1] (chunks of experts) must be positive and sum to the " \
+               "rank's 4 local experts" in uneven
+        assert "chunks of experts need the throughput schedule" in low_latency
+    with pytest.raises(ValueError, match="order must be 'shared_first'"):
+        Schedule((2, 2), 4, "interleaved", 0.0, (), "experts")
+    with pytest.raises(ValueError, match="split must be one of"):
+        Schedule((2, 2), 4, "shared_first", 0.0, (), "rows")

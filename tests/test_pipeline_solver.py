@@ -126,6 +126,31 @@ def test_solver_is_within_5_percent_of_exhaustive_search(seed):
     assert 0 <= got.exposed_comm_us() <= got.predicted_us
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_chunks_of_experts_are_within_5_percent_of_exhaustive_search(seed):
+    """split="experts": chunks are groups of a rank's 12 local experts, each standing for
+    tokens / 12 tokens in the model; the shared expert (if any) first over the whole batch."""
+    rng = random.Random(200 + seed)
+    m, shared, tokens, local = _model(rng), seed % 2 == 0, 4096, 12
+    best = float("inf")
+    for k in range(1, 6):
+        for cuts in itertools.combinations(range(1, local), k - 1):
+            bounds = (0,) + cuts + (local,)
+            work = [(b - a) * tokens / local for a, b in zip(bounds, bounds[1:])]
+            for s in SMS:
+                best = min(best, makespan(linear_for(m, s, k), work, "shared_first", shared))
+    got = solve(m, tokens, shared=shared, sms_options=SMS, max_chunks=5, split="experts",
+                local_experts=local)
+    assert sum(got.chunks) == local and got.split == "experts"
+    assert got.order == "shared_first" and got.work[0] == got.chunks[0] * tokens / local
+    assert got.predicted_us <= 1.05 * best, (got.explain(), best)
+    assert got.predicted_us == pytest.approx(simulate(m, got.work, got.comm_sms, got.order,
+                                                      shared)[0])
+    assert "chunks of local experts" in got.explain()
+    with pytest.raises(ValueError, match="needs local_experts"):
+        solve(m, tokens, split="experts")
+
+
 def test_solver_never_loses_to_the_unpipelined_layer_and_explains_itself():
     m = _model(random.Random(7))
     piped = solve(m, 4096, shared=True)

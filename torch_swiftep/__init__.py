@@ -11,6 +11,7 @@ pure-torch reference every backend is tested against.
 """
 from . import _library, reference  # noqa: F401  (_library registers the ops)
 from ._library import CUDA_EXTENSION_ERROR, registered_ops
+from .activations import swiglu_rows
 from .agreement import BrokenCommunicatorError
 from .communicator import (
     Communicator,
@@ -39,4 +40,5 @@ __all__ = [
     "quantize_fp8",
     "reference",
     "registered_ops",
+    "swiglu_rows",
 ]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import swiglu_rows
 from .communicator import Communicator
 
 
@@ -48,11 +49,12 @@ class ExpertParallelMoE(nn.Module):
         return idx, weights / weights.sum(dim=-1, keepdim=True)
 
     def experts(self, rows: torch.Tensor, offs: torch.Tensor, pool=None) -> torch.Tensor:
-        """Grouped SwiGLU MLP over expert-major rows; offs: [L] int32 end offsets. pool: a
-        context the output alone is allocated in (the intermediates stay out of it)."""
+        """Grouped SwiGLU MLP over expert-major rows; offs: [L] int32 end offsets (rows past
+        offs[-1] of the result are unspecified). pool: a context the output alone is allocated
+        in (the intermediates stay out of it)."""
         gate_up = torch._grouped_mm(rows, self.w_gate_up, offs=offs)
-        gate, up = gate_up.chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
+        # over the rows the window holds, not its capacity (the same bits as F.silu(g) * u)
+        hidden = swiglu_rows(gate_up, offs)
         with pool if pool is not None else contextlib.nullcontext():
             return torch._grouped_mm(hidden, self.w_down, offs=offs)
 

@@ -291,3 +291,12 @@ def low_latency_combine(expert_out, topk_idx, topk_weights, token_rows, recv_cou
     ]) if local else torch.empty(0, dtype=torch.long)
     return _combine(expert_out, topk_idx, topk_weights, token_rows, valid_rows, workspace,
                     group_name, plan, True)
+
+
+def swiglu_rows(gate_up, row_ends):
+    width = gate_up.size(1) // 2
+    out = gate_up.new_zeros([gate_up.size(0), width])
+    rows = min(max(int(row_ends[-1]), 0), gate_up.size(0))
+    gate, up = gate_up[:rows, :width], gate_up[:rows, width:]
+    out[:rows] = torch.nn.functional.silu(gate) * up
+    return out

@@ -14,6 +14,7 @@ timeline beside the predicted one. On CPU the figures only prove the code runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
@@ -88,8 +89,8 @@ def _traced(layer, x, schedule, device, hold_us=None) -> list:
 def _exposed(measured, chosen) -> float:
     """Fraction of the measured layer the compute stream waits on communication."""
     end = max(t.end_us for t in measured)
-    return Schedule(chosen.chunks, chosen.comm_sms, chosen.order, end,
-                    tuple(measured)).exposed_comm_us() / end
+    return dataclasses.replace(chosen, predicted_us=end,
+                               timeline=tuple(measured)).exposed_comm_us() / end
 
 
 def _fit(layer, x, tokens, sms_options, total_sms) -> tuple:
@@ -236,7 +237,7 @@ def _report(result, chosen, measured: dict, model, out_dir) -> None:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline_layer.json").write_text(json.dumps(result, indent=1))
-    _, predicted = simulate(model, chosen.chunks, chosen.comm_sms, chosen.order,
+    _, predicted = simulate(model, chosen.work, chosen.comm_sms, chosen.order,
                             model.has("shared"))
     try:
         from .timeline_plot import plot_timelines

@@ -32,7 +32,7 @@ from ..moe import ExpertParallelMoE
 from ..pipeline import CostModel, Sample, Schedule, calibrate, equal_chunks, simulate, solve
 from ..pipeline.carveout import carveout_supported, sm_carveout
 from ..pipeline.layer import PipelinedMoE
-from ..pipeline.schedule import ORDERS, Task
+from ..pipeline.schedule import ORDERS, SPLITS, Task
 from .multi_process import ENV, _int_list, mps_status
 from .multi_process_records import slowest
 from .pipeline_layer import SHAPES, _exposed, _traced, build
@@ -46,6 +46,7 @@ from .pipeline_sizing import (
     POLICIES,
     carveout_sms,
     check_chunkings,
+    check_groupings,
     slowest_samples,
     summarize,
     usable_budgets,
@@ -126,27 +127,44 @@ class _World:
 
 
 # ------------------------------------------------------------------------ the rank's steps
+def _rel_diff(y, want) -> float:
+    return (y.float() - want.float()).abs().max().item() / (want.float().abs().max().item() or 1)
+
+
 def _check(layer, x, opts, world) -> tuple[list, dict]:
-    """The pipelined layer against the unpipelined one (module docstring)."""
-    n, s, moe = min(opts["check_tokens"], x.size(0)), opts["sms"][0], layer.moe
+    """The pipelined layer against the unpipelined one (module docstring). Chunks of experts
+    sum a token's groups apart, so there even row-wise experts agree to rounding only."""
+    n, s, moe, split = min(opts["check_tokens"], x.size(0)), opts["sms"][0], layer.moe, \
+        opts["split"]
     xs, errors, worst, identical = x[:n], [], 0.0, True
+    if split == "experts":
+        whole = (moe.comm.num_local_experts,)
+        chunkings, orders = check_groupings(whole[0]), ORDERS[:1]
+    else:
+        whole, chunkings, orders = (n,), check_chunkings(n), ORDERS
+
+    def schedule(chunks, order):
+        return Schedule(chunks, s, order, 0.0, (), split)
     moe.experts = lambda rows, offs, pool=None: rows * 1.5 - 0.25  # each row alone: bit-exact
     try:
         shared = nn.Identity() if layer.shared is not None else None  # row-wise too
         exact = WorldLayer(moe, layer.comms, shared, opts)
         want = moe(xs) + xs if shared is not None else moe(xs)
-        errors += [f"rank {world.rank}: row-wise experts, chunks {list(c)}, {o}: not "
-                   "bit-identical to the unpipelined layer" for c in check_chunkings(n)
-                   for o in ORDERS if not torch.equal(exact(xs, Schedule(c, s, o, 0.0, ())), want)]
+        for c in chunkings:
+            for o in orders:
+                y = exact(xs, schedule(c, o))
+                if not (torch.equal(y, want) if split == "tokens"
+                        else _rel_diff(y, want) <= CHECK_TOLERANCE):
+                    errors.append(f"rank {world.rank}: row-wise experts, chunks {list(c)}, {o}: "
+                                  "differs from the unpipelined layer")
     finally:
         del moe.experts
-    for order in ORDERS:
-        want = layer(xs, Schedule((n,), s, order, 0.0, ()))
-        scale = want.float().abs().max().item() or 1.0
-        for chunks in check_chunkings(n):
-            y = layer(xs, Schedule(chunks, s, order, 0.0, ()))
+    for order in orders:
+        want = layer(xs, schedule(whole, order))
+        for chunks in chunkings:
+            y = layer(xs, schedule(chunks, order))
             identical = identical and torch.equal(y, want)
-            worst = max(worst, (y.float() - want.float()).abs().max().item() / scale)
+            worst = max(worst, _rel_diff(y, want))
     if not worst <= CHECK_TOLERANCE:
         errors.append(f"rank {world.rank}: real experts: pipelined differs from unpipelined by "
                       f"{worst:.3g} of the output's max (tolerance {CHECK_TOLERANCE})")
@@ -155,26 +173,25 @@ def _check(layer, x, opts, world) -> tuple[list, dict]:
     return errors, dict(tokens=n, bit_identical=identical, max_rel_diff=worst)
 
 
-def _measure(layer, x, sizes, sms_options, world) -> list:
+def _measure(layer, x, sizes, sms_options, world, opts) -> list:
     """calibrate.measure's samples, collectively: the same calls on every rank (beside the
     GEMMs, the ranks' largest number of communication steps)."""
-    moe, comm = layer.moe, layer.comms[0]
+    comm, split = layer.comms[0], opts["split"]
     samples = []
-    for n in sizes:
-        part = x[:n]
-        idx, wt = moe.route(part)
+    for size in sizes:
+        part, idx, wt, n = layer.sample_chunk(x, size, split)
         pair_us = {}
         for s in sms_options:
             def dispatch(s=s):
                 return comm.dispatch(part, idx, wt, num_sms=s)
-            out = layer.expert_outputs(0, dispatch(), n)
+            out = layer.expert_outputs(0, dispatch(), part.size(0))
             d = world.time_us(dispatch)
             pair_us[s] = world.time_us(lambda s=s: comm.combine(out, dispatch(s), num_sms=s))
             samples += [Sample("dispatch", n, s, d),
                         Sample("combine", n, s, max(pair_us[s] - d, 1e-3))]
         handle = comm.dispatch(part, idx, wt, num_sms=sms_options[0])
-        work = {"experts": lambda: layer.expert_outputs(0, handle, n),
-                "shared": lambda: layer.shared(part)}
+        work = {"experts": lambda: layer.expert_outputs(0, handle, part.size(0)),
+                "shared": lambda: layer.shared(x[:n])}  # per token, whatever the split
         for task in ("experts",) + (("shared",) if layer.shared is not None else ()):
             def carved(task=task, s=0):
                 with layer._carve(s):
@@ -195,7 +212,8 @@ def _decide(samples, world, opts):
     every, box = world.gather([tuple(s) for s in samples]), [None]
     if world.rank == 0:
         model = CostModel.fit(slowest_samples(every), opts["device_sms"] // opts["sharing"])
-        kw = dict(shared=model.has("shared"), sms_options=opts["sms"])
+        kw = dict(shared=model.has("shared"), sms_options=opts["sms"], split=opts["split"],
+                  local_experts=opts["experts"] // opts["world"])
         box = [(solve(model, opts["tokens"], **kw),
                 solve(model, opts["tokens"], fixed_chunks=1, **kw), model.to_json())]
     dist.broadcast_object_list(box, src=0, group=world.group)
@@ -205,9 +223,10 @@ def _decide(samples, world, opts):
 def _time_layer(layer, x, chosen, sms_options, world) -> dict:
     """The sweep, the choice, and on CUDA the choice under each carve-out policy."""
     sweep, policy = {}, layer.policy
+    units = layer.moe.comm.num_local_experts if chosen.split == "experts" else x.size(0)
     for k in CHUNK_COUNTS:
         for s in sms_options:
-            sched = Schedule(equal_chunks(x.size(0), k), s, chosen.order, 0.0, ())
+            sched = Schedule(equal_chunks(units, k), s, chosen.order, 0.0, (), chosen.split)
             sweep[(k, s)] = world.time_us(lambda: layer(x, sched))
     out = dict(sweep=sweep, chosen=world.time_us(lambda: layer(x, chosen)), policies={})
     for p in [p for p in POLICIES if p != policy] if world.cuda else []:
@@ -240,8 +259,9 @@ def _rank(rank: int, world_size: int, opts: dict) -> dict:
         errors, check = _check(layer, x, opts, world)
         if any(world.gather(bool(errors))):  # every rank stops: nothing broken is timed
             return dict(errors=errors, check=check)
-        sizes = sorted({max(1, tokens // d) for d in (32, 16, 8, 4, 2, 1)})
-        samples = _measure(layer, x, sizes, opts["sms"], world)
+        units = moe.comm.num_local_experts if opts["split"] == "experts" else tokens
+        sizes = sorted({max(1, units // d) for d in (32, 16, 8, 4, 2, 1)})
+        samples = _measure(layer, x, sizes, opts["sms"], world, opts)
         (chosen, serial, model), every = _decide(samples, world, opts)
         route_us = world.time_us(lambda: moe.route(x))
         timed = _time_layer(layer, x, chosen, opts["sms"], world)
@@ -269,7 +289,8 @@ def aggregate(ranks: list) -> dict:
     return dict(
         summarize(sweep, max(r["timed"]["chosen"] for r in ranks), chosen.comm_sms,
                   route_us + chosen.predicted_us),
-        chosen=dict(chunks=list(chosen.chunks), comm_sms=chosen.comm_sms, order=chosen.order),
+        chosen=dict(chunks=list(chosen.chunks), comm_sms=chosen.comm_sms, order=chosen.order,
+                    split=chosen.split),
         schedule_agreed=all(r["chosen"] == chosen for r in ranks), route_us=route_us,
         serial_predicted_us=route_us + first["serial"].predicted_us,
         sweep={f"{k}x{s}": us for (k, s), us in sweep.items()},
@@ -277,7 +298,7 @@ def aggregate(ranks: list) -> dict:
         exposed_comm_fraction=ranks[slow]["exposed"], exposed_rank=slow,
         exposed_by_rank=[r["exposed"] for r in ranks],
         chosen_us_by_rank=[r["timed"]["chosen"] for r in ranks],
-        own_model_predicted_us=[simulate(m, chosen.chunks, chosen.comm_sms, chosen.order,
+        own_model_predicted_us=[simulate(m, chosen.work, chosen.comm_sms, chosen.order,
                                          m.has("shared"))[0] for m in own],
         cost_model=str(model), cost_model_json=first["model"],
         fit_errors={t: dict(mean=sum(e) / len(e), max=max(e)) for t, e in fit.items()},
@@ -320,7 +341,7 @@ def _report(r: dict, first, out_dir) -> None:
         return print(f"no timeline plot: {exc}")
     if first is not None:
         chosen, model = first["chosen"], CostModel.from_json(first["model"])
-        predicted = simulate(model, chosen.chunks, chosen.comm_sms, chosen.order,
+        predicted = simulate(model, chosen.work, chosen.comm_sms, chosen.order,
                              model.has("shared"))[1]
         plot_timelines({"measured, rank 0": [Task(*t) for t in first["timeline"]],
                         "predicted": predicted}, out / "pipeline_multi_process.png")
@@ -385,6 +406,8 @@ def parser() -> argparse.ArgumentParser:
     add("--repeats", type=int, default=REPEATS, help=f"replays per figure (default: {REPEATS})")
     add("--carveout", choices=POLICIES, default="share", help="GEMM SM carve-out (default: share)")
     add("--bound-rows", action="store_true", help="experts over each chunk's row bound")
+    add("--split", choices=SPLITS, default="tokens", help="chunks of tokens (bit-identical) or "
+        "of each rank's experts (each expert's GEMMs once; equal to rounding); default: tokens")
     add("--timeout", type=float, default=1800.0, help="seconds for the world (default: 1800)")
     add("--out", default=None, metavar="DIR", help="folder for the JSON and the PNG")
     return p

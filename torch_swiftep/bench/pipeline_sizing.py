@@ -54,6 +54,12 @@ def check_chunkings(n: int) -> list[tuple]:
     return [c for c in dict.fromkeys(candidates) if len(c) > 1 and min(c) > 0]
 
 
+def check_groupings(local: int) -> list[tuple]:
+    """Pipelined chunkings (2+ groups) of a rank's `local` experts: equal and uneven."""
+    candidates = (equal_chunks(local, 2), equal_chunks(local, 4), (1, local - 1))
+    return [c for c in dict.fromkeys(candidates) if len(c) > 1 and min(c) > 0]
+
+
 def slowest_samples(per_rank: list) -> list[Sample]:
     """Per sample the slowest rank's time; every rank measured the same samples in order."""
     if len({len(r) for r in per_rank}) != 1 or any(len({r[:3] for r in rows}) != 1

@@ -134,13 +134,14 @@ def _comm_steps(layer, part, idx, w, sms: int, reps: int) -> list:
     return [dispatch, combine] * reps
 
 
-def _comm_samples(layer, part, idx, w, sms_options, iters) -> tuple[list, dict]:
-    """dispatch and combine alone at each budget; returns (samples, s -> pair us)."""
-    comm, n, device = layer.comms[0], part.size(0), part.device
+def _comm_samples(layer, part, idx, w, n, sms_options, iters) -> tuple[list, dict]:
+    """dispatch and combine alone at each budget (samples at n tokens); returns (samples,
+    s -> pair us)."""
+    comm, device = layer.comms[0], part.device
     samples, pair_us = [], {}
     for s in sms_options:
         d = time_us(lambda: comm.dispatch(part, idx, w, num_sms=s), device, iters)
-        out = layer.expert_outputs(0, comm.dispatch(part, idx, w, num_sms=s), n)
+        out = layer.expert_outputs(0, comm.dispatch(part, idx, w, num_sms=s), part.size(0))
         both = time_us(lambda: comm.combine(out, comm.dispatch(part, idx, w, num_sms=s),
                                             num_sms=s), device, iters)
         samples += [Sample("dispatch", n, s, d), Sample("combine", n, s, max(both - d, 1e-3))]
@@ -148,20 +149,21 @@ def _comm_samples(layer, part, idx, w, sms_options, iters) -> tuple[list, dict]:
     return samples, pair_us
 
 
-def measure(layer, x: torch.Tensor, sizes, sms_options, iters: int = 5) -> tuple[list, list]:
+def measure(layer, x: torch.Tensor, sizes, sms_options, iters: int = 5,
+            split: str = "tokens") -> tuple[list, list]:
     """(samples, coverage): the cost model's samples at every size and budget, and for each
     beside-communication sample (task, tokens, s, fraction of runs the communication outlasted
-    the GEMMs: below 1 the sample is partly alone)."""
-    moe, device = layer.moe, x.device
+    the GEMMs: below 1 the sample is partly alone). sizes: tokens, or local experts per group
+    (split "experts"; samples at the tokens each group stands for, layer.sample_chunk)."""
+    device = x.device
     samples, coverage = [], []
-    for n in sizes:
-        part = x[:n]
-        idx, w = moe.route(part)
-        comm_samples, pair_us = _comm_samples(layer, part, idx, w, sms_options, iters)
+    for size in sizes:
+        part, idx, w, n = layer.sample_chunk(x, size, split)
+        comm_samples, pair_us = _comm_samples(layer, part, idx, w, n, sms_options, iters)
         samples += comm_samples
         handle = layer.comms[0].dispatch(part, idx, w)
-        work = {"experts": lambda: layer.expert_outputs(0, handle, n),
-                "shared": lambda: layer.shared(part)}
+        work = {"experts": lambda: layer.expert_outputs(0, handle, part.size(0)),
+                "shared": lambda: layer.shared(x[:n])}  # per token, whatever the split
         for task in ("experts",) + (("shared",) if layer.shared is not None else ()):
             alone = time_us(work[task], device, iters)
             samples.append(Sample(task, n, 0, alone))

@@ -24,6 +24,7 @@ What keeps the two streams from slowing each other down on a GPU (docs/pipelinin
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -96,7 +97,15 @@ class PipelinedMoE(nn.Module):
         default): in a world of one only, where the bound is the chunk's exact row count; with
         W ranks it is W times the average, and the copy into the combine window would move
         more bytes than the combine's own staging of the valid rows.
-    forward(x, schedule): x [num_tokens, hidden]; schedule.chunks must sum to num_tokens.
+    forward(x, schedule): x [num_tokens, hidden]. schedule.split "tokens": schedule.chunks
+        (tokens) sum to num_tokens; the output equals the unpipelined layer's bit for bit.
+        "experts" (throughput schedule only): schedule.chunks (local experts per group, in
+        the order of the experts' indices) sum to the rank's local experts; chunk i
+        dispatches every token's slots whose expert is in group i of its owner's experts (the
+        others set to -1), so each expert runs once over all its rows, and the output is the
+        float32 sum of the chunks' combines, rounded once: the unpipelined layer's value up to
+        rounding (a token's slots are summed group by group, each group's sum rounded to the
+        output dtype), not bit for bit.
     """
 
     def __init__(self, moe: ExpertParallelMoE, comms: Sequence[Communicator],
@@ -128,16 +137,54 @@ class PipelinedMoE(nn.Module):
             contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+        idx, weights = self.moe.route(x)
+        if schedule.split == "experts":
+            return self._run(x, self.expert_parts(x, idx, weights, schedule.chunks),
+                             schedule)[0]
         chunks = schedule.chunks
         if sum(chunks) != x.size(0) or min(chunks) <= 0:
             raise ValueError(f"schedule.chunks={list(chunks)} must be positive and sum "
                              f"to the batch's {x.size(0)} tokens")
-        idx, weights = self.moe.route(x)
         parts, start = [], 0
         for n in chunks:
             parts.append((x[start:start + n], idx[start:start + n], weights[start:start + n]))
             start += n
         return torch.cat(self._run(x, parts, schedule))
+
+    def expert_parts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                     groups) -> list:
+        """(x, idx, weights) of each chunk of experts: groups[i] consecutive local experts of
+        every rank form group i; a slot whose expert is in another group is set to -1."""
+        local = self.moe.comm.num_local_experts
+        if self.moe.low_latency:
+            raise ValueError("chunks of experts need the throughput schedule: the low-latency "
+                             "window runs every expert over its static rows whatever they hold")
+        if sum(groups) != local or min(groups) <= 0:
+            raise ValueError(f"schedule.chunks={list(groups)} (chunks of experts) must be "
+                             f"positive and sum to the rank's {local} local experts")
+        # group of each slot's expert, from Python ints only (no host-to-device copy, which a
+        # CUDA graph could not capture)
+        expert = idx.clamp(min=0) % local
+        group = torch.zeros_like(idx)
+        for start in itertools.accumulate(groups[:-1]):
+            group += expert >= start
+        group = torch.where(idx >= 0, group, -1)
+        hole = torch.full_like(idx, -1)
+        return [(x, torch.where(group == i, idx, hole), weights) for i in range(len(groups))]
+
+    def sample_chunk(self, x: torch.Tensor, size: int, split: str = "tokens") -> tuple:
+        """(x, topk_idx, topk_weights, tokens) of one chunk of `size` as forward cuts it, for
+        calibration: the first `size` tokens, or (split "experts") every token's slots in the
+        first `size` local experts of each rank; tokens: what the chunk stands for in the cost
+        model (Schedule.work)."""
+        if split == "experts":
+            local = self.moe.comm.num_local_experts
+            idx, w = self.moe.route(x)
+            groups = (size,) + ((local - size,) if size < local else ())
+            part, idx, w = self.expert_parts(x, idx, w, groups)[0]
+            return part, idx, w, max(1, round(x.size(0) * size / local))
+        part = x[:size]
+        return (part, *self.moe.route(part), size)
 
     def row_bound(self, tokens: int) -> int:
         """Most rows a chunk of `tokens` tokens per rank (on every rank) puts in a window."""
@@ -235,9 +282,23 @@ class PipelinedMoE(nn.Module):
             self._streams.join(done, (y,))
             outputs.append(y + shared[i] if interleaved and i in shared else y)
         outs.clear()  # every combine has been joined: their inputs may be reused
+        if schedule.split == "experts":  # every chunk holds some slots of every token
+            return [_sum_groups(outputs, shared.get(0))]
         if shared and not interleaved:
             outputs = list(torch.cat(outputs).add_(shared[0]).split(list(schedule.chunks)))
         return outputs
+
+
+def _sum_groups(outputs: list, shared) -> torch.Tensor:
+    """The chunks of experts' combines summed in float32 and rounded once, plus the shared
+    expert's output (added in the output dtype, as the unpipelined layer adds it)."""
+    y = outputs[0]
+    if len(outputs) > 1:
+        total = y.float()
+        for other in outputs[1:]:
+            total += other
+        y = total.to(y.dtype)
+    return y if shared is None else y + shared
 
 
 def _tensors(handle) -> list:

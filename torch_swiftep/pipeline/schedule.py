@@ -14,6 +14,15 @@ where X_i waits for D_i and C_i for X_i. The solver chooses the number of chunks
 predicted makespan (`simulate`: exact for this two-stream model), and returns the predicted
 timeline with its choice.
 
+Two ways to cut the layer (`SPLITS`): chunks of tokens (every chunk runs every local expert:
+bit-identical to the unpipelined layer, but each chunk pays the experts' per-chunk cost again),
+or chunks of experts (chunk i carries every token's slots whose expert is in group i of each
+rank's local experts: each expert's GEMMs run once over all their rows; a token's output is the
+sum of its groups' combines, so it differs from the unpipelined layer by rounding). For chunks
+of experts a chunk's size is its number of local experts and the model is evaluated at its
+share of the tokens (`Schedule.work`: experts x tokens / local experts): the cost model must then
+be fitted from samples of expert groups (calibrate.py), whose per-chunk costs differ.
+
 Compute tasks are priced as the layer runs them (`compute_sms`): beside communication, their
 GEMMs confined to the SMs communication leaves (the SM carve-out), except the experts of a
 one-chunk layer, which have nothing to overlap and get the whole GPU.
@@ -26,6 +35,7 @@ from typing import NamedTuple, Optional, Sequence
 from .cost_model import CostModel
 
 ORDERS = ("shared_first", "interleaved")
+SPLITS = ("tokens", "experts")
 # Size profiles of the refinement: first and last chunk at this fraction of the others.
 RAMPS = (0.25, 0.5, 0.75)
 # Coarse candidates whose chunk sizes the local search refines: refining the second best too
@@ -46,16 +56,31 @@ class Task(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    chunks: tuple  # tokens per rank of each chunk, in issue order
+    chunks: tuple  # each chunk's size in issue order: tokens per rank, or local experts (split)
     comm_sms: int
     order: str
     predicted_us: float
     timeline: tuple  # Task, in start order
+    split: str = "tokens"  # SPLITS: what a chunk is a share of
+    unit_tokens: float = 1.0  # tokens per rank one unit of a chunk stands for in the model
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.split == "experts" and self.order != "shared_first":
+            raise ValueError("chunks of experts run the shared expert over the whole batch: "
+                             f"order must be 'shared_first', got {self.order!r}")
+
+    @property
+    def work(self) -> tuple:
+        """Each chunk's size in the cost model's unit (tokens per rank)."""
+        return tuple(c * self.unit_tokens for c in self.chunks)
 
     def explain(self) -> str:
         """The choice and its predicted timeline, one task a line."""
-        lines = [f"{len(self.chunks)} chunks {list(self.chunks)}, {self.comm_sms} SMs to "
-                 f"communication, compute order {self.order}: {self.predicted_us:.1f} us"]
+        unit = "local experts" if self.split == "experts" else "tokens"
+        lines = [f"{len(self.chunks)} chunks of {unit} {list(self.chunks)}, {self.comm_sms} SMs "
+                 f"to communication, compute order {self.order}: {self.predicted_us:.1f} us"]
         lines += [f"  {t.stream:<7} {t.name:<8} chunk {t.chunk}  {t.start_us:9.1f} -> "
                   f"{t.end_us:9.1f} us" for t in self.timeline]
         return "\n".join(lines)
@@ -219,35 +244,67 @@ def _refine(linear, chunks, order, shared, t, tokens, granularity):
     return t, tuple(sizes)
 
 
+def _per_unit(linear: dict, unit: float) -> dict:
+    """linear (per token) with its slopes per chunk unit of `unit` tokens."""
+    return {task: (f, slope * unit, floor) for task, (f, slope, floor) in linear.items()}
+
+
 def solve(model: CostModel, tokens: int, *, shared: bool = False,
           sms_options: Sequence[int] = (2, 4, 8, 12, 16, 24, 32), max_chunks: int = 8,
-          granularity: int = 1, fixed_chunks: Optional[int] = None) -> Schedule:
+          granularity: int = 1, fixed_chunks: Optional[int] = None, split: str = "tokens",
+          local_experts: Optional[int] = None) -> Schedule:
     """The schedule with the least predicted makespan for `tokens` tokens per rank.
-    fixed_chunks: only that many chunks (1: the unpipelined layer, for comparison)."""
+    fixed_chunks: only that many chunks (1: the unpipelined layer, for comparison).
+    split="experts": chunks are groups of a rank's `local_experts` experts (model fitted on
+    expert groups; the shared expert, if any, runs first over the whole batch)."""
     if tokens <= 0:
         raise ValueError(f"tokens must be positive, got {tokens}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "experts":
+        if not isinstance(local_experts, int) or local_experts <= 0:
+            raise ValueError("split='experts' needs local_experts, the experts of one rank, got "
+                             f"{local_experts!r}")
+        unit = tokens / local_experts
+        best = _solve_units(model, local_experts, unit, shared, sms_options, max_chunks, 1,
+                            fixed_chunks, ORDERS[:1])
+    else:
+        unit = 1.0
+        best = _solve_units(model, tokens, unit, shared, sms_options, max_chunks, granularity,
+                            fixed_chunks, ORDERS if shared else ORDERS[-1:])
+    t, chunks, s, order = best
+    sizes = tuple(c * unit for c in chunks)
+    predicted, timeline = simulate(model, sizes, s, order, shared)
+    return Schedule(tuple(chunks), s, order, predicted, tuple(timeline), split, unit)
+
+
+def _solve_units(model, units, unit, shared, sms_options, max_chunks, granularity,
+                 fixed_chunks, orders):
+    """(makespan, chunks, comm SMs, order) of the best schedule of `units` units of `unit`
+    tokens each: a coarse search over equal chunks, then the best refined."""
+    tokens = units
     sms = [s for s in sms_options if 0 < s < model.total_sms]
     if not sms:
         raise ValueError(f"no SM budget in {tuple(sms_options)} is inside (0, "
                          f"{model.total_sms})")
     counts = [fixed_chunks] if fixed_chunks else range(1, min(max_chunks, tokens) + 1)
-    orders = ORDERS if shared else ORDERS[-1:]
     coarse = []
     splits = [equal_chunks(tokens, k, granularity) for k in counts]
     alone = model.linear(0)
+
+    def linear(s, k):
+        return _per_unit(linear_for(model, s, k, alone), unit)
     for s in sms:
-        linear = {1: linear_for(model, s, 1, alone), 2: linear_for(model, s, 2, alone)}
+        by_count = {1: linear(s, 1), 2: linear(s, 2)}
         for chunks in splits:
             for order in orders:
-                coarse.append((makespan(linear[min(len(chunks), 2)], chunks, order, shared),
+                coarse.append((makespan(by_count[min(len(chunks), 2)], chunks, order, shared),
                                chunks, s, order))
     coarse.sort(key=lambda c: c[0])
     best = None
     for t, chunks, s, order in coarse[:REFINED]:
-        t, chunks = _refine(linear_for(model, s, len(chunks), alone), chunks, order, shared, t,
-                            tokens, granularity)
+        t, chunks = _refine(linear(s, len(chunks)), chunks, order, shared, t, tokens,
+                            granularity)
         if best is None or t < best[0]:
             best = (t, chunks, s, order)
-    t, chunks, s, order = best
-    predicted, timeline = simulate(model, chunks, s, order, shared)
-    return Schedule(tuple(chunks), s, order, predicted, tuple(timeline))
+    return best

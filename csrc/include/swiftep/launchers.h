@@ -30,6 +30,10 @@ struct LaunchResult {
 // caller). Out-of-range indices count as no expert.
 LaunchResult launch_dispatch_layout(const LayoutParams& params, cudaStream_t stream);
 
+// swiglu_rows: one grid-stride elementwise kernel over the valid rows only (their count is
+// read on the device). cudaErrorInvalidValue (nothing launched) when num_row_ends < 1.
+LaunchResult launch_swiglu_rows(const SwigluRowsParams& params, cudaStream_t stream);
+
 // Throughput dispatch: the counts/rows kernel (one block) then the data kernel.
 LaunchResult launch_dispatch(const DispatchParams& params, cudaStream_t stream);
 

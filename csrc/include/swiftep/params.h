@@ -81,6 +81,18 @@ struct CopyRowsParams {
   int32_t num_sms;
 };
 
+// swiglu_rows (local; no workspace): out[i, c] = silu(gate_up[i, c]) * gate_up[i, width + c]
+// for the rows i < row_ends[num_row_ends - 1] (read on the device, clamped to [0, rows]).
+struct SwigluRowsParams {
+  const void* gate_up;      // [rows, 2 * width], dtype
+  void* out;                // [rows, width], dtype
+  const int32_t* row_ends;  // [num_row_ends] on the device
+  int32_t num_row_ends;     // >= 1
+  int64_t rows;
+  int64_t width;
+  DType dtype;
+};
+
 // dispatch_layout (local; no workspace).
 struct LayoutParams {
   const void* topk_idx;      // [num_tokens, num_topk], int64 or int32
