@@ -331,6 +331,7 @@ REQUIRED_KERNELS = (
     ("combine_push_kernel<__nv_bfloat16",),
     ("combine_partials_reduce_kernel<__nv_bfloat16, int>",),
     ("combine_partials_reduce_kernel<__nv_bfloat16, long>",),
+    ("swiglu_rows_kernel<__nv_bfloat16, 8>",), ("swiglu_rows_kernel<__nv_bfloat16, 1>",),
 )
 
 
@@ -346,6 +347,19 @@ def _kernel_names(names: collections.Counter):
             names[event.name] += 1
 
 
+def _swiglu_rows_case() -> list:
+    """The experts' SwiGLU (not a communication kernel, but in the library): vectorized and
+    element-wise rows, a count inside the tensor, against torch's expression."""
+    errors = []
+    for width in (64, 13):
+        gate_up = torch.randn(50, 2 * width, device="cuda").bfloat16()
+        out = ts.swiglu_rows(gate_up, torch.tensor([9, 33], dtype=torch.int32, device="cuda"))
+        want = torch.nn.functional.silu(gate_up[:33, :width]) * gate_up[:33, width:]
+        if not torch.equal(out[:33], want):
+            errors.append(f"swiglu_rows width {width}: differs from F.silu(gate) * up")
+    return errors
+
+
 @_gpu
 def test_emulated_world_kernel_paths():
     names = collections.Counter()
@@ -357,6 +371,7 @@ def test_emulated_world_kernel_paths():
             shape = Shape(hidden, experts, k, dtype, max(tokens), sms, fanout, partials)
             case = testing.Case(seed, x_dtype, hidden, k, routing, experts, tokens, fp8)
             errors += _emulated_case(world_comms, shape, case, Knobs(zero_copy, idx32))
+        errors += _swiglu_rows_case()
     if listing:
         for name, count in sorted(names.items()):
             print(f"kernel: {count:4d} x {name}")
