@@ -19,8 +19,10 @@ def _model(rng: random.Random, floors: bool = True) -> CostModel:
         return (fixed, per_token, per_token * rng.uniform(0.5, 2.0),
                 floor if floors and rng.random() < 0.7 else 0.0)
     return CostModel(TOTAL_SMS, {
-        "dispatch": (rng.uniform(5, 40), rng.uniform(0.5, 4), rng.uniform(0, 0.1)),
-        "combine": (rng.uniform(5, 40), rng.uniform(1, 8), rng.uniform(0, 0.1)),
+        "dispatch": (rng.uniform(5, 40), rng.uniform(0.5, 4), rng.uniform(0, 0.1),
+                     rng.uniform(0, 2000)),
+        "combine": (rng.uniform(5, 40), rng.uniform(1, 8), rng.uniform(0, 0.1),
+                    rng.uniform(0, 4000)),
         "experts": compute(rng.uniform(10, 80), rng.uniform(0.2, 3), rng.uniform(50, 400)),
         "shared": compute(rng.uniform(5, 20), rng.uniform(0.05, 0.5), rng.uniform(5, 40)),
     })
@@ -184,8 +186,8 @@ def test_a_model_fitted_on_two_gpus_moves_its_link_terms_to_eight(capsys, tmp_pa
     path = tmp_path / "pipeline_multi_process.json"
     path.write_text(json.dumps(dict(world=2, cost_model_json=fitted.to_json())))
     moved = moved_to_world(path, 8)
-    assert moved.coefficients["dispatch"] == pytest.approx((10.0, 1.0, 0.2 * 1.75))
-    assert moved.coefficients["combine"] == pytest.approx((20.0, 2.0, 0.1 * 1.75))
+    assert moved.coefficients["dispatch"] == pytest.approx((10.0, 1.0, 0.2 * 1.75, 0.0))
+    assert moved.coefficients["combine"] == pytest.approx((20.0, 2.0, 0.1 * 1.75, 0.0))
     assert moved.coefficients["experts"] == fitted.coefficients["experts"]
     with pytest.raises(ValueError, match="2\\+ ranks"):
         moved_to_world(path, 1)
@@ -193,3 +195,24 @@ def test_a_model_fitted_on_two_gpus_moves_its_link_terms_to_eight(capsys, tmp_pa
                  "--experts-fixed-us", "20"]) == 0
     out = capsys.readouterr().out
     assert "FITTED on a GPU per rank" in out and "fixed cost per chunk is 20 us" in out
+
+
+def test_merges_of_chunks_of_experts_are_priced_and_modelled_exactly():
+    """With a merge task (chunks of experts: each combine added into a float32 total on the
+    compute stream), the fast makespan equals the timeline and the solver pays the merges."""
+    rng = random.Random(11)
+    base = _model(rng)
+    m = CostModel(TOTAL_SMS, dict(base.coefficients, merge=(20.0, 0.05, 0.0, 0.0)))
+    for shared in (False, True):
+        for work in ([4096.0], [2048.0, 2048.0], [512.0, 1024.0, 1536.0, 1024.0]):
+            for s in (4, 16):
+                fast = makespan(linear_for(m, s, len(work)), work, "shared_first", shared,
+                                len(work) > 1)
+                slow, timeline = simulate(m, work, s, "shared_first", shared, "experts")
+                assert fast == pytest.approx(slow)
+                names = [t.name for t in timeline if t.stream == "compute"]
+                assert names.count("merge") == (len(work) if len(work) > 1 else 0)
+    free = solve(base, 4096, shared=True, split="experts", local_experts=16)
+    priced = solve(m, 4096, shared=True, split="experts", local_experts=16)
+    assert priced.predicted_us >= free.predicted_us
+    assert len(priced.chunks) <= len(free.chunks)

@@ -238,7 +238,7 @@ def _report(result, chosen, measured: dict, model, out_dir) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline_layer.json").write_text(json.dumps(result, indent=1))
     _, predicted = simulate(model, chosen.work, chosen.comm_sms, chosen.order,
-                            model.has("shared"))
+                            model.has("shared"), chosen.split)
     try:
         from .timeline_plot import plot_timelines
     except ImportError as exc:  # matplotlib missing

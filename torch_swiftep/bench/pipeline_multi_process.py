@@ -204,6 +204,9 @@ def _measure(layer, x, sizes, sms_options, world, opts) -> list:
                 us, _ = calibrate.time_beside_us(lambda task=task, s=s: carved(task, s), steps,
                                                  layer, x.device, world.repeats)
                 samples.append(Sample(task, n, s, us))
+        if split == "experts":  # the layer's merge, over n tokens (priced at all of them)
+            add, _ = calibrate.merge_step(x[:n])
+            samples.append(Sample("merge", n, 0, world.time_us(add)))
     return samples
 
 
@@ -299,7 +302,7 @@ def aggregate(ranks: list) -> dict:
         exposed_by_rank=[r["exposed"] for r in ranks],
         chosen_us_by_rank=[r["timed"]["chosen"] for r in ranks],
         own_model_predicted_us=[simulate(m, chosen.work, chosen.comm_sms, chosen.order,
-                                         m.has("shared"))[0] for m in own],
+                                         m.has("shared"), chosen.split)[0] for m in own],
         cost_model=str(model), cost_model_json=first["model"],
         fit_errors={t: dict(mean=sum(e) / len(e), max=max(e)) for t, e in fit.items()},
         bound_rows=first["bound_rows"], timing=sorted({m for r in ranks for m in r["methods"]}),
@@ -342,7 +345,7 @@ def _report(r: dict, first, out_dir) -> None:
     if first is not None:
         chosen, model = first["chosen"], CostModel.from_json(first["model"])
         predicted = simulate(model, chosen.work, chosen.comm_sms, chosen.order,
-                             model.has("shared"))[1]
+                             model.has("shared"), chosen.split)[1]
         plot_timelines({"measured, rank 0": [Task(*t) for t in first["timeline"]],
                         "predicted": predicted}, out / "pipeline_multi_process.png")
 

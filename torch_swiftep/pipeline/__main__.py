@@ -47,8 +47,8 @@ def fit_from_results(path: pathlib.Path, hidden: int, gemm_tflops: float, link_g
     world = data["world"]
     fitted = CostModel.fit(samples, total_sms)
     link_us_per_token = topk * measured_hidden * 2 * scale * (world - 1) / world / link_gbps / 1e3
-    coefficients = {task: (c0, c1, c2 + link_us_per_token)
-                    for task, (c0, c1, c2) in fitted.coefficients.items()}
+    coefficients = {task: (c0, c1, c2 + link_us_per_token, c3)
+                    for task, (c0, c1, c2, c3) in fitted.coefficients.items()}
     hidden_, ffn, k, shared_ffn = MODELS[model]
     flops_per_row = 3 * 2 * hidden_ * ffn  # gate, up and down projections
     # ASSUMED: beside communication the GEMMs slow down by exactly G / (G - s) (interference
@@ -70,7 +70,7 @@ def moved_to_world(path: pathlib.Path, world: int) -> CostModel:
         raise ValueError(f"both worlds need 2+ ranks to have a link term: {w0} -> {world}")
     factor = ((world - 1) / world) / ((w0 - 1) / w0)
     return CostModel(model.total_sms, {
-        task: (c[0], c[1], c[2] * factor) if task in ("dispatch", "combine") else c
+        task: (c[0], c[1], c[2] * factor, c[3]) if task in ("dispatch", "combine") else c
         for task, c in model.coefficients.items()})
 
 

@@ -176,7 +176,16 @@ def measure(layer, x: torch.Tensor, sizes, sms_options, iters: int = 5,
                 us, covered = time_beside_us(carved, steps, layer, device, iters)
                 samples.append(Sample(task, n, s, us))
                 coverage.append((task, n, s, covered))
+        if split == "experts":  # the layer's merge, over n tokens (priced at all of them)
+            samples.append(Sample("merge", n, 0, time_us(merge_step(x[:n])[0], device, iters)))
     return samples, coverage
+
+
+def merge_step(y: torch.Tensor) -> tuple:
+    """(add, total): add() adds y into a float32 total as the layer merges a chunk of experts'
+    combine (layer.py, _merge)."""
+    total = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    return (lambda: total.add_(y)), total
 
 
 def interference(samples, total_sms: int) -> dict:

@@ -3,8 +3,11 @@
 Each task's time, in microseconds, for `tokens` tokens per rank when the communication kernels
 get `comm_sms` of the GPU's `total_sms` SMs (s of G):
 
-    dispatch, combine:  fixed + tokens * (per_token_sm / s + per_token)
-                        (per-SM work, the schedule's SM-bound term, plus a link-bound term)
+    dispatch, combine:  fixed + per_call_sm / s + tokens * (per_token_sm / s + per_token)
+                        (per-SM work, the schedule's SM-bound term, plus a link-bound term;
+                        per_call_sm: work every call does over all of a rank's tokens
+                        whatever the chunk holds, e.g. a chunk of experts, whose call still
+                        reads every token's routing and writes every token's output row)
     experts, shared:    fixed + max(floor, tokens * (per_token + beside * s / (G - s)))
                         s = 0: the task alone on the whole GPU. s > 0: beside communication,
                         its GEMMs confined to G - s SMs (the layer's SM carve-out); `beside` is
@@ -12,6 +15,8 @@ get `comm_sms` of the GPU's `total_sms` SMs (s of G):
                         slowdown). floor: a chunk too small to be compute-bound still streams
                         every local expert's weights (a roofline floor; 0 when not measured).
     attention:          as experts (optional: a layer's attention when the caller gives it)
+    merge:              as experts, at all the batch's tokens: chunks of experts add each
+                        chunk's combine into a float32 total (optional; layer.py)
 
 Every term but the floor is linear in its coefficients: `fit` is a least-squares solve per
 task, and for compute tasks a search over which small samples sit on the floor. The object
@@ -27,9 +32,10 @@ from typing import Iterable, NamedTuple
 import torch
 
 COMM_TASKS = ("dispatch", "combine")
-COMPUTE_TASKS = ("experts", "shared", "attention")
+COMPUTE_TASKS = ("experts", "shared", "attention", "merge")
 TASKS = COMM_TASKS + COMPUTE_TASKS
-JSON_VERSION = 2  # 1 (no "version"): compute tasks were fixed + tokens * c1 * G / (G - s)
+JSON_VERSION = 3  # 2: no per_call_sm (0); 1 (no "version"): compute tasks were fixed + tokens *
+# c1 * G / (G - s)
 
 
 class Sample(NamedTuple):
@@ -49,7 +55,7 @@ def _features(task: str, tokens: float, comm_sms: int, total_sms: int) -> tuple:
         if not 0 < comm_sms < total_sms:
             raise ValueError(f"comm_sms must be in (0, total_sms={total_sms}) for {task}, got "
                              f"{comm_sms}")
-        return (1.0, tokens / comm_sms, float(tokens))
+        return (1.0, tokens / comm_sms, float(tokens), 1.0 / comm_sms)
     if not 0 <= comm_sms < total_sms:
         raise ValueError(f"comm_sms must be in [0, total_sms={total_sms}) for {task} (0: alone), "
                          f"got {comm_sms}")
@@ -60,19 +66,19 @@ def _normalized(coefficients: dict) -> dict:
     out = {}
     for task, values in coefficients.items():
         values = tuple(float(v) for v in values)
-        want = 3 if task in COMM_TASKS else 4
-        if task in COMPUTE_TASKS and len(values) == 3:
-            values += (0.0,)  # no floor
-        if len(values) != want:
-            raise ValueError(f"{task} takes {want} coefficients, got {values}")
+        if len(values) == 3:
+            values += (0.0,)  # compute: no floor; communication: no per-call term
+        if len(values) != 4:
+            raise ValueError(f"{task} takes 4 coefficients (3: the last one 0), got {values}")
         out[task] = values
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Coefficients per task: comm (fixed, per-token-per-SM, per-token); compute (fixed,
-    per-token alone, per-token interference beside communication, floor); module docstring."""
+    """Coefficients per task: comm (fixed, per-token-per-SM, per-token, per-call-per-SM);
+    compute (fixed, per-token alone, per-token interference beside communication, floor);
+    module docstring."""
 
     total_sms: int
     coefficients: dict
@@ -96,8 +102,10 @@ class CostModel:
     def _linear(self, task: str, comm_sms: int) -> tuple:
         c = self.coefficients[task]
         f = _features(task, 1.0, comm_sms, self.total_sms)
-        slope = sum(ci * xi for ci, xi in zip(c[1:3], f[1:]))
-        return (c[0], slope, c[3] if len(c) > 3 else 0.0)
+        slope = sum(ci * xi for ci, xi in zip(c[1:3], f[1:3]))
+        if task in COMM_TASKS:
+            return (c[0] + c[3] * f[3], slope, 0.0)
+        return (c[0], slope, c[3])
 
     def linear(self, comm_sms: int) -> dict:
         """task -> (fixed us, us per token, floor us) at this SM budget: time = fixed +
@@ -149,7 +157,8 @@ class CostModel:
         lines = [f"CostModel over {g} SMs (us; n = tokens per rank, s = comm SMs, 0 = alone)"]
         for task, c in sorted(self.coefficients.items()):
             if task in COMM_TASKS:
-                lines.append(f"  {task:<9} = {c[0]:.3g} + n * ({c[1]:.4g} / s + {c[2]:.4g})")
+                lines.append(f"  {task:<9} = {c[0]:.3g} + {c[3]:.4g} / s + n * ({c[1]:.4g} / s "
+                             f"+ {c[2]:.4g})")
                 continue
             ideal = c[2] / c[1] if c[1] > 0 else float("nan")
             lines.append(f"  {task:<9} = {c[0]:.3g} + max({c[3]:.3g}, n * ({c[1]:.4g} + "
@@ -163,7 +172,7 @@ def _least_squares(rows: list, total_sms: int) -> tuple:
                      dtype=torch.float64)
     b = torch.tensor([[r.us] for r in rows], dtype=torch.float64)
     used = a.abs().sum(0) > 0  # e.g. compute tasks measured alone only: no interference term
-    solution = torch.zeros(3, dtype=torch.float64)
+    solution = torch.zeros(a.size(1), dtype=torch.float64)
     solution[used] = torch.linalg.lstsq(a[:, used], b).solution.flatten()
     return tuple(max(0.0, float(c)) for c in solution)
 

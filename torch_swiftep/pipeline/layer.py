@@ -250,6 +250,22 @@ class PipelinedMoE(nn.Module):
         with self._span("compute", "shared", i):
             return self.shared_outputs(x, sms)
 
+    def _join(self, y: torch.Tensor, done) -> torch.Tensor:
+        self._streams.join(done, (y,))
+        return y
+
+    def _merge(self, i: int, y: torch.Tensor, done, total: list) -> None:
+        """Chunks of experts: adds chunk i's combine into the float32 total on the caller's
+        stream, once that combine is done (issued after the next chunk's experts, beside
+        which it ran, so the add waits for nothing in the usual case). The sum is rounded
+        once, at the end; chunk order, so every call adds in the same order."""
+        with self._span("compute", "merge", i):
+            self._join(y, done)
+            if total:
+                total[0] += y
+            else:
+                total.append(y.float())
+
     def _run(self, x: torch.Tensor, parts, schedule: Schedule) -> list:
         """The streams in the order schedule.py models: D1 D2 C1 D3 C2 ... on the communication
         stream; [S] X1 X2 ... or S1 X1 S2 X2 ... on the caller's."""
@@ -262,6 +278,7 @@ class PipelinedMoE(nn.Module):
                                      compute_sms("shared", k, sms))
         pending = {i: self._dispatch(i, parts, sms, routed) for i in range(min(2, k))}
         combined, started, outs = [], None, {}
+        groups, total = schedule.split == "experts", []  # chunks of experts: a float32 sum
         for i in range(k):
             if self.shared is not None and interleaved and i > 0:
                 shared[i] = self._shared(i, parts[i][0], compute_sms("shared", k, sms))
@@ -275,30 +292,24 @@ class PipelinedMoE(nn.Module):
             outs[i] = out
             y, started, combined_event = self._combine(i, out, handle, sms)
             combined.append((y, combined_event))
+            if groups and i > 0:  # chunk i - 1's combine ran beside these experts
+                self._merge(i - 1, *combined[i - 1], total)
             if i + 2 < k:
                 pending[i + 2] = self._dispatch(i + 2, parts, sms, routed)
+        if groups:  # k == 1: the unpipelined layer's calls exactly
+            if k > 1:
+                self._merge(k - 1, *combined[-1], total)
+            y = total[0].to(x.dtype) if k > 1 else self._join(*combined[0])
+            outs.clear()  # every combine has been joined: their inputs may be reused
+            return [y + shared[0] if shared else y]
         outputs = []
         for i, (y, done) in enumerate(combined):  # the caller's stream waits only at the end
             self._streams.join(done, (y,))
             outputs.append(y + shared[i] if interleaved and i in shared else y)
         outs.clear()  # every combine has been joined: their inputs may be reused
-        if schedule.split == "experts":  # every chunk holds some slots of every token
-            return [_sum_groups(outputs, shared.get(0))]
         if shared and not interleaved:
             outputs = list(torch.cat(outputs).add_(shared[0]).split(list(schedule.chunks)))
         return outputs
-
-
-def _sum_groups(outputs: list, shared) -> torch.Tensor:
-    """The chunks of experts' combines summed in float32 and rounded once, plus the shared
-    expert's output (added in the output dtype, as the unpipelined layer adds it)."""
-    y = outputs[0]
-    if len(outputs) > 1:
-        total = y.float()
-        for other in outputs[1:]:
-            total += other
-        y = total.to(y.dtype)
-    return y if shared is None else y + shared
 
 
 def _tensors(handle) -> list:

@@ -104,7 +104,13 @@ def _comm_order(k: int) -> list[tuple[str, int]]:
     return order
 
 
-def _compute_order(k: int, order: str, shared: bool) -> list[tuple[str, int]]:
+def _compute_order(k: int, order: str, shared: bool, merge: bool) -> list[tuple[str, int]]:
+    if merge:  # chunks of experts: merge i (adds combine i) after experts i + 1, the last at
+        # the end (layer.py); the shared expert, if any, first over the whole batch
+        head = [("shared", -1)] if shared else []
+        return head + [("experts", 0)] + [item for i in range(1, k) for item in
+                                          (("experts", i), ("merge", i - 1))] + \
+            [("merge", k - 1)]
     if not shared:
         return [("experts", i) for i in range(k)]
     if order == "shared_first":  # one shared task over the whole batch (chunk -1)
@@ -130,12 +136,21 @@ def linear_for(model: CostModel, comm_sms: int, chunks: int,
     return linear
 
 
-def simulate(model: CostModel, chunks: Sequence[int], comm_sms: int, order: str = "interleaved",
-             shared: bool = False) -> tuple[float, list]:
-    """(makespan us, timeline) of one layer under this schedule."""
+def merges(model: CostModel, split: str, chunks: int) -> bool:
+    """Whether the layer's timeline has merge tasks the model prices: chunks of experts (more
+    than one) add their combines into a float32 total on the compute stream (layer.py)."""
+    return split == "experts" and chunks > 1 and model.has("merge")
+
+
+def simulate(model: CostModel, chunks: Sequence[float], comm_sms: int,
+             order: str = "interleaved", shared: bool = False,
+             split: str = "tokens") -> tuple[float, list]:
+    """(makespan us, timeline) of one layer under this schedule; chunks in tokens per rank
+    (Schedule.work)."""
     k = len(chunks)
-    streams = {"comm": _comm_order(k), "compute": _compute_order(k, order, shared)}
-    depends = {"experts": "dispatch", "combine": "experts"}
+    merge = merges(model, split, k)
+    streams = {"comm": _comm_order(k), "compute": _compute_order(k, order, shared, merge)}
+    depends = {"experts": "dispatch", "combine": "experts", "merge": "combine"}
     cursor = {"comm": 0.0, "compute": 0.0}
     head = {"comm": 0, "compute": 0}
     end: dict[tuple[str, int], float] = {}
@@ -151,7 +166,8 @@ def simulate(model: CostModel, chunks: Sequence[int], comm_sms: int, order: str 
                 continue
             start = max(cursor[stream], end[(dep, i)] if dep else 0.0)
             sms = comm_sms if stream == "comm" else compute_sms(name, k, comm_sms)
-            finish = start + model.time(name, chunks[i] if i >= 0 else sum(chunks), sms)
+            whole = i < 0 or name == "merge"  # the shared expert first, a merge: all tokens
+            finish = start + model.time(name, sum(chunks) if whole else chunks[i], sms)
             end[(name, i)] = cursor[stream] = finish
             timeline.append(Task(stream, name, max(i, 0), start, finish))
             head[stream] += 1
@@ -162,14 +178,17 @@ def simulate(model: CostModel, chunks: Sequence[int], comm_sms: int, order: str 
     return max(cursor.values()), timeline
 
 
-def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool) -> float:
+def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool,
+             merge: bool = False) -> float:
     """simulate()'s makespan without the timeline, from linear_for(model, s, len(chunks)):
     the solver's inner loop (microseconds a call). Walks the two streams in the order above;
-    a task's time is fixed + max(floor, n * slope)."""
+    a task's time is fixed + max(floor, n * slope). merge: merges(model, split, len(chunks))."""
     (fd, sd, ld), (fx, sx, lx), (fc, sc, lc) = \
         linear["dispatch"], linear["experts"], linear["combine"]
     fs, ss, ls = linear["shared"] if shared else (0.0, 0.0, 0.0)
     k = len(chunks)
+    if merge:
+        return _makespan_merged(linear, chunks, shared)
     d = [fd + (n * sd if n * sd > ld else ld) for n in chunks]
     comp = 0.0
     if shared and order == "shared_first":
@@ -188,6 +207,32 @@ def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool) -> f
         if i + 2 < k:
             comm = end_d[i + 2] = comm + d[i + 2]
     return comm if comm > comp else comp
+
+
+def _makespan_merged(linear: dict, chunks: Sequence[float], shared: bool) -> float:
+    """makespan() of chunks of experts with merges: compute [S] X0 X1 M0 X2 M1 ... M(k-1),
+    merge i after combine i, every merge over all the tokens."""
+    (fd, sd, ld), (fx, sx, lx), (fc, sc, lc), (fm, sm, lm) = \
+        linear["dispatch"], linear["experts"], linear["combine"], linear["merge"]
+    k, total = len(chunks), sum(chunks)
+    merge = fm + (total * sm if total * sm > lm else lm)
+    d = [fd + (n * sd if n * sd > ld else ld) for n in chunks]
+    comp = 0.0
+    if shared:
+        fs, ss, ls = linear["shared"]
+        comp = fs + (total * ss if total * ss > ls else ls)
+    end_d, end_c = [0.0] * k, [0.0] * k
+    comm = end_d[0] = d[0]
+    if k > 1:
+        comm = end_d[1] = comm + d[1]
+    for i, n in enumerate(chunks):
+        comp = (comp if comp > end_d[i] else end_d[i]) + fx + (n * sx if n * sx > lx else lx)
+        comm = end_c[i] = (comm if comm > comp else comp) + fc + (n * sc if n * sc > lc else lc)
+        if i > 0:
+            comp = (comp if comp > end_c[i - 1] else end_c[i - 1]) + merge
+        if i + 2 < k:
+            comm = end_d[i + 2] = comm + d[i + 2]
+    return (comp if comp > end_c[-1] else end_c[-1]) + merge
 
 
 def equal_chunks(tokens: int, k: int, granularity: int = 1) -> tuple:
@@ -210,13 +255,13 @@ def ramp_chunks(tokens: int, k: int, ramp: float, granularity: int = 1) -> tuple
     return tuple(sizes) if min(sizes) > 0 else equal_chunks(tokens, k, granularity)
 
 
-def _refine(linear, chunks, order, shared, t, tokens, granularity):
+def _refine(linear, chunks, order, shared, t, tokens, granularity, merge=False):
     """Local search over the sizes: the ramps, then moving `step` tokens between neighbours
     while the makespan drops, the step halving from ~tokens / 16 to ~tokens * FINEST_STEP
     (at least `granularity`)."""
     for ramp in RAMPS if len(chunks) >= 3 else ():
         candidate = ramp_chunks(tokens, len(chunks), ramp, granularity)
-        ct = makespan(linear, candidate, order, shared)
+        ct = makespan(linear, candidate, order, shared, merge)
         if ct < t:
             t, chunks = ct, candidate
     sizes = list(chunks)
@@ -234,7 +279,7 @@ def _refine(linear, chunks, order, shared, t, tokens, granularity):
                         continue
                     sizes[src] -= step
                     sizes[dst] += step
-                    ct = makespan(linear, sizes, order, shared)
+                    ct = makespan(linear, sizes, order, shared, merge)
                     if ct < t - 1e-9:
                         t, improved = ct, True
                     else:
@@ -267,19 +312,19 @@ def solve(model: CostModel, tokens: int, *, shared: bool = False,
                              f"{local_experts!r}")
         unit = tokens / local_experts
         best = _solve_units(model, local_experts, unit, shared, sms_options, max_chunks, 1,
-                            fixed_chunks, ORDERS[:1])
+                            fixed_chunks, ORDERS[:1], split)
     else:
         unit = 1.0
         best = _solve_units(model, tokens, unit, shared, sms_options, max_chunks, granularity,
-                            fixed_chunks, ORDERS if shared else ORDERS[-1:])
+                            fixed_chunks, ORDERS if shared else ORDERS[-1:], split)
     t, chunks, s, order = best
     sizes = tuple(c * unit for c in chunks)
-    predicted, timeline = simulate(model, sizes, s, order, shared)
+    predicted, timeline = simulate(model, sizes, s, order, shared, split)
     return Schedule(tuple(chunks), s, order, predicted, tuple(timeline), split, unit)
 
 
 def _solve_units(model, units, unit, shared, sms_options, max_chunks, granularity,
-                 fixed_chunks, orders):
+                 fixed_chunks, orders, split):
     """(makespan, chunks, comm SMs, order) of the best schedule of `units` units of `unit`
     tokens each: a coarse search over equal chunks, then the best refined."""
     tokens = units
@@ -298,13 +343,14 @@ def _solve_units(model, units, unit, shared, sms_options, max_chunks, granularit
         by_count = {1: linear(s, 1), 2: linear(s, 2)}
         for chunks in splits:
             for order in orders:
-                coarse.append((makespan(by_count[min(len(chunks), 2)], chunks, order, shared),
-                               chunks, s, order))
+                merge = merges(model, split, len(chunks))
+                coarse.append((makespan(by_count[min(len(chunks), 2)], chunks, order, shared,
+                                        merge), chunks, s, order))
     coarse.sort(key=lambda c: c[0])
     best = None
     for t, chunks, s, order in coarse[:REFINED]:
         t, chunks = _refine(linear(s, len(chunks)), chunks, order, shared, t, tokens,
-                            granularity)
+                            granularity, merges(model, split, len(chunks)))
         if best is None or t < best[0]:
             best = (t, chunks, s, order)
     return best
