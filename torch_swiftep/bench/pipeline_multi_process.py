@@ -256,7 +256,8 @@ def _rank(rank: int, world_size: int, opts: dict) -> dict:
     world, tokens = _World(device, opts), opts["tokens"]
     moe, comms, shared, x = build(opts["shape"], tokens, device, world.group, seed=1 + rank,
                                   moe_type=local_moe, num_experts=opts["experts"],
-                                  capacity=opts["capacity"], num_sms=opts["sms"][0])
+                                  capacity=opts["capacity"], num_sms=opts["sms"][0],
+                                  combine_partials=opts.get("partials", False))
     layer = WorldLayer(moe, comms, shared, opts)
     with torch.no_grad():
         errors, check = _check(layer, x, opts, world)
@@ -366,6 +367,7 @@ def run(opts: dict) -> int:
                   device_sms=g, ranks_per_gpu=sharing, rank_sms=g // sharing, sms_per_rank=sms,
                   dropped=dropped, mps=mps,
                   carveout=opts["carveout"], carveout_supported=carveout_supported(),
+                  split=opts["split"], partials=opts.get("partials", False),
                   capacity=capacity, errors=[])
     print(f"pipelined layer, {shape} with {experts} experts, {world} ranks as processes, "
           f"{sharing} per {opts['device']} ({g} SMs, {g // sharing} per rank), {tokens} "
@@ -409,6 +411,8 @@ def parser() -> argparse.ArgumentParser:
     add("--repeats", type=int, default=REPEATS, help=f"replays per figure (default: {REPEATS})")
     add("--carveout", choices=POLICIES, default="share", help="GEMM SM carve-out (default: share)")
     add("--bound-rows", action="store_true", help="experts over each chunk's row bound")
+    add("--partials", action="store_true", help="CommConfig(combine_partials=True): the "
+        "combine reads the experts' fresh output in place (no staging copy)")
     add("--split", choices=SPLITS, default="tokens", help="chunks of tokens (bit-identical) or "
         "of each rank's experts (each expert's GEMMs once; equal to rounding); default: tokens")
     add("--timeout", type=float, default=1800.0, help="seconds for the world (default: 1800)")

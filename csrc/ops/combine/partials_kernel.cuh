@@ -32,13 +32,14 @@ namespace swiftep {
 // Rows reduced together and vectors of each in flight per lane (reduce_rows_ldg), overridable at
 // build time (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_PARTIALS_UNROLL=4 ..."; scripts/combine_variants.sh).
 // A pair has fewer rows than a token (4.0 at EP2, 1.5 at EP8, against the pull's 8) and a token
-// few partials, so at the pull's 8 x 2 a push lane has half the loads in flight or less
-// (docs/perf-notes.md, v7). Default: the measured 8 x 2.
+// few partials, so at the pull's 8 x 2 a push lane had half the loads in flight or less. 4 rows
+// x 4 vectors keeps 16 loads per lane in flight for the rows a pair has: measured 1.53x faster
+// than 8 x 2 at 8 SMs/rank on two H200s (docs/perf-notes.md, v9), no spills.
 #ifndef SWIFTEP_PARTIALS_SLOTS
-#define SWIFTEP_PARTIALS_SLOTS 8
+#define SWIFTEP_PARTIALS_SLOTS 4
 #endif
 #ifndef SWIFTEP_PARTIALS_UNROLL
-#define SWIFTEP_PARTIALS_UNROLL 2
+#define SWIFTEP_PARTIALS_UNROLL 4
 #endif
 constexpr int kPartialsSlots = SWIFTEP_PARTIALS_SLOTS;
 constexpr int kPartialsUnroll = SWIFTEP_PARTIALS_UNROLL;
