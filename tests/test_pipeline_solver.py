@@ -216,3 +216,19 @@ def test_merges_of_chunks_of_experts_are_priced_and_modelled_exactly():
     priced = solve(m, 4096, shared=True, split="experts", local_experts=16)
     assert priced.predicted_us >= free.predicted_us
     assert len(priced.chunks) <= len(free.chunks)
+
+
+def test_a_model_fitted_on_chunks_of_experts_is_solved_in_experts(capsys, tmp_path):
+    from torch_swiftep.pipeline.__main__ import main
+
+    fitted = CostModel(132, {"dispatch": (10.0, 1.0, 0.2, 500.0),
+                             "combine": (20.0, 2.0, 0.1, 900.0),
+                             "experts": (20.0, 1.0, 1.0, 50.0), "merge": (0.0, 0.03, 0.0, 0.0)})
+    path = tmp_path / "pipeline_multi_process.json"
+    path.write_text(json.dumps(dict(world=2, experts=64, split="experts",
+                                    cost_model_json=fitted.to_json())))
+    assert main(["--measured", str(path), "--to-world", "8", "--tokens", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "chunks of experts" in out and "of local experts [" in out
+    chosen = out.split("of local experts [")[1].split("]")[0]
+    assert sum(int(c) for c in chosen.split(",")) == 32  # 64 experts over the 2 ranks it ran on

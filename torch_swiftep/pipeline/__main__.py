@@ -96,10 +96,15 @@ def main(argv=None) -> int:
                    help="ASSUMED fixed cost per chunk of the experts instead of the model's (a "
                         "what-if: how small it must be for pipelining to pay)")
     args = p.parse_args(argv)
+    split = dict(split="tokens")
     if args.measured is not None:
         model = moved_to_world(args.measured, args.to_world)
+        data = json.loads(args.measured.read_text())
+        if data.get("split", "tokens") == "experts":  # the model was fitted on expert groups
+            split = dict(split="experts", local_experts=data["experts"] // data["world"])
         print(f"{args.measured.name}: every term FITTED on a GPU per rank, the link terms moved "
-              f"to {args.to_world} ranks (ASSUMED: the same NVLink rate to every peer)")
+              f"to {args.to_world} ranks (ASSUMED: the same NVLink rate to every peer); chunks "
+              f"of {split['split']}")
     else:
         model = fit_from_results(args.results, MODELS[args.model][0], args.gemm_tflops,
                                  args.link_gbps, args.total_sms, args.model)
@@ -113,8 +118,8 @@ def main(argv=None) -> int:
         print(f"ASSUMED: the experts' fixed cost per chunk is {args.experts_fixed_us:g} us")
     shared = model.has("shared")
     print(model)
-    serial = solve(model, args.tokens, shared=shared, fixed_chunks=1)
-    piped = solve(model, args.tokens, shared=shared)
+    serial = solve(model, args.tokens, shared=shared, fixed_chunks=1, **split)
+    piped = solve(model, args.tokens, shared=shared, **split)
     for name, s in (("unpipelined (best SM budget)", serial), ("pipelined (solver)", piped)):
         print(f"{name}: {s.predicted_us / 1e3:.3f} ms, {len(s.chunks)} chunks, {s.comm_sms} SMs "
               f"to communication, exposed communication {s.exposed_comm_us() / s.predicted_us:.0%}")
