@@ -5,9 +5,11 @@ Two Communicators of the same configuration take the chunks in turn (chunk i use
 comms[i % 2]), so dispatch i + 1 can land while chunk i's rows are still in use. One
 communication stream runs every dispatch and combine, in the order `schedule.py` models
 (D1 D2 C1 D3 C2 ...), the caller's stream the experts (and the shared expert); events carry
-each dependency across. The routing is computed once for the whole batch, and chunking never
-changes a token's math (its top-k rows and their float32 sum), so the output equals the
-unpipelined layer's for the same routing. On CPU everything runs in issue order.
+each dependency across. The routing is computed once for the whole batch. Chunks of tokens
+never change a token's math (its top-k rows and their float32 sum), so the output equals the
+unpipelined layer's for the same routing, bit for bit; chunks of experts split a token's sum by
+expert group (a merge per chunk on the caller's stream, rounded once), so theirs equals it to
+rounding. On CPU everything runs in issue order.
 
 What keeps the two streams from slowing each other down on a GPU (docs/pipelining.md):
 - the GEMMs that run beside communication are given only the SMs it leaves (carveout.py), as
@@ -19,7 +21,8 @@ What keeps the two streams from slowing each other down on a GPU (docs/pipelinin
   (the compute stream starts at once instead of after two dispatch calls' host time);
 - the experts of a chunk run over the rows that chunk can have, not over the whole window
   (`expert_outputs`; by default in a world of one, where that bound is exact), so their cost
-  follows the chunk, not the Communicator's capacity.
+  follows the chunk, not the Communicator's capacity; everywhere, their SwiGLU stops at the
+  rows the window holds (`swiglu_rows`, read on the device).
 """
 from __future__ import annotations
 
