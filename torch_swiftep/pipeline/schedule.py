@@ -327,14 +327,13 @@ def _solve_units(model, units, unit, shared, sms_options, max_chunks, granularit
                  fixed_chunks, orders, split):
     """(makespan, chunks, comm SMs, order) of the best schedule of `units` units of `unit`
     tokens each: a coarse search over equal chunks, then the best refined."""
-    tokens = units
     sms = [s for s in sms_options if 0 < s < model.total_sms]
     if not sms:
         raise ValueError(f"no SM budget in {tuple(sms_options)} is inside (0, "
                          f"{model.total_sms})")
-    counts = [fixed_chunks] if fixed_chunks else range(1, min(max_chunks, tokens) + 1)
+    counts = [fixed_chunks] if fixed_chunks else range(1, min(max_chunks, units) + 1)
     coarse = []
-    splits = [equal_chunks(tokens, k, granularity) for k in counts]
+    splits = [equal_chunks(units, k, granularity) for k in counts]
     alone = model.linear(0)
 
     def linear(s, k):
@@ -349,7 +348,7 @@ def _solve_units(model, units, unit, shared, sms_options, max_chunks, granularit
     coarse.sort(key=lambda c: c[0])
     best = None
     for t, chunks, s, order in coarse[:REFINED]:
-        t, chunks = _refine(linear(s, len(chunks)), chunks, order, shared, t, tokens,
+        t, chunks = _refine(linear(s, len(chunks)), chunks, order, shared, t, units,
                             granularity, merges(model, split, len(chunks)))
         if best is None or t < best[0]:
             best = (t, chunks, s, order)
