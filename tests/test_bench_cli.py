@@ -55,3 +55,14 @@ def test_kernel_times_refuses_without_cuda(capsys):
 
     assert kernel_times.main(["--world", "2"]) == 2
     assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_kernel_times_first_group_keeps_the_first_chunk_of_experts():
+    # the slots kernel_times --groups G keeps: expert % local < local / G, others (and holes) -1
+    from torch_swiftep.bench.kernel_times import _first_group
+
+    world, experts = 2, 16  # 8 local experts per rank; groups of 2
+    idx = torch.tensor([[0, 1, 2, 9, -1], [8, 10, 15, 7, 3]])
+    kept = _first_group(idx, experts, world, groups=4)
+    assert kept.tolist() == [[0, 1, -1, 9, -1], [8, -1, -1, -1, -1]]
+    assert torch.equal(_first_group(idx, experts, world, groups=1), idx)

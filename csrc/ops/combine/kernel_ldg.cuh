@@ -2,7 +2,8 @@
 // kernel.cuh for this window instead, for A/B runs): no shared-memory stages, no mbarriers, no
 // TMA. Each warp takes whole tokens; each lane loads its 16-byte vectors of up to kLdgSlots
 // source rows at once with vector loads straight into registers (kLdgUnroll vectors per slot
-// in flight, kLdgSlots * kLdgUnroll loads per lane), then reduces them in float32.
+// in flight, kLdgSlots * kLdgUnroll loads per lane; reduce_rows reshapes those loads for a
+// token with fewer valid slots), then reduces them in float32.
 //
 // Why: the TMA combine is issue-bound at ~2,000 warp instructions per (token, chunk) item while
 // DRAM idles (docs/perf-notes.md): its per-item mbarrier round trip, the lane-0 bulk-load issue
@@ -104,10 +105,10 @@ __device__ __forceinline__ const uint8_t* combine_table_source(const CombinePara
 // out[0, vecs) = sum over the set bits k of valid, in ascending order, of weights[k] * the
 // 16-byte vectors of sources[k] (float32 accumulation, written in T). Whole warp; sources and
 // weights in shared memory, written before a __syncwarp. Every lane has up to kSlots * kUnroll
-// vector loads in flight at once (kSlots rows at a time, kUnroll vectors of each). Shared by
-// the combine below and combine_partials (partials_kernel.cuh), which has fewer rows per item.
-template <typename T, int kSlots = kLdgSlots, int kUnroll = kLdgUnroll>
-__device__ __forceinline__ void reduce_rows_ldg(const uint8_t* const* sources,
+// vector loads in flight at once (kSlots rows at a time, kUnroll vectors of each), in rounds
+// of kSlots rows when there are more. reduce_rows below picks the shape by the row count.
+template <typename T, int kSlots, int kUnroll>
+__device__ __forceinline__ void reduce_rows_rounds(const uint8_t* const* sources,
                                                 const float* weights, uint32_t valid, uint4* out,
                                                 int64_t vecs) {
   constexpr int kElemsPerVec = 16 / sizeof(T);
@@ -147,6 +148,85 @@ __device__ __forceinline__ void reduce_rows_ldg(const uint8_t* const* sources,
       const int64_t v = v0 + u * kWarpSize;
       if (v < vecs) out[v] = pack_vec16<T>(acc[u]);
     }
+  }
+}
+
+// reduce_rows_rounds for at most kSlots rows (popc(valid) <= kSlots): one round, so no
+// float32 accumulator lives across loads; the sum of each vector is formed after its loads
+// and stored at once (kSlots * kUnroll * 4 registers of loads, 8 of sum). Same operations in
+// the same order as reduce_rows_rounds, so the same bits.
+template <typename T, int kSlots, int kUnroll>
+__device__ __forceinline__ void reduce_rows_one_round(const uint8_t* const* sources,
+                                                      const float* weights, uint32_t valid,
+                                                      uint4* out, int64_t vecs) {
+  constexpr int kElemsPerVec = 16 / sizeof(T);
+  const int lane = lane_id();
+  const uint4* row[kSlots];
+  float w[kSlots];
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s) {  // slots in ascending order; nullptr past the last
+    const int slot = valid != 0 ? __ffs(valid) - 1 : -1;
+    valid = valid != 0 ? valid & (valid - 1) : 0;
+    row[s] = slot >= 0 ? reinterpret_cast<const uint4*>(sources[slot]) : nullptr;
+    w[s] = slot >= 0 ? weights[slot] : 0.f;
+  }
+  for (int64_t v0 = lane; v0 < vecs; v0 += kWarpSize * kUnroll) {
+    uint4 raw[kSlots][kUnroll];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {  // every load first ...
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + u * kWarpSize;
+        raw[s][u] = row[s] != nullptr && v < vecs ? __ldg(row[s] + v) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // ... then each vector's sum, slots in order
+      float acc[kElemsPerVec];
+#pragma unroll
+      for (int e = 0; e < kElemsPerVec; ++e) acc[e] = 0.f;
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        if (row[s] != nullptr) accumulate_vec16<T>(acc, raw[s][u], w[s]);
+      }
+      const int64_t v = v0 + u * kWarpSize;
+      if (v < vecs) out[v] = pack_vec16<T>(acc);
+    }
+  }
+}
+
+// Build-time switch for A/B runs (scripts/combine_variants.sh): 0 reduces every item in rounds
+// of the caller's fixed shape, as before v10 (docs/perf-notes.md).
+#ifndef SWIFTEP_COMBINE_SHAPE_BY_ROWS
+#define SWIFTEP_COMBINE_SHAPE_BY_ROWS 1
+#endif
+
+// reduce_rows_rounds' result with kLoads = kSlots * kUnroll loads per lane in flight whatever
+// the item's row count: 1, 2, 4 or 8 rows x kLoads / rows vectors in one round, rounds of
+// kSlots x kUnroll past 8 rows. Why: a lane's loads in flight bound these loops (v9), and an
+// item with fewer rows than kSlots left the rest of its budget unused: a combine_partials pair
+// (4 rows at EP2, 1.5 at EP8), its reduce (a token's owner ranks), and any combine whose call
+// carries a part of each token's slots (chunks of experts, docs/pipelining.md).
+template <typename T, int kSlots = kLdgSlots, int kUnroll = kLdgUnroll>
+__device__ __forceinline__ void reduce_rows(const uint8_t* const* sources, const float* weights,
+                                            uint32_t valid, uint4* out, int64_t vecs) {
+  constexpr int kLoads = kSlots * kUnroll;
+  static_assert(kLoads % 8 == 0, "reduce_rows shapes 8 rows x kLoads / 8 vectors");
+  if constexpr (SWIFTEP_COMBINE_SHAPE_BY_ROWS == 0) {
+    reduce_rows_rounds<T, kSlots, kUnroll>(sources, weights, valid, out, vecs);
+    return;
+  }
+  const int rows = __popc(valid);  // warp-uniform
+  if (rows <= 1) {
+    reduce_rows_one_round<T, 1, kLoads>(sources, weights, valid, out, vecs);
+  } else if (rows <= 2) {
+    reduce_rows_one_round<T, 2, kLoads / 2>(sources, weights, valid, out, vecs);
+  } else if (rows <= 4) {
+    reduce_rows_one_round<T, 4, kLoads / 4>(sources, weights, valid, out, vecs);
+  } else if (rows <= 8) {
+    reduce_rows_one_round<T, 8, kLoads / 8>(sources, weights, valid, out, vecs);
+  } else {
+    reduce_rows_rounds<T, kSlots, kUnroll>(sources, weights, valid, out, vecs);
   }
 }
 
@@ -191,7 +271,7 @@ __global__ void __launch_bounds__(kLdgThreads)
       weights[warp][lane] = p.topk_weights[n * p.num_topk + lane];
     }
     __syncwarp();
-    reduce_rows_ldg<T>(sources[warp], weights[warp], valid,
+    reduce_rows<T>(sources[warp], weights[warp], valid,
                        reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.y) + n * p.out_row_bytes),
                        p.out_row_bytes / 16);
     __syncwarp();  // sources/weights are rewritten by the next token

@@ -13,7 +13,7 @@
 //    flag, then y[n] = the float32 sum of the partials of n's owner ranks in ascending rank
 //    order, rounded: reference.combine(..., ranks_per_node=1). No owner: zeros.
 //
-// Both reduce with reduce_rows_ldg (kernel_ldg.cuh), the default combine's inner loop.
+// Both reduce with reduce_rows (kernel_ldg.cuh), the default combine's inner loop.
 // Safety across calls: a source's pair_rows entries and recv_weights are rewritten only by its
 // next dispatch, which comes after its reduce kernel, which waited for this rank's push; the
 // partials region of s is rewritten by an owner's next push only after that owner's next
@@ -29,12 +29,13 @@
 
 namespace swiftep {
 
-// Rows reduced together and vectors of each in flight per lane (reduce_rows_ldg), overridable at
-// build time (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_PARTIALS_UNROLL=4 ..."; scripts/combine_variants.sh).
-// A pair has fewer rows than a token (4.0 at EP2, 1.5 at EP8, against the pull's 8) and a token
-// few partials, so at the pull's 8 x 2 a push lane had half the loads in flight or less. 4 rows
-// x 4 vectors keeps 16 loads per lane in flight for the rows a pair has: measured 1.53x faster
-// than 8 x 2 at 8 SMs/rank on two H200s (docs/perf-notes.md, v9), no spills.
+// Rows reduced together and vectors of each in flight per lane (reduce_rows: their product is
+// the loads per lane in flight, shaped by each item's row count; this shape past 8 rows),
+// overridable at build time (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_PARTIALS_UNROLL=4 ...";
+// scripts/combine_variants.sh). A pair has fewer rows than a token (4.0 at EP2, 1.5 at EP8,
+// against the pull's 8) and a token few partials, so at the pull's 8 x 2 in rounds a push lane
+// had half the loads in flight or less; 4 x 4 was measured 1.53x faster than 8 x 2 at 8
+// SMs/rank on two H200s (docs/perf-notes.md, v9), no spills.
 #ifndef SWIFTEP_PARTIALS_SLOTS
 #define SWIFTEP_PARTIALS_SLOTS 4
 #endif
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kLdgThreads)
       const int source_rank = static_cast<int>(q / c.max_tokens_per_rank);
       uint8_t* out = at_offset<uint8_t>(peer_base(c, source_rank),
                                         partial_row_offset(c, c.rank, q % c.max_tokens_per_rank));
-      reduce_rows_ldg<T, kPartialsSlots, kPartialsUnroll>(
+      reduce_rows<T, kPartialsSlots, kPartialsUnroll>(
           sources[warp], weights[warp], slots, reinterpret_cast<uint4*>(out),
           p.out_row_bytes / 16);
       __syncwarp();  // sources/weights are rewritten by the next pair
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kLdgThreads)
                                                                partial_row_offset(c, owner, n));
     __syncwarp();
     const uint32_t ranks = count >= kWarpSize ? kFullMask : (1u << count) - 1;
-    reduce_rows_ldg<T, kPartialsSlots, kPartialsUnroll>(
+    reduce_rows<T, kPartialsSlots, kPartialsUnroll>(
         sources[warp], weights[warp], ranks,
         reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.y) + n * p.out_row_bytes),
         p.out_row_bytes / 16);
