@@ -76,7 +76,7 @@ def test_help_and_bad_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--world", "--shape", "--tokens", "--experts", "--device", "--sms",
                  "--check-tokens", "--repeats", "--carveout", "--bound-rows", "--split",
-                 "--partials", "--timeout", "--out"):
+                 "--partials", "--fanout", "--timeout", "--out"):
         assert flag in text
     for flags, message in ((["--world", "3"], "must divide the experts, got --experts 256"),
                            (["--world", "2", "--experts", "63"], "got --experts 63"),

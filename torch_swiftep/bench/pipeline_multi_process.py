@@ -257,7 +257,8 @@ def _rank(rank: int, world_size: int, opts: dict) -> dict:
     moe, comms, shared, x = build(opts["shape"], tokens, device, world.group, seed=1 + rank,
                                   moe_type=local_moe, num_experts=opts["experts"],
                                   capacity=opts["capacity"], num_sms=opts["sms"][0],
-                                  combine_partials=opts.get("partials", False))
+                                  combine_partials=opts.get("partials", False),
+                                  dispatch_fanout=opts.get("fanout", False))
     layer = WorldLayer(moe, comms, shared, opts)
     with torch.no_grad():
         errors, check = _check(layer, x, opts, world)
@@ -368,7 +369,7 @@ def run(opts: dict) -> int:
                   dropped=dropped, mps=mps,
                   carveout=opts["carveout"], carveout_supported=carveout_supported(),
                   split=opts["split"], partials=opts.get("partials", False),
-                  capacity=capacity, errors=[])
+                  fanout=opts.get("fanout", False), capacity=capacity, errors=[])
     print(f"pipelined layer, {shape} with {experts} experts, {world} ranks as processes, "
           f"{sharing} per {opts['device']} ({g} SMs, {g // sharing} per rank), {tokens} "
           f"tokens/rank, window {capacity} rows; MPS {'on' if mps['active'] else 'OFF'}",
@@ -413,6 +414,8 @@ def parser() -> argparse.ArgumentParser:
     add("--bound-rows", action="store_true", help="experts over each chunk's row bound")
     add("--partials", action="store_true", help="CommConfig(combine_partials=True): the "
         "combine reads the experts' fresh output in place (no staging copy)")
+    add("--fanout", action="store_true", help="CommConfig(dispatch_fanout=True): one row per "
+        "(token, remote rank) crosses the link, fanned out there")
     add("--split", choices=SPLITS, default="tokens", help="chunks of tokens (bit-identical) or "
         "of each rank's experts (each expert's GEMMs once; equal to rounding); default: tokens")
     add("--timeout", type=float, default=1800.0, help="seconds for the world (default: 1800)")
