@@ -19,6 +19,27 @@
 namespace swiftep {
 
 // ---------------------------------------------------------------------------- pair ranking
+// Batches of 32 pairs whose indices a warp loads at once before it uses them. Both passes walk a
+// warp's range batch after batch, and one dependent load per batch made the one-block kernel
+// latency-bound (about 80-100 us at 4096 tokens x 8, whatever the SMs of the call:
+// docs/perf-notes.md, v11); kPairLoads of them in flight per lane cut the round trips. 1 builds
+// the loop as it was, for A/B runs (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_DISPATCH_PAIR_LOADS=1").
+#ifndef SWIFTEP_DISPATCH_PAIR_LOADS
+#define SWIFTEP_DISPATCH_PAIR_LOADS 8
+#endif
+constexpr int kPairLoads = SWIFTEP_DISPATCH_PAIR_LOADS;
+
+// e[b] <- the index of pair first + b * 32 + lane, or -1 past end. Whole warp.
+template <typename IdxT>
+__device__ __forceinline__ void load_pair_batch(const void* topk_idx, int64_t first, int64_t end,
+                                                int64_t* e) {
+#pragma unroll
+  for (int b = 0; b < kPairLoads; ++b) {
+    const int64_t pair = first + b * kWarpSize + lane_id();
+    e[b] = pair < end ? load_index<IdxT>(topk_idx, pair) : -1;
+  }
+}
+
 __device__ __forceinline__ void warp_pair_range(int64_t num_pairs, int64_t* begin, int64_t* end) {
   const int64_t num_warps = blockDim.x / kWarpSize;
   *begin = num_pairs * warp_id() / num_warps;
@@ -38,12 +59,18 @@ __device__ void count_pairs(const void* topk_idx, int64_t num_pairs, int num_top
   int64_t begin, end;
   warp_pair_range(num_pairs, &begin, &end);
   int* my_hist = hist + warp_id() * num_experts;
-  for (int64_t pair = begin + lane_id(); pair < end; pair += kWarpSize) {
-    const int64_t e = load_index<IdxT>(topk_idx, pair);
-    if (is_expert(e, num_experts)) {
-      atomicAdd(my_hist + e, 1);
-    } else if (e != -1 && report_to != nullptr) {
-      report_status(*report_to, kStatusBadIndex, pair / num_topk, pair % num_topk, e);
+  for (int64_t first = begin; first < end; first += kWarpSize * kPairLoads) {
+    int64_t e[kPairLoads];
+    load_pair_batch<IdxT>(topk_idx, first, end, e);
+#pragma unroll
+    for (int b = 0; b < kPairLoads; ++b) {
+      const int64_t pair = first + b * kWarpSize + lane_id();
+      if (pair >= end) continue;
+      if (is_expert(e[b], num_experts)) {
+        atomicAdd(my_hist + e[b], 1);
+      } else if (e[b] != -1 && report_to != nullptr) {
+        report_status(*report_to, kStatusBadIndex, pair / num_topk, pair % num_topk, e[b]);
+      }
     }
   }
   __syncthreads();
@@ -69,21 +96,24 @@ __device__ void rank_pairs(const void* topk_idx, int64_t num_pairs, int num_expe
   warp_pair_range(num_pairs, &begin, &end);
   int* my_hist = hist + warp_id() * num_experts;
   const int lane = lane_id();
-  for (int64_t batch = begin; batch < end; batch += kWarpSize) {  // uniform over the warp
-    const int64_t pair = batch + lane;
-    const bool in_range = pair < end;
-    int expert = -1;
-    if (in_range) {
-      const int64_t e = load_index<IdxT>(topk_idx, pair);
-      if (is_expert(e, num_experts)) expert = static_cast<int>(e);
+  for (int64_t first = begin; first < end; first += kWarpSize * kPairLoads) {
+    int64_t e[kPairLoads];
+    load_pair_batch<IdxT>(topk_idx, first, end, e);
+#pragma unroll
+    for (int b = 0; b < kPairLoads; ++b) {
+      const int64_t batch = first + b * kWarpSize;  // uniform over the warp
+      if (batch >= end) break;
+      const int64_t pair = batch + lane;
+      const bool in_range = pair < end;
+      const int expert = in_range && is_expert(e[b], num_experts) ? static_cast<int>(e[b]) : -1;
+      const uint32_t peers = __match_any_sync(kFullMask, expert);
+      int rank = -1;
+      if (expert >= 0) rank = my_hist[expert] + __popc(peers & lanemask_lt());
+      __syncwarp();  // every lane has read its base before the leader advances it
+      if (expert >= 0 && lane == __ffs(peers) - 1) my_hist[expert] += __popc(peers);
+      __syncwarp();
+      if (in_range) on_pair(pair, expert, rank);
     }
-    const uint32_t peers = __match_any_sync(kFullMask, expert);
-    int rank = -1;
-    if (expert >= 0) rank = my_hist[expert] + __popc(peers & lanemask_lt());
-    __syncwarp();  // every lane has read its base before the leader advances it
-    if (expert >= 0 && lane == __ffs(peers) - 1) my_hist[expert] += __popc(peers);
-    __syncwarp();
-    if (in_range) on_pair(pair, expert, rank);
   }
 }
 
