@@ -19,11 +19,11 @@
 namespace swiftep {
 
 // ---------------------------------------------------------------------------- pair ranking
-// Batches of 32 pairs whose indices a warp loads at once before it uses them. Both passes walk a
-// warp's range batch after batch, and one dependent load per batch made the one-block kernel
-// latency-bound (about 80-100 us at 4096 tokens x 8, whatever the SMs of the call:
-// docs/perf-notes.md, v11); kPairLoads of them in flight per lane cut the round trips. 1 builds
-// the loop as it was, for A/B runs (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_DISPATCH_PAIR_LOADS=1").
+// Batches of 32 pairs whose indices a warp loads at once before it uses them: both passes walk
+// a warp's range batch after batch, one dependent load per batch without this. Measured on two
+// H200s at 4096 tokens x 8 (docs/perf-notes.md, v11): the kernel 93 -> 88 us, so those loads
+// were a small part of its time (the rest is not located yet). 1 builds the loop as it was,
+// for A/B runs (SWIFTEP_NVCC_FLAGS="-DSWIFTEP_DISPATCH_PAIR_LOADS=1").
 #ifndef SWIFTEP_DISPATCH_PAIR_LOADS
 #define SWIFTEP_DISPATCH_PAIR_LOADS 8
 #endif
