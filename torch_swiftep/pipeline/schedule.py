@@ -182,20 +182,22 @@ def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool,
              merge: bool = False) -> float:
     """simulate()'s makespan without the timeline, from linear_for(model, s, len(chunks)):
     the solver's inner loop (microseconds a call). Walks the two streams in the order above;
-    a task's time is fixed + max(floor, n * slope). merge: merges(model, split, len(chunks))."""
+    a task's time is fixed + max(floor, n * slope). merge: merges(model, split, len(chunks)):
+    compute [S] X0 X1 M0 X2 M1 ... M(k-1), merge i after combine i, each over all the tokens."""
     (fd, sd, ld), (fx, sx, lx), (fc, sc, lc) = \
         linear["dispatch"], linear["experts"], linear["combine"]
     fs, ss, ls = linear["shared"] if shared else (0.0, 0.0, 0.0)
-    k = len(chunks)
+    k, total = len(chunks), sum(chunks)
+    m = 0.0  # one merge
     if merge:
-        return _makespan_merged(linear, chunks, shared)
+        fm, sm, lm = linear["merge"]
+        m = fm + (total * sm if total * sm > lm else lm)
     d = [fd + (n * sd if n * sd > ld else ld) for n in chunks]
     comp = 0.0
-    if shared and order == "shared_first":
-        total = sum(chunks) * ss
-        comp = fs + (total if total > ls else ls)
-    interleaved = shared and order == "interleaved"
-    end_d = [0.0] * k
+    if shared and (merge or order == "shared_first"):  # one shared task over the whole batch
+        comp = fs + (total * ss if total * ss > ls else ls)
+    interleaved = shared and not merge and order == "interleaved"
+    end_d, end_c = [0.0] * k, [0.0] * k
     comm = end_d[0] = d[0]
     if k > 1:
         comm = end_d[1] = comm + d[1]
@@ -203,36 +205,14 @@ def makespan(linear: dict, chunks: Sequence[int], order: str, shared: bool,
         if interleaved:
             comp += fs + (n * ss if n * ss > ls else ls)
         comp = (comp if comp > end_d[i] else end_d[i]) + fx + (n * sx if n * sx > lx else lx)
-        comm = (comm if comm > comp else comp) + fc + (n * sc if n * sc > lc else lc)
-        if i + 2 < k:
-            comm = end_d[i + 2] = comm + d[i + 2]
-    return comm if comm > comp else comp
-
-
-def _makespan_merged(linear: dict, chunks: Sequence[float], shared: bool) -> float:
-    """makespan() of chunks of experts with merges: compute [S] X0 X1 M0 X2 M1 ... M(k-1),
-    merge i after combine i, every merge over all the tokens."""
-    (fd, sd, ld), (fx, sx, lx), (fc, sc, lc), (fm, sm, lm) = \
-        linear["dispatch"], linear["experts"], linear["combine"], linear["merge"]
-    k, total = len(chunks), sum(chunks)
-    merge = fm + (total * sm if total * sm > lm else lm)
-    d = [fd + (n * sd if n * sd > ld else ld) for n in chunks]
-    comp = 0.0
-    if shared:
-        fs, ss, ls = linear["shared"]
-        comp = fs + (total * ss if total * ss > ls else ls)
-    end_d, end_c = [0.0] * k, [0.0] * k
-    comm = end_d[0] = d[0]
-    if k > 1:
-        comm = end_d[1] = comm + d[1]
-    for i, n in enumerate(chunks):
-        comp = (comp if comp > end_d[i] else end_d[i]) + fx + (n * sx if n * sx > lx else lx)
         comm = end_c[i] = (comm if comm > comp else comp) + fc + (n * sc if n * sc > lc else lc)
-        if i > 0:
-            comp = (comp if comp > end_c[i - 1] else end_c[i - 1]) + merge
+        if merge and i > 0:
+            comp = (comp if comp > end_c[i - 1] else end_c[i - 1]) + m
         if i + 2 < k:
             comm = end_d[i + 2] = comm + d[i + 2]
-    return (comp if comp > end_c[-1] else end_c[-1]) + merge
+    if merge:
+        return (comp if comp > end_c[-1] else end_c[-1]) + m
+    return comm if comm > comp else comp
 
 
 def equal_chunks(tokens: int, k: int, granularity: int = 1) -> tuple:
