@@ -36,11 +36,18 @@ grep -v "capturing\|replaying" "$OUT/multi_process.log" | tail -30
 python3 -m torch_swiftep.bench.multi_process --world "$gpus" --sms 8,16,24 --peers none \
   --fanout --out "$OUT/multi_process_fanout" > "$OUT/multi_process_fanout.log" 2>&1 || status=1
 grep -E "^ +dispatch|check:" "$OUT/multi_process_fanout.log"
+# (chunks of tokens, bit-identical; then chunks of experts with combine_partials, the variant
+# with the smallest per-chunk cost on 2 GPUs)
 for shape in deepseek-v3:32 qwen3-moe:16; do
-  python3 -m torch_swiftep.bench.pipeline_multi_process --world "$gpus" --shape "${shape%:*}" \
-    --experts $((gpus * ${shape#*:})) --sms 8,16,24,32 --out "$OUT/pipeline_${shape%:*}" \
-    > "$OUT/pipeline_${shape%:*}.log" 2>&1 || status=1
-  tail -22 "$OUT/pipeline_${shape%:*}.log"
+  for variant in tokens experts; do
+    name="pipeline_${shape%:*}_$variant"
+    flags=(--split "$variant")
+    [ "$variant" = experts ] && flags+=(--partials)
+    python3 -m torch_swiftep.bench.pipeline_multi_process --world "$gpus" --shape "${shape%:*}" \
+      --experts $((gpus * ${shape#*:})) --sms 8,16,24,32 "${flags[@]}" --out "$OUT/$name" \
+      > "$OUT/$name.log" 2>&1 || status=1
+    tail -22 "$OUT/$name.log"
+  done
 done
 # Scale-out: the rows that cross virtual node boundaries (2 nodes of this machine's GPUs), and
 # the NVSHMEM transport: build, link check, one-PE round trip, then 2-8 PEs (PE r on GPU
