@@ -192,3 +192,30 @@ def test_bad_chunks_of_experts_are_refused():
         Schedule((2, 2), 4, "interleaved", 0.0, (), "experts")
     with pytest.raises(ValueError, match="split must be one of"):
         Schedule((2, 2), 4, "shared_first", 0.0, (), "rows")
+
+
+@pytest.mark.parametrize("split", ["tokens", "experts"])
+def test_calibration_samples_every_task_size_and_budget_in_a_world_of_one(split):
+    # calibrate.measure with its own clock (the multi-process benchmark's clock is tested there)
+    from torch_swiftep.bench.pipeline_layer import build
+    from torch_swiftep.pipeline import CostModel, calibrate
+
+    torch.manual_seed(0)
+    moe, comms, shared, x = build("tiny", 24, torch.device("cpu"))
+    layer = PipelinedMoE(moe, comms, shared)
+    sizes = [6, 12, 24] if split == "tokens" else [1, 2, 4]  # three: what a fit needs
+    with torch.no_grad():
+        samples, coverage = calibrate.measure(layer, x, sizes, [4, 8], iters=1, split=split)
+    keys = {(s.task, s.tokens, s.comm_sms) for s in samples}
+    local = moe.comm.num_local_experts  # a group of g experts stands for its share of tokens
+    tokens = sizes if split == "tokens" else [max(1, round(24 * g / local)) for g in sizes]
+    for n in tokens:
+        for s in (4, 8):
+            assert {("dispatch", n, s), ("combine", n, s), ("experts", n, s),
+                    ("shared", n, s)} <= keys
+        assert {("experts", n, 0), ("shared", n, 0)} <= keys
+        assert (("merge", n, 0) in keys) == (split == "experts")
+    assert len(samples) == len(keys) and all(s.us > 0 for s in samples)
+    assert {(task, s) for task, _, s, _ in coverage} == {(t, s) for t in ("experts", "shared")
+                                                          for s in (4, 8)}
+    assert CostModel.fit(samples, 132).has("experts")

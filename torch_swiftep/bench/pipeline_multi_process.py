@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import pathlib
 import sys
 import time
@@ -86,7 +85,7 @@ class _World:
     """This rank's side of the collective steps: every rank calls each in the same order."""
 
     def __init__(self, device: torch.device, opts: dict):
-        self.group, self.cuda = dist.group.WORLD, device.type == "cuda"
+        self.group, self.device, self.cuda = dist.group.WORLD, device, device.type == "cuda"
         self.rank, self.repeats = self.group.rank(), opts["repeats"]
         self.methods: set = set()
 
@@ -95,6 +94,15 @@ class _World:
 
     def gather(self, value) -> list:
         return agree(value, self.group)
+
+    def largest(self, n: int) -> int:
+        """The largest n over the ranks (calibrate.measure's clock: communication steps beside
+        a GEMM sample, the same on every rank)."""
+        return max(self.gather(n))
+
+    def beside_us(self, fn, steps, layer) -> tuple:
+        """calibrate.measure's clock: fn() beside the communication steps, on every rank."""
+        return calibrate.time_beside_us(fn, steps, layer, self.device, self.repeats)
 
     def time_us(self, call) -> float:
         """This rank's us per call(), every rank running it at the same time."""
@@ -173,43 +181,6 @@ def _check(layer, x, opts, world) -> tuple[list, dict]:
     return errors, dict(tokens=n, bit_identical=identical, max_rel_diff=worst)
 
 
-def _measure(layer, x, sizes, sms_options, world, opts) -> list:
-    """calibrate.measure's samples, collectively: the same calls on every rank (beside the
-    GEMMs, the ranks' largest number of communication steps)."""
-    comm, split = layer.comms[0], opts["split"]
-    samples = []
-    for size in sizes:
-        part, idx, wt, n = layer.sample_chunk(x, size, split)
-        pair_us = {}
-        for s in sms_options:
-            def dispatch(s=s):
-                return comm.dispatch(part, idx, wt, num_sms=s)
-            out = layer.expert_outputs(0, dispatch(), part.size(0))
-            d = world.time_us(dispatch)
-            pair_us[s] = world.time_us(lambda s=s: comm.combine(out, dispatch(s), num_sms=s))
-            samples += [Sample("dispatch", n, s, d),
-                        Sample("combine", n, s, max(pair_us[s] - d, 1e-3))]
-        handle = comm.dispatch(part, idx, wt, num_sms=sms_options[0])
-        work = {"experts": lambda: layer.expert_outputs(0, handle, part.size(0)),
-                "shared": lambda: layer.shared(x[:n])}  # per token, whatever the split
-        for task in ("experts",) + (("shared",) if layer.shared is not None else ()):
-            def carved(task=task, s=0):
-                with layer._carve(s):
-                    work[task]()
-            alone = world.time_us(carved)
-            samples.append(Sample(task, n, 0, alone))
-            for s in sms_options:
-                reps = max(world.gather(2 + math.ceil(2.0 * alone / max(pair_us[s], 1.0))))
-                steps = calibrate._comm_steps(layer, part, idx, wt, s, reps)
-                us, _ = calibrate.time_beside_us(lambda task=task, s=s: carved(task, s), steps,
-                                                 layer, x.device, world.repeats)
-                samples.append(Sample(task, n, s, us))
-        if split == "experts":  # the layer's merge, over n tokens (priced at all of them)
-            add, _ = calibrate.merge_step(x[:n])
-            samples.append(Sample("merge", n, 0, world.time_us(add)))
-    return samples
-
-
 def _decide(samples, world, opts):
     """Rank 0 fits each sample's slowest rank and broadcasts (chosen, unpipelined, model)."""
     every, box = world.gather([tuple(s) for s in samples]), [None]
@@ -266,7 +237,9 @@ def _rank(rank: int, world_size: int, opts: dict) -> dict:
             return dict(errors=errors, check=check)
         units = moe.comm.num_local_experts if opts["split"] == "experts" else tokens
         sizes = sorted({max(1, units // d) for d in (32, 16, 8, 4, 2, 1)})
-        samples = _measure(layer, x, sizes, opts["sms"], world, opts)
+        # calibrate.measure's samples, collectively: the same calls on every rank
+        samples, _ = calibrate.measure(layer, x, sizes, opts["sms"], split=opts["split"],
+                                       clock=world)
         (chosen, serial, model), every = _decide(samples, world, opts)
         route_us = world.time_us(lambda: moe.route(x))
         timed = _time_layer(layer, x, chosen, opts["sms"], world)

@@ -134,51 +134,66 @@ def _comm_steps(layer, part, idx, w, sms: int, reps: int) -> list:
     return [dispatch, combine] * reps
 
 
-def _comm_samples(layer, part, idx, w, n, sms_options, iters) -> tuple[list, dict]:
-    """dispatch and combine alone at each budget (samples at n tokens); returns (samples,
-    s -> pair us)."""
-    comm, device = layer.comms[0], part.device
-    samples, pair_us = [], {}
-    for s in sms_options:
-        d = time_us(lambda: comm.dispatch(part, idx, w, num_sms=s), device, iters)
-        out = layer.expert_outputs(0, comm.dispatch(part, idx, w, num_sms=s), part.size(0))
-        both = time_us(lambda: comm.combine(out, comm.dispatch(part, idx, w, num_sms=s),
-                                            num_sms=s), device, iters)
-        samples += [Sample("dispatch", n, s, d), Sample("combine", n, s, max(both - d, 1e-3))]
-        pair_us[s] = both
-    return samples, pair_us
+class LocalClock:
+    """How measure() times in one process: medians of `iters` runs (CUDA events after a GPU
+    hold, the host clock on CPU). A world of processes passes its own clock with the same three
+    methods (bench/pipeline_multi_process.py: every rank runs each timed call together)."""
+
+    def __init__(self, device: torch.device, iters: int = 5):
+        self.device, self.iters = device, iters
+
+    def time_us(self, fn) -> float:
+        return time_us(fn, self.device, self.iters)
+
+    def beside_us(self, fn, steps, layer) -> tuple:
+        return time_beside_us(fn, steps, layer, self.device, self.iters)
+
+    def largest(self, n: int) -> int:
+        """n, agreed: the largest over the processes that time together (here: one)."""
+        return n
 
 
 def measure(layer, x: torch.Tensor, sizes, sms_options, iters: int = 5,
-            split: str = "tokens") -> tuple[list, list]:
+            split: str = "tokens", clock=None) -> tuple[list, list]:
     """(samples, coverage): the cost model's samples at every size and budget, and for each
     beside-communication sample (task, tokens, s, fraction of runs the communication outlasted
     the GEMMs: below 1 the sample is partly alone). sizes: tokens, or local experts per group
-    (split "experts"; samples at the tokens each group stands for, layer.sample_chunk)."""
-    device = x.device
+    (split "experts"; samples at the tokens each group stands for, layer.sample_chunk).
+    clock: LocalClock(x.device, iters) unless given."""
+    clock = clock or LocalClock(x.device, iters)
+    comm = layer.comms[0]
     samples, coverage = [], []
     for size in sizes:
         part, idx, w, n = layer.sample_chunk(x, size, split)
-        comm_samples, pair_us = _comm_samples(layer, part, idx, w, n, sms_options, iters)
-        samples += comm_samples
-        handle = layer.comms[0].dispatch(part, idx, w)
+        pair_us = {}  # s -> a dispatch/combine pair's us
+        for s in sms_options:  # dispatch and combine alone
+            def dispatch(s=s):
+                return comm.dispatch(part, idx, w, num_sms=s)
+            out = layer.expert_outputs(0, dispatch(), part.size(0))
+            d = clock.time_us(dispatch)
+            pair_us[s] = clock.time_us(lambda s=s: comm.combine(out, dispatch(s), num_sms=s))
+            samples += [Sample("dispatch", n, s, d),
+                        Sample("combine", n, s, max(pair_us[s] - d, 1e-3))]
+        handle = comm.dispatch(part, idx, w, num_sms=sms_options[0])
         work = {"experts": lambda: layer.expert_outputs(0, handle, part.size(0)),
                 "shared": lambda: layer.shared(x[:n])}  # per token, whatever the split
         for task in ("experts",) + (("shared",) if layer.shared is not None else ()):
-            alone = time_us(work[task], device, iters)
+            def carved(task=task, s=0):  # the layer's carve-out for s (0: its alone setting)
+                with layer._carve(s):
+                    work[task]()
+            alone = clock.time_us(carved)
             samples.append(Sample(task, n, 0, alone))
-            for s in sms_options:
-                def carved(task=task, s=s):
-                    with layer._carve(s):
-                        work[task]()
-                reps = 2 + math.ceil(2.0 * alone / max(pair_us[s], 1.0))
+            for s in sms_options:  # beside enough communication to outlast the GEMMs
+                reps = clock.largest(2 + math.ceil(2.0 * alone / max(pair_us[s], 1.0)))
                 steps = _comm_steps(layer, part, idx, w, s, reps)
-                us, covered = time_beside_us(carved, steps, layer, device, iters)
+                us, covered = clock.beside_us(lambda task=task, s=s: carved(task, s), steps,
+                                              layer)
                 samples.append(Sample(task, n, s, us))
                 coverage.append((task, n, s, covered))
         if split == "experts":  # the layer's merge, over n tokens (priced at all of them)
-            samples.append(Sample("merge", n, 0, time_us(merge_step(x[:n])[0], device, iters)))
+            samples.append(Sample("merge", n, 0, clock.time_us(merge_step(x[:n])[0])))
     return samples, coverage
+
 
 
 def merge_step(y: torch.Tensor) -> tuple:
