@@ -66,3 +66,12 @@ def test_kernel_times_first_group_keeps_the_first_chunk_of_experts():
     kept = _first_group(idx, experts, world, groups=4)
     assert kept.tolist() == [[0, 1, -1, 9, -1], [8, -1, -1, -1, -1]]
     assert torch.equal(_first_group(idx, experts, world, groups=1), idx)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the flags are parsed before the CUDA check")
+def test_kernel_times_rejects_a_bad_list(capsys):
+    from torch_swiftep.bench import kernel_times
+
+    with pytest.raises(SystemExit):
+        kernel_times.main(["--groups", "0,2"])
+    assert "expected positive integers" in capsys.readouterr().err

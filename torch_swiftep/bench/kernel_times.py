@@ -22,7 +22,7 @@ import hashlib
 import sys
 
 from ..launch import rank_gpu
-from .multi_process import ENV, rank_inputs
+from .multi_process import ENV, _int_list, rank_inputs
 
 STEPS = 5
 
@@ -118,10 +118,6 @@ def main(argv=None) -> int:
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
                 print(f"  {ms:8.3f} ms  {name}")
     return 0
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 if __name__ == "__main__":

@@ -195,7 +195,6 @@ def measure(layer, x: torch.Tensor, sizes, sms_options, iters: int = 5,
     return samples, coverage
 
 
-
 def merge_step(y: torch.Tensor) -> tuple:
     """(add, total): add() adds y into a float32 total as the layer merges a chunk of experts'
     combine (layer.py, _merge)."""
